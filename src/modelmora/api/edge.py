@@ -1,0 +1,116 @@
+"""The ASGI edge in front of every route: trace ids, body size limit, drain, one error shape.
+
+A plain ASGI middleware (not BaseHTTPMiddleware): it adds no task or copy per request.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from modelmora.errors import ErrorCode, ModelMoraError
+from modelmora.observability.tracing import current_trace_id, trace_id_from, traceparent_for
+
+log = logging.getLogger("modelmora.api")
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Any]
+Send = Callable[[Message], Any]
+
+# Probes and metrics answer while draining: orchestrators need them to see the drain.
+_ALWAYS_OPEN = ("/health/", "/metrics")
+_FORM = b"application/x-www-form-urlencoded"
+
+
+def error_response_parts(
+    error: ModelMoraError, trace_id: str | None
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    body = orjson.dumps(error.to_body(trace_id))
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if error.retry_after is not None:
+        headers.append((b"retry-after", str(max(1, round(error.retry_after))).encode()))
+    return error.code.http_status, headers, body
+
+
+class EdgeMiddleware:
+    def __init__(self, app: Any, *, max_body: int, is_draining: Callable[[], bool], counter: Any) -> None:
+        self.app = app
+        self.max_body = max_body
+        self.is_draining = is_draining
+        self.counter = counter  # has .inflight (int), read by the drain
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        trace_id = trace_id_from(headers.get(b"traceparent", b"").decode("latin-1"))
+        token = current_trace_id.set(trace_id)
+        extra = [(b"traceparent", traceparent_for(trace_id).encode()), (b"x-trace-id", trace_id.encode())]
+        started = False
+
+        async def send_with_trace(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"] = [*message.get("headers", []), *extra]
+            await send(message)
+
+        async def reject(error: ModelMoraError) -> None:
+            status, hdrs, body = error_response_parts(error, trace_id)
+            await send_with_trace({"type": "http.response.start", "status": status, "headers": hdrs})
+            await send_with_trace({"type": "http.response.body", "body": body})
+
+        try:
+            path: str = scope["path"]
+            if self.is_draining() and not path.startswith(_ALWAYS_OPEN):
+                await reject(ModelMoraError(ErrorCode.SHUTTING_DOWN, "the server is shutting down", retry_after=5))
+                return
+            length = headers.get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > self.max_body:
+                await reject(_too_large(int(length), self.max_body))
+                return
+            ctype = headers.get(b"content-type", b"")
+            if scope["method"] in ("POST", "PUT") and (not ctype or ctype.startswith(_FORM)):
+                # `curl -d '{...}'` sends a form content type; every body here is JSON.
+                scope["headers"] = [
+                    (k, v) for k, v in scope["headers"] if k != b"content-type"
+                ] + [(b"content-type", b"application/json")]
+            received = 0
+
+            async def limited_receive() -> Message:
+                nonlocal received
+                message: Message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > self.max_body:
+                        # A ModelMoraError, so the app's own handler answers 413.
+                        raise _too_large(received, self.max_body)
+                return message
+
+            self.counter.inflight += 1
+            try:
+                await self.app(scope, limited_receive, send_with_trace)
+            except ModelMoraError as exc:  # raised while no app handler was in place
+                if not started:
+                    await reject(exc)
+            except Exception as exc:  # a bug: answer in the one error shape, with the trace id
+                log.exception("unhandled error", extra={"path": path})
+                if not started:
+                    await reject(ModelMoraError(ErrorCode.INTERNAL_ERROR, f"internal error: {type(exc).__name__}"))
+            finally:
+                self.counter.inflight -= 1
+        finally:
+            current_trace_id.reset(token)
+
+
+def _too_large(size: int, limit: int) -> ModelMoraError:
+    return ModelMoraError(
+        ErrorCode.PAYLOAD_TOO_LARGE,
+        f"request body of {size} bytes exceeds the limit of {limit} bytes",
+        {"limit_bytes": limit},
+    )

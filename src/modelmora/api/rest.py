@@ -1,0 +1,287 @@
+"""REST routers: translate HTTP to the service layer and back, nothing more."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from modelmora import __version__
+from modelmora.api.edge import EdgeMiddleware, error_response_parts
+from modelmora.api.schemas import (
+    ErrorBody,
+    InferRequest,
+    InferResponse,
+    RegisterModelRequest,
+    ShortInferRequest,
+    UpdateModelRequest,
+)
+from modelmora.errors import ErrorCode, ModelMoraError
+from modelmora.observability.tracing import current_trace_id
+from modelmora.registry.catalog import parse_ref, validate_name
+from modelmora.registry.installer import InstallRequest, install, lock_entries, validate_config
+from modelmora.registry.lockfile import build_lock
+
+if TYPE_CHECKING:
+    from modelmora.app import ModelMora
+
+_JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+
+
+class JSON(Response):
+    """orjson, with numpy arrays serialised directly (embeddings are never copied to lists)."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=_JSON_OPTS)
+
+
+def _error(exc: ModelMoraError) -> Response:
+    status, headers, body = error_response_parts(exc, current_trace_id.get())
+    return Response(body, status_code=status, headers={k.decode(): v.decode() for k, v in headers})
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (404, 409, 413, 422, 429, 500, 502, 503, 504)
+}
+
+
+def _mm(request: Request) -> ModelMora:
+    mm: ModelMora = request.app.state.mm
+    return mm
+
+
+def _disconnect_watch(request: Request) -> asyncio.Future[Any]:
+    """Completes when the client goes away (the body has been read by then, so the next ASGI
+    message can only be the disconnect)."""
+
+    async def wait() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    return asyncio.ensure_future(wait())
+
+
+def build_router() -> APIRouter:
+    r = APIRouter()
+
+    # -- inference -------------------------------------------------------------------------
+
+    async def _infer(request: Request, name: str, body: InferRequest) -> Response:
+        if body.stream:
+            raise ModelMoraError(
+                ErrorCode.VALIDATION_ERROR,
+                "streaming is for generation tasks",
+                {"errors": [{"field": "stream", "message": "not supported for this task"}]},
+            )
+        mm = _mm(request)
+        watch = _disconnect_watch(request)
+        try:
+            result = await mm.inference.infer(
+                name,
+                body.input_data,
+                body.parameters,
+                priority=body.priority,
+                timeout_seconds=body.timeout_seconds,
+                trace_id=current_trace_id.get(),
+                disconnected=watch,
+            )
+        finally:
+            watch.cancel()
+        return JSON(result)
+
+    @r.post(
+        "/api/v1/infer/{name:path}",
+        response_model=InferResponse,
+        responses=_ERRORS,
+        tags=["inference"],
+        summary="Run a model on one request (synchronous)",
+    )
+    async def infer(request: Request, name: str, body: InferRequest) -> Response:
+        return await _infer(request, name, body)
+
+    @r.post("/infer/{name:path}", response_model=InferResponse, responses=_ERRORS, tags=["inference"])
+    async def infer_short(request: Request, name: str, body: ShortInferRequest) -> Response:
+        """Short form: `{"text": ...}` or `{"image": ...}` at the top level."""
+        input_data = {k: v for k, v in (("text", body.text), ("image", body.image)) if v is not None}
+        full = InferRequest(
+            input_data=input_data,
+            parameters=body.parameters,
+            priority=body.priority,
+            timeout_seconds=body.timeout_seconds,
+            keep_alive=body.keep_alive,
+            stream=body.stream,
+        )
+        return await _infer(request, name, full)
+
+    # -- registry --------------------------------------------------------------------------
+
+    @r.post("/api/v1/models", status_code=201, responses=_ERRORS, tags=["registry"])
+    async def register_model(request: Request, body: RegisterModelRequest) -> Response:
+        mm = _mm(request)
+        req = InstallRequest(
+            model_id=body.model_id,
+            source=body.source,
+            name=body.name,
+            version=body.version,
+            revision=body.revision,
+            task_type=body.task_type,
+            display_name=body.display_name,
+            description=body.description,
+            config=body.config,
+            resource_requirements=body.resource_requirements,
+        )
+        record = await asyncio.to_thread(install, mm.settings, mm.store, req, False)
+        return JSON(mm.registry.describe(record), status_code=201)
+
+    @r.get("/api/v1/models", tags=["registry"], responses=_ERRORS)
+    async def list_models(
+        request: Request,
+        task_type: str | None = None,
+        status: str | None = None,
+        page: int = Query(1, ge=1),
+        page_size: int = Query(50, ge=1, le=500),
+    ) -> Response:
+        mm = _mm(request)
+        if status is None:
+            records, total = await asyncio.to_thread(mm.store.list, task_type, page, page_size)
+            data = [mm.registry.describe(rec) for rec in records]
+        else:  # state is live, not stored: filter in memory, then page
+            records, _ = await asyncio.to_thread(mm.store.list, task_type, 1, 1_000_000)
+            everything = [d for d in map(mm.registry.describe, records) if d["state"] == status]
+            total = len(everything)
+            data = everything[(page - 1) * page_size : page * page_size]
+        meta = {"total": total, "page": page, "page_size": page_size, "total_pages": math.ceil(total / page_size)}
+        return JSON({"data": data, "meta": meta})
+
+    @r.get("/api/v1/models/{name:path}", tags=["registry"], responses=_ERRORS)
+    async def get_model(request: Request, name: str) -> Response:
+        mm = _mm(request)
+        record = await asyncio.to_thread(mm.store.get, validate_name(name))
+        return JSON(mm.registry.describe(record))
+
+    @r.put("/api/v1/models/{name:path}", tags=["registry"], responses=_ERRORS)
+    async def update_model(request: Request, name: str, body: UpdateModelRequest) -> Response:
+        mm = _mm(request)
+        changes: dict[str, Any] = validate_config(body.config)
+        for key in ("display_name", "description", "resource_requirements"):
+            if key in body.model_fields_set:
+                changes[key] = getattr(body, key)
+        record = await asyncio.to_thread(mm.store.update, validate_name(name), changes)
+        return JSON(mm.registry.describe(record))
+
+    @r.delete("/api/v1/models/{name:path}", tags=["registry"], responses=_ERRORS)
+    async def delete_model(request: Request, name: str, force: bool = False) -> Response:
+        mm = _mm(request)
+        model, version = parse_ref(name)
+        deleted = await mm.registry.delete(model, version, force)
+        return JSON({"deleted": deleted.name, "versions": [v.version for v in deleted.versions]})
+
+    @r.post("/api/v1/models/{name}/versions/{version}", tags=["registry"], responses=_ERRORS)
+    async def set_active_version(request: Request, name: str, version: str) -> Response:
+        mm = _mm(request)
+        model, _ = parse_ref(f"{name}@{version}")
+        record = await asyncio.to_thread(mm.store.set_active, model, version)
+        return JSON(mm.registry.describe(record))
+
+    @r.get("/api/v1/lock", tags=["registry"])
+    async def generate_lock(request: Request) -> Response:
+        mm = _mm(request)
+        records, _ = await asyncio.to_thread(mm.store.list, None, 1, 1_000_000)
+        return JSON(build_lock(lock_entries(records), datetime.now(UTC)))
+
+    # -- management ------------------------------------------------------------------------
+
+    @r.post("/api/v1/models/{name}/load", tags=["management"], responses=_ERRORS)
+    async def load_model(request: Request, name: str) -> Response:
+        mm = _mm(request)
+        slot = await mm.manager.load(validate_name(name))
+        return JSON(slot.status(mm.manager.clock()))
+
+    @r.post("/api/v1/models/{name}/unload", tags=["management"], responses=_ERRORS)
+    async def unload_model(request: Request, name: str, force: bool = False) -> Response:
+        mm = _mm(request)
+        name = validate_name(name)
+        await asyncio.to_thread(mm.store.get, name)  # 404 for an unknown model
+        unloaded = await mm.manager.unload(name, "requested", force=force)
+        return JSON({"name": name, "unloaded": unloaded})
+
+    @r.get("/api/v1/status", tags=["management"])
+    async def status(request: Request) -> Response:
+        return JSON(_mm(request).status())
+
+    # -- health ----------------------------------------------------------------------------
+
+    @r.get("/health/live", tags=["health"])
+    async def live() -> Response:
+        return JSON({"status": "ok"})
+
+    @r.get("/health/ready", tags=["health"])
+    async def ready(request: Request) -> Response:
+        mm = _mm(request)
+        ok = mm.ready and not mm.draining
+        reason = "draining" if mm.draining else ("starting" if not mm.ready else None)
+        return JSON({"status": "ready" if ok else "not_ready", "reason": reason}, status_code=200 if ok else 503)
+
+    @r.get("/health/models", tags=["health"])
+    async def models_health(request: Request) -> Response:
+        return JSON({"models": _mm(request).manager.statuses()})
+
+    return r
+
+
+def create_rest_app(mm: ModelMora) -> FastAPI:
+    app = FastAPI(
+        title="ModelMora",
+        version=__version__,
+        description="One server for many PyTorch models.",
+        lifespan=mm.lifespan,
+    )
+    app.state.mm = mm
+    app.include_router(build_router())
+
+    @app.exception_handler(ModelMoraError)
+    async def _mm_error(_request: Request, exc: ModelMoraError) -> Response:
+        return _error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> Response:
+        errors = [
+            {
+                "field": "body"
+                if e.get("type") == "json_invalid"
+                else ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body",
+                "message": e.get("msg", ""),
+            }
+            for e in exc.errors()
+        ]
+        malformed = any(e.get("type") == "json_invalid" for e in exc.errors())
+        message = "malformed JSON body" if malformed else "invalid request: " + "; ".join(
+            f"{e['field']}: {e['message']}" for e in errors[:5]
+        )
+        return _error(ModelMoraError(ErrorCode.VALIDATION_ERROR, message, {"errors": errors}))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}.get(exc.status_code)
+        if code is None:
+            code = ErrorCode.VALIDATION_ERROR if exc.status_code < 500 else ErrorCode.INTERNAL_ERROR
+        return _error(ModelMoraError(code, str(exc.detail)))
+
+    app.add_middleware(
+        EdgeMiddleware,  # type: ignore[arg-type]
+        max_body=mm.settings.limits.max_request_bytes,
+        is_draining=lambda: mm.draining,
+        counter=mm,
+    )
+    return app

@@ -1,0 +1,137 @@
+"""Composition root: build the registry, lifecycle, scheduler and APIs; start, drain, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from modelmora import __version__
+from modelmora.config import Settings
+from modelmora.lifecycle.manager import ModelManager
+from modelmora.lifecycle.runners import RunnerFactory, process_runner_factory
+from modelmora.registry.store import RegistryStore
+from modelmora.service import InferenceService, RegistryService
+
+log = logging.getLogger("modelmora.app")
+
+
+class ModelMora:
+    """Everything one server process holds. Built without side effects; `lifespan` starts it."""
+
+    def __init__(self, settings: Settings, runner_factory: RunnerFactory = process_runner_factory) -> None:
+        self.settings = settings
+        self.store = RegistryStore(settings.database_url)
+        self.manager = ModelManager(settings, self.store, runner_factory)
+        self.inference = InferenceService(settings, self.manager)
+        self.registry = RegistryService(settings, self.store, self.manager)
+        self.ready = False
+        self.draining = False
+        self.inflight = 0  # HTTP requests in progress, counted by the edge middleware
+        self.started_at = time.time()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app: FastAPI) -> AsyncIterator[None]:
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    async def start(self) -> None:
+        self.settings.server.data_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self.store.create_schema)
+        for name in self.settings.lifecycle.preload:
+            try:
+                await self.manager.load(name)
+            except Exception:
+                log.exception("preload failed", extra={"model": name})
+        self.ready = True
+        log.info(
+            "modelmora ready",
+            extra={"version": __version__, "data_dir": str(self.settings.server.data_dir), "pid": os.getpid()},
+        )
+
+    async def drain(self) -> None:
+        """Readiness turns false and new requests get 503; wait for in-flight requests."""
+        self.draining = True
+        deadline = time.monotonic() + self.settings.server.drain_seconds
+        log.info("draining", extra={"in_flight": self.inflight})
+        while self.inflight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.inflight:
+            log.warning("drain timed out", extra={"in_flight": self.inflight})
+
+    async def stop(self) -> None:
+        self.ready = False
+        await self.manager.shutdown()
+        await asyncio.to_thread(self.store.close)
+        log.info("modelmora stopped")
+
+    def status(self) -> dict[str, Any]:
+        models = self.manager.statuses()
+        return {
+            "version": __version__,
+            "uptime_seconds": round(time.time() - self.started_at, 3),
+            "ready": self.ready and not self.draining,
+            "draining": self.draining,
+            "in_flight": self.inflight,
+            "queued": self.manager.admission.queued,
+            "models": models,
+            "workers": sum(1 for m in models if m["pid"] is not None),
+        }
+
+
+def create_app(settings: Settings, runner_factory: RunnerFactory = process_runner_factory) -> FastAPI:
+    from modelmora.api.rest import create_rest_app
+
+    return create_rest_app(ModelMora(settings, runner_factory))
+
+
+class _DrainingServer(uvicorn.Server):
+    """The first SIGTERM/SIGINT drains (ready=false, 503 for new requests, in-flight ones
+    finish) before uvicorn stops; a second one stops at once."""
+
+    def __init__(self, config: uvicorn.Config, mm: ModelMora) -> None:
+        super().__init__(config)
+        self.mm = mm
+        self._drain_task: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain_task is not None or self.should_exit:
+            super().handle_exit(sig, frame)
+            return
+        log.info("signal received, draining", extra={"signal": signal.Signals(sig).name})
+        loop = asyncio.get_event_loop()
+        self._drain_task = loop.create_task(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        await self.mm.drain()
+        self.should_exit = True
+
+
+def serve(settings: Settings) -> None:
+    from modelmora.api.rest import create_rest_app
+
+    mm = ModelMora(settings)
+    app = create_rest_app(mm)
+    config = uvicorn.Config(
+        app,
+        host=settings.server.host,
+        port=settings.server.port,
+        log_config=None,  # our structlog setup owns the root logger
+        access_log=False,
+        loop="auto",
+        http="auto",
+        timeout_graceful_shutdown=max(1, int(settings.server.drain_seconds)),
+    )
+    _DrainingServer(config, mm).run()

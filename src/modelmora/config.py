@@ -1,0 +1,195 @@
+"""One typed Settings object: defaults < YAML file < MODELMORA_* environment < CLI flags.
+
+Nothing here reads the environment at import time: `load_settings` is called once by the CLI
+(or a test) and the result is passed to whatever needs it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+DEFAULT_CONFIG_FILE = "modelmora.yaml"
+
+
+class ServerSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int = Field(50051, ge=0, le=65535)
+    grpc_enabled: bool = False
+    data_dir: Path = Path("~/.modelmora")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "console", "auto"] = "auto"
+    drain_seconds: float = Field(30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _expand(self) -> ServerSettings:
+        self.data_dir = self.data_dir.expanduser().absolute()
+        return self
+
+
+class RegistrySettings(BaseModel):
+    database_url: str | None = None
+    cache_dir: Path | None = None
+    hub_endpoint: str | None = None
+    hub_token: str | None = None
+
+
+class ResourcesSettings(BaseModel):
+    max_memory_mb: int | None = Field(None, ge=1)
+    gpu_memory_mb: int | None = Field(None, ge=1)
+    gpu_memory_fraction: float | None = Field(None, gt=0, le=1)
+    warm_spare: bool = True
+    default_device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+    default_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+
+
+class LifecycleSettings(BaseModel):
+    keep_alive_seconds: float = 300.0
+    preload: list[str] = Field(default_factory=list)
+    load_retries: int = Field(3, ge=0)
+    load_backoff_seconds: float = Field(1.0, ge=0)
+    health_check: bool = True
+    unload_grace_seconds: float = Field(5.0, ge=0)
+    load_timeout_seconds: float = Field(300.0, gt=0)
+
+
+class SchedulerSettings(BaseModel):
+    max_batch_size: int = Field(32, ge=1)
+    max_wait_ms: float = Field(0.0, ge=0)
+    queue_size: int = Field(10_000, ge=1)
+    queue_size_per_model: int = Field(2_000, ge=1)
+    critical_reserve: int = Field(64, ge=0)
+    aging_seconds: float = Field(10.0, gt=0)
+    default_timeout_seconds: dict[str, float] = Field(
+        default_factory=lambda: {
+            "txt2embed": 60.0,
+            "img2embed": 60.0,
+            "txt2txt": 300.0,
+            "txt2img": 600.0,
+            "img2txt": 300.0,
+        }
+    )
+
+
+class JobsSettings(BaseModel):
+    backend: Literal["sqlite", "redis"] = "sqlite"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    max_pending: int = Field(10_000, ge=1)
+    queued_ttl_seconds: float = Field(24 * 3600, gt=0)
+    result_ttl_seconds: float = Field(24 * 3600, gt=0)
+
+
+class S3Settings(BaseModel):
+    endpoint_url: str | None = None
+    bucket: str | None = None
+    prefix: str = "modelmora/"
+    presign_seconds: int = Field(3600, ge=1)
+
+
+class ResultsSettings(BaseModel):
+    backend: Literal["files", "s3"] = "files"
+    inline_max_bytes: int = Field(1 << 20, ge=0)
+    s3: S3Settings = Field(default_factory=S3Settings)
+
+
+class LimitsSettings(BaseModel):
+    max_request_bytes: int = Field(16 << 20, ge=1)
+    max_items: int = Field(256, ge=1)
+    max_text_chars: int = Field(100_000, ge=1)
+    max_image_bytes: int = Field(20 << 20, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    allowed_image_url_hosts: list[str] = Field(default_factory=list)
+
+
+class TelemetrySettings(BaseModel):
+    otlp_endpoint: str | None = None
+    service_name: str = "modelmora"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="MODELMORA_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        nested_model_default_partial_update=True,
+    )
+
+    server: ServerSettings = Field(default_factory=ServerSettings)  # type: ignore[arg-type]
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    resources: ResourcesSettings = Field(default_factory=ResourcesSettings)  # type: ignore[arg-type]
+    lifecycle: LifecycleSettings = Field(default_factory=LifecycleSettings)  # type: ignore[arg-type]
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)  # type: ignore[arg-type]
+    jobs: JobsSettings = Field(default_factory=JobsSettings)  # type: ignore[arg-type]
+    results: ResultsSettings = Field(default_factory=ResultsSettings)  # type: ignore[arg-type]
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)  # type: ignore[arg-type]
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+
+    # Set per load by `load_settings` on a throwaway subclass: pydantic-settings builds its
+    # sources from the class, not the instance.
+    config_path: ClassVar[Path | None] = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        yaml_file = getattr(settings_cls, "config_path", None)
+        if yaml_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+        return tuple(sources)
+
+    # Derived locations: one data dir holds everything by default.
+    @property
+    def database_url(self) -> str:
+        return self.registry.database_url or f"sqlite:///{self.server.data_dir / 'registry.db'}"
+
+    @property
+    def cache_dir(self) -> Path:
+        return (self.registry.cache_dir or self.server.data_dir / "cache").expanduser().absolute()
+
+    @property
+    def models_dir(self) -> Path:
+        return self.server.data_dir / "models"
+
+    def timeout_for(self, task_type: str) -> float:
+        return self.scheduler.default_timeout_seconds.get(task_type, 60.0)
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Build Settings from the YAML file (explicit, else ./modelmora.yaml when present), the
+    environment, and `overrides` (CLI flags, nested dicts) on top of both."""
+    if config_file is None and Path(DEFAULT_CONFIG_FILE).is_file():
+        config_file = Path(DEFAULT_CONFIG_FILE)
+    if config_file is not None and not config_file.is_file():
+        raise FileNotFoundError(f"configuration file not found: {config_file}")
+    cls: type[Settings] = type("Settings", (Settings,), {"config_path": config_file})
+    base = cls()
+    if not overrides:
+        return base
+    # CLI flags win over everything: merge them into the already-resolved tree.
+    merged = _deep_merge(base.model_dump(), overrides)
+    return Settings.model_validate(merged)

@@ -1,0 +1,50 @@
+"""Pure batching decisions over a RequestQueue, with the clock passed in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from modelmora.inference.queue import Entry, RequestQueue
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLimits:
+    max_batch_size: int  # inputs per batch
+    max_wait_ms: float = 0.0  # how long an idle worker may hold a batch that is not full
+
+
+def next_batch(queue: RequestQueue, now: float, limits: BatchLimits) -> tuple[list[Entry], list[Entry]]:
+    """Take the next batch in priority order. Entries whose deadline passed come back in
+    `expired` and never reach a worker. An entry larger than the limit goes alone rather than
+    never."""
+    batch: list[Entry] = []
+    expired: list[Entry] = []
+    size = 0
+    while True:
+        head = queue.peek(now)
+        if head is None:
+            break
+        if head.deadline <= now:
+            queue.pop(now)
+            expired.append(head)
+            continue
+        if batch and size + head.size > limits.max_batch_size:
+            break
+        queue.pop(now)
+        batch.append(head)
+        size += head.size
+        if size >= limits.max_batch_size:
+            break
+    return batch, expired
+
+
+def hold_until(queue: RequestQueue, now: float, limits: BatchLimits) -> float | None:
+    """When an idle worker should dispatch what is queued: None for 'now', else the time at
+    which the oldest entry has waited `max_wait_ms` (unless the batch is already full)."""
+    if limits.max_wait_ms <= 0 or queue.items >= limits.max_batch_size:
+        return None
+    oldest = queue.oldest_arrival()
+    if oldest is None:
+        return None
+    release = oldest + limits.max_wait_ms / 1000
+    return release if release > now else None

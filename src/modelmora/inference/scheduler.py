@@ -1,0 +1,205 @@
+"""One asyncio task per loaded model: queue -> batcher -> runner, and every future settled.
+
+Rule: every request future ends (result, error, timeout, cancellation, worker death). The
+waiter is registered (the future exists) before the entry is queued, and a failed batch fails
+every request in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from modelmora.errors import ErrorCode, ModelMoraError
+from modelmora.inference.batcher import BatchLimits, hold_until, next_batch
+from modelmora.inference.queue import Entry, Priority, RequestQueue
+from modelmora.lifecycle.channel import ItemError, ItemOk, WorkItem
+from modelmora.lifecycle.runners import Runner
+
+log = logging.getLogger("modelmora.scheduler")
+
+Clock = Callable[[], float]
+
+
+@dataclass(slots=True)
+class Completed:
+    value: object
+    meta: dict[str, object]
+    batch_size: int
+    queue_ms: float
+    inference_ms: float
+
+
+@dataclass(slots=True)
+class Pending:
+    item: WorkItem
+    future: asyncio.Future[Completed]
+    dispatched_at: float = 0.0
+
+
+class Admission:
+    """Bounds shared by every model's queue: the overall size, with room kept for critical."""
+
+    def __init__(self, queue_size: int, critical_reserve: int) -> None:
+        self.queue_size = queue_size
+        self.critical_reserve = min(critical_reserve, queue_size)
+        self.queued = 0
+
+    def admit(self, priority: Priority, per_model_queued: int, per_model_limit: int) -> None:
+        reserve = 0 if priority is Priority.CRITICAL else self.critical_reserve
+        if self.queued >= self.queue_size - reserve or per_model_queued >= per_model_limit - (
+            0 if priority is Priority.CRITICAL else min(reserve, per_model_limit // 2)
+        ):
+            raise ModelMoraError(
+                ErrorCode.QUEUE_FULL,
+                "the queue is full; retry later",
+                {"queued": self.queued, "queue_size": self.queue_size, "model_queued": per_model_queued},
+                retry_after=1.0,
+            )
+
+
+@dataclass
+class ModelScheduler:
+    name: str
+    runner: Runner
+    limits: BatchLimits
+    admission: Admission
+    queue_size: int
+    aging_seconds: float = 10.0
+    clock: Clock = time.monotonic
+    _queue: RequestQueue = field(init=False)
+    _wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    _task: asyncio.Task[None] | None = field(init=False, default=None)
+    _inflight: list[Entry] = field(init=False, default_factory=list)
+    _closed: ModelMoraError | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self._queue = RequestQueue(self.aging_seconds)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._inflight) or len(self._queue) > 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name=f"scheduler-{self.name}")
+
+    def submit(self, item: WorkItem, priority: Priority, deadline: float) -> Entry:
+        if self._closed is not None:
+            raise self._closed
+        self.admission.admit(priority, len(self._queue), self.queue_size)
+        future: asyncio.Future[Completed] = asyncio.get_running_loop().create_future()
+        entry = Entry(priority, self.clock(), deadline, max(1, len(item.inputs)), Pending(item, future))
+        self._queue.push(entry)
+        self.admission.queued += 1
+        self._wake.set()
+        return entry
+
+    def withdraw(self, entry: Entry) -> None:
+        """The caller gave up (timeout, client gone): drop it if queued, or tell the worker."""
+        if self._queue.cancel(entry):
+            self.admission.queued -= 1
+        elif entry in self._inflight:
+            pending: Pending = entry.payload
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().create_task(self.runner.cancel([pending.item.request_id]))
+
+    async def _loop(self) -> None:
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            now = self.clock()
+            release = hold_until(self._queue, now, self.limits)
+            if release is not None:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), release - now)
+                continue
+            batch, expired = next_batch(self._queue, now, self.limits)
+            self.admission.queued -= len(batch) + len(expired)
+            for entry in expired:
+                _settle(entry, _timeout())
+            if batch:
+                await self._dispatch(batch)
+
+    async def _dispatch(self, batch: list[Entry]) -> None:
+        self._inflight = batch
+        started = self.clock()
+        items = [e.payload.item for e in batch]
+        try:
+            done = await self.runner.infer(items)
+        except ModelMoraError as exc:
+            for entry in batch:
+                _settle(entry, exc)
+            return
+        except Exception as exc:  # a bug, not a model error: still settle every future
+            log.exception("dispatch failed", extra={"model": self.name})
+            error = ModelMoraError(ErrorCode.INTERNAL_ERROR, f"dispatch failed: {exc}")
+            for entry in batch:
+                _settle(entry, error)
+            return
+        finally:
+            self._inflight = []
+        inference_ms = done.compute_ms
+        size = sum(e.size for e in batch)
+        for entry, outcome in zip(batch, done.outcomes, strict=True):
+            queue_ms = (started - entry.arrival) * 1000
+            if isinstance(outcome, ItemOk):
+                _settle(entry, Completed(outcome.value, outcome.meta, size, queue_ms, inference_ms))
+            else:
+                _settle(entry, _outcome_error(outcome))
+
+    def fail_all(self, error: ModelMoraError) -> None:
+        """The worker is gone or the model is being unloaded: nothing may hang."""
+        self._closed = error
+        for entry in self._inflight:
+            _settle(entry, error)
+        while True:
+            entry_or_none = self._queue.pop(self.clock())
+            if entry_or_none is None:
+                break
+            self.admission.queued -= 1
+            _settle(entry_or_none, error)
+
+    async def stop(self, error: ModelMoraError) -> None:
+        self.fail_all(error)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+def _timeout() -> ModelMoraError:
+    return ModelMoraError(ErrorCode.INFERENCE_TIMEOUT, "the request's deadline passed before it ran")
+
+
+def _outcome_error(outcome: ItemError) -> ModelMoraError:
+    try:
+        code = ErrorCode(outcome.code)
+    except ValueError:
+        code = ErrorCode.INFERENCE_FAILED
+    return ModelMoraError(code, outcome.message, outcome.details)
+
+
+def _settle(entry: Entry, result: Completed | ModelMoraError) -> None:
+    future = entry.payload.future
+    if future.done():
+        return
+    if isinstance(result, ModelMoraError):
+        future.set_exception(result)
+        future.exception()  # the waiter may have gone (timeout, disconnect): no warning
+    else:
+        future.set_result(result)

@@ -1,0 +1,1 @@
+"""Which models are in memory: worker processes, their runners, and residency."""

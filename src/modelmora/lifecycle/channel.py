@@ -1,0 +1,139 @@
+"""Messages of the worker channel (server process <-> one worker process).
+
+Plain dataclasses, pickled and length-prefixed over a socketpair. This module imports nothing
+heavy: both sides import it, and the server must never import torch.
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+_HEADER = struct.Struct("!I")
+MAX_FRAME = 1 << 31
+
+
+@dataclass(slots=True)
+class LoadSpec:
+    path: str
+    task_type: str
+    device: str = "auto"
+    dtype: str = "auto"
+    adapter: str | None = None  # None: the task's real adapter; "fake": tasks/fake.py
+    options: dict[str, Any] = field(default_factory=dict)
+    health_check: bool = True
+
+
+@dataclass(slots=True)
+class WorkItem:
+    """One request's share of a batch: its inputs (a list) and task parameters."""
+
+    request_id: str
+    inputs: list[Any]
+    params: dict[str, Any] = field(default_factory=dict)
+    trace_id: str | None = None
+
+
+@dataclass(slots=True)
+class ItemOk:
+    value: Any
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class ItemError:
+    code: str
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+Outcome = ItemOk | ItemError
+
+
+# server -> worker
+@dataclass(slots=True)
+class Load:
+    spec: LoadSpec
+
+
+@dataclass(slots=True)
+class Infer:
+    batch_id: int
+    items: list[WorkItem]
+
+
+@dataclass(slots=True)
+class Cancel:
+    request_ids: list[str]
+
+
+@dataclass(slots=True)
+class Health:
+    nonce: int
+
+
+@dataclass(slots=True)
+class Close:
+    pass
+
+
+# worker -> server
+@dataclass(slots=True)
+class Loaded:
+    device: str
+    dtype: str
+    rss_bytes: int
+    gpu_bytes: int
+    load_seconds: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class LoadFailed:
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class BatchDone:
+    batch_id: int
+    outcomes: list[Outcome]
+    compute_ms: float
+
+
+@dataclass(slots=True)
+class Event:
+    """A streamed event for one request (a token, a progress step)."""
+
+    request_id: str
+    kind: str
+    data: dict[str, Any]
+
+
+@dataclass(slots=True)
+class Healthy:
+    nonce: int
+    rss_bytes: int
+    gpu_bytes: int
+
+
+def encode(message: object) -> bytes:
+    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return _HEADER.pack(len(body)) + body
+
+
+def header_size() -> int:
+    return _HEADER.size
+
+
+def body_size(header: bytes) -> int:
+    (size,) = _HEADER.unpack(header)
+    if size > MAX_FRAME:
+        raise ValueError(f"frame of {size} bytes exceeds the channel limit")
+    return int(size)
+
+
+def decode(body: bytes) -> object:
+    return pickle.loads(body)

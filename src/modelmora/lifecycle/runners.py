@@ -1,0 +1,330 @@
+"""The seam between the server and a model: the Runner protocol and its two implementations.
+
+`ProcessRunner` starts one OS process per model and speaks the worker channel over a
+socketpair; `InProcessRunner` drives the same `WorkerCore` in a thread, for fast tests. Both
+fail every pending batch with WORKER_DIED when the worker goes away, and then call `on_exit`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from typing import Protocol
+
+import psutil
+
+from modelmora.errors import ErrorCode, ModelMoraError
+from modelmora.lifecycle import channel
+from modelmora.lifecycle.channel import (
+    BatchDone,
+    Cancel,
+    Close,
+    Event,
+    Health,
+    Healthy,
+    Infer,
+    Load,
+    Loaded,
+    LoadFailed,
+    LoadSpec,
+    WorkItem,
+)
+from modelmora.lifecycle.worker import WorkerCore
+
+log = logging.getLogger("modelmora.runner")
+
+EventHandler = Callable[[Event], None]
+ExitHandler = Callable[[str], None]
+
+
+class Runner(Protocol):
+    """One loaded model. Methods raise ModelMoraError(WORKER_DIED) once the worker is gone."""
+
+    @property
+    def alive(self) -> bool: ...
+
+    @property
+    def pid(self) -> int | None: ...
+
+    async def start(self, spec: LoadSpec, timeout: float) -> Loaded: ...
+
+    async def infer(self, items: list[WorkItem]) -> BatchDone: ...
+
+    async def cancel(self, request_ids: list[str]) -> None: ...
+
+    async def health(self, timeout: float = 5.0) -> Healthy: ...
+
+    async def close(self, grace: float) -> None: ...
+
+    def rss_bytes(self) -> int: ...
+
+
+RunnerFactory = Callable[[str, EventHandler, ExitHandler], Runner]
+
+
+def _died(reason: str) -> ModelMoraError:
+    return ModelMoraError(ErrorCode.WORKER_DIED, f"the model's worker process ended: {reason}")
+
+
+class _Pending:
+    """Futures waiting for a worker reply, failed all at once when the worker goes away."""
+
+    def __init__(self) -> None:
+        self.batches: dict[int, asyncio.Future[BatchDone]] = {}
+        self.health: dict[int, asyncio.Future[Healthy]] = {}
+        self.load: asyncio.Future[Loaded | LoadFailed] | None = None
+        self.ids = itertools.count(1)
+
+    def fail_all(self, error: Exception) -> None:
+        futures: list[asyncio.Future[object]] = [*self.batches.values(), *self.health.values()]  # type: ignore[list-item]
+        if self.load is not None:
+            futures.append(self.load)  # type: ignore[arg-type]
+        for fut in futures:
+            if not fut.done():
+                fut.set_exception(error)
+                fut.exception()  # mark retrieved: nobody may be waiting any more
+        self.batches.clear()
+        self.health.clear()
+        self.load = None
+
+    def resolve(self, message: object) -> None:
+        if isinstance(message, BatchDone):
+            fut = self.batches.pop(message.batch_id, None)
+        elif isinstance(message, Healthy):
+            fut = self.health.pop(message.nonce, None)  # type: ignore[assignment]
+        elif isinstance(message, Loaded | LoadFailed):
+            fut, self.load = self.load, None  # type: ignore[assignment]
+        else:
+            return
+        if fut is not None and not fut.done():
+            fut.set_result(message)
+
+
+async def _expect_loaded(fut: asyncio.Future[Loaded | LoadFailed], timeout: float) -> Loaded:
+    try:
+        reply = await asyncio.wait_for(fut, timeout)
+    except TimeoutError as exc:
+        raise ModelMoraError(
+            ErrorCode.MODEL_LOAD_FAILED, f"the model did not load within {timeout:.0f} s"
+        ) from exc
+    except ModelMoraError as exc:
+        raise ModelMoraError(
+            ErrorCode.MODEL_LOAD_FAILED, f"the worker died while loading: {exc.message}"
+        ) from exc
+    if isinstance(reply, LoadFailed):
+        raise ModelMoraError(ErrorCode.MODEL_LOAD_FAILED, reply.message, reply.details)
+    return reply
+
+
+class ProcessRunner:
+    def __init__(self, name: str, on_event: EventHandler, on_exit: ExitHandler) -> None:
+        self.name = name
+        self._on_event = on_event
+        self._on_exit = on_exit
+        self._proc: asyncio.subprocess.Process | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._pending = _Pending()
+        self._closing = False
+        self._exited = False
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and not self._exited
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    async def start(self, spec: LoadSpec, timeout: float) -> Loaded:
+        parent, child = socket.socketpair()
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "modelmora.lifecycle.worker",
+                "--fd",
+                str(child.fileno()),
+                "--name",
+                self.name,
+                pass_fds=(child.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL,
+            )
+        finally:
+            child.close()
+        reader, self._writer = await asyncio.open_unix_connection(sock=parent)
+        self._reader_task = asyncio.create_task(self._read(reader), name=f"worker-reader-{self.name}")
+        fut: asyncio.Future[Loaded | LoadFailed] = asyncio.get_running_loop().create_future()
+        self._pending.load = fut
+        self._send(Load(spec))
+        try:
+            return await _expect_loaded(fut, timeout)
+        except BaseException:
+            await self.close(grace=0)
+            raise
+
+    def _send(self, message: object) -> None:
+        if self._writer is None or self._exited:
+            raise _died("the channel is closed")
+        self._writer.write(channel.encode(message))
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        reason = "the channel closed"
+        try:
+            while True:
+                header = await reader.readexactly(channel.header_size())
+                body = await reader.readexactly(channel.body_size(header))
+                message = channel.decode(body)
+                if isinstance(message, Event):
+                    self._on_event(message)
+                else:
+                    self._pending.resolve(message)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        except Exception:  # a corrupt frame: treat the worker as gone
+            log.exception("worker channel failed", extra={"model": self.name})
+            reason = "the channel broke"
+        await self._handle_exit(reason)
+
+    async def _handle_exit(self, reason: str) -> None:
+        if self._exited:
+            return
+        self._exited = True
+        proc = self._proc
+        if proc is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), 2.0)
+            if proc.returncode is not None:
+                reason = _describe_exit(proc.returncode)
+        self._pending.fail_all(_died(reason))
+        if self._writer is not None:
+            self._writer.close()
+        if not self._closing:
+            self._on_exit(reason)
+
+    async def infer(self, items: list[WorkItem]) -> BatchDone:
+        batch_id = next(self._pending.ids)
+        fut: asyncio.Future[BatchDone] = asyncio.get_running_loop().create_future()
+        self._pending.batches[batch_id] = fut
+        try:
+            self._send(Infer(batch_id, items))
+        except ModelMoraError:
+            self._pending.batches.pop(batch_id, None)
+            raise
+        return await fut
+
+    async def cancel(self, request_ids: list[str]) -> None:
+        with contextlib.suppress(ModelMoraError):
+            self._send(Cancel(request_ids))
+
+    async def health(self, timeout: float = 5.0) -> Healthy:
+        nonce = next(self._pending.ids)
+        fut: asyncio.Future[Healthy] = asyncio.get_running_loop().create_future()
+        self._pending.health[nonce] = fut
+        self._send(Health(nonce))
+        return await asyncio.wait_for(fut, timeout)
+
+    async def close(self, grace: float) -> None:
+        """Ask the worker to exit; kill it when it has not after `grace` seconds."""
+        self._closing = True
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.returncode is None:
+            with contextlib.suppress(ModelMoraError, OSError):
+                self._send(Close())
+            try:
+                await asyncio.wait_for(proc.wait(), grace)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        if self._reader_task is not None:
+            await asyncio.gather(self._reader_task, return_exceptions=True)
+        await self._handle_exit("unloaded")
+
+    def rss_bytes(self) -> int:
+        if self._proc is None or self._exited:
+            return 0
+        try:
+            return int(psutil.Process(self._proc.pid).memory_info().rss)
+        except psutil.Error:
+            return 0
+
+
+def _describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+class InProcessRunner:
+    """The same WorkerCore in a thread of this process: no IPC, for fast tests."""
+
+    def __init__(self, name: str, on_event: EventHandler, on_exit: ExitHandler) -> None:
+        self.name = name
+        self._on_exit = on_exit
+        self._loop = asyncio.get_event_loop()
+        self._core = WorkerCore(emit=lambda ev: self._loop.call_soon_threadsafe(on_event, ev))
+        self._alive = False
+        self._lock = asyncio.Lock()  # one batch at a time, as in a worker process
+
+    @property
+    def alive(self) -> bool:
+        return self._alive
+
+    @property
+    def pid(self) -> int | None:
+        return os.getpid() if self._alive else None
+
+    async def start(self, spec: LoadSpec, timeout: float) -> Loaded:
+        self._loop = asyncio.get_running_loop()
+        reply = await _expect_loaded(asyncio.ensure_future(asyncio.to_thread(self._core.load, spec)), timeout)
+        self._alive = True
+        return reply
+
+    async def infer(self, items: list[WorkItem]) -> BatchDone:
+        if not self._alive:
+            raise _died("not running")
+        async with self._lock:
+            return await asyncio.to_thread(self._core.infer, Infer(0, items))
+
+    async def cancel(self, request_ids: list[str]) -> None:
+        self._core.cancelled.update(request_ids)
+
+    async def health(self, timeout: float = 5.0) -> Healthy:
+        if not self._alive:
+            raise _died("not running")
+        return self._core.health(Health(0))
+
+    async def close(self, grace: float) -> None:
+        was_alive, self._alive = self._alive, False
+        if was_alive:
+            self._core.close()
+
+    def rss_bytes(self) -> int:
+        return 0
+
+    def kill(self, reason: str = "killed") -> None:
+        """Simulate a crash: what a dead worker process looks like to the server."""
+        if self._alive:
+            self._alive = False
+            self._on_exit(reason)
+
+
+def process_runner_factory(name: str, on_event: EventHandler, on_exit: ExitHandler) -> Runner:
+    return ProcessRunner(name, on_event, on_exit)
+
+
+def in_process_runner_factory(name: str, on_event: EventHandler, on_exit: ExitHandler) -> Runner:
+    return InProcessRunner(name, on_event, on_exit)

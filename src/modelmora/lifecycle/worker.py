@@ -1,0 +1,221 @@
+"""The code that runs inside a worker process: it owns one model and nothing else.
+
+`WorkerCore` does not know it runs in a subprocess (the in-process runner drives it directly
+in tests); `main()` wraps it with the socket channel. The process exits when the channel
+closes, so no worker outlives its server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from modelmora.lifecycle import channel
+from modelmora.lifecycle.channel import (
+    BatchDone,
+    Cancel,
+    Close,
+    Event,
+    Health,
+    Healthy,
+    Infer,
+    ItemError,
+    ItemOk,
+    Load,
+    Loaded,
+    LoadFailed,
+    LoadSpec,
+    Outcome,
+    WorkItem,
+)
+from modelmora.tasks.base import SAMPLE_INPUTS, TaskAdapter, adapter_for
+
+log = logging.getLogger("modelmora.worker")
+
+SendFn = Callable[[object], None]
+
+
+def _gpu_bytes() -> int:
+    # Only a worker whose adapter imported torch can hold GPU memory.
+    if "torch" not in sys.modules:
+        return 0
+    from modelmora.tasks.torch_utils import gpu_bytes
+
+    return gpu_bytes()
+
+
+class WorkerCore:
+    """Load a model, run batches, answer health checks. Every exception is turned into an
+    outcome: bad input must never end the worker."""
+
+    def __init__(self, emit: Callable[[Event], None] | None = None) -> None:
+        self.adapter: TaskAdapter | None = None
+        self.spec: LoadSpec | None = None
+        self.cancelled: set[str] = set()
+        self._emit = emit or (lambda _event: None)
+
+    def load(self, spec: LoadSpec) -> Loaded | LoadFailed:
+        started = time.perf_counter()
+        try:
+            adapter = adapter_for(spec.task_type, spec.adapter)
+            adapter.load(Path(spec.path), spec.device, spec.dtype, spec.options)
+            self.adapter, self.spec = adapter, spec
+            if spec.health_check and spec.task_type in SAMPLE_INPUTS:
+                sample = SAMPLE_INPUTS[spec.task_type]
+                done = self.infer(Infer(batch_id=-1, items=[sample]))
+                first = done.outcomes[0]
+                if isinstance(first, ItemError):
+                    self.adapter = None
+                    return LoadFailed(f"health check failed: {first.message}", {"health_check": first.details})
+        except Exception as exc:  # noqa: BLE001 - any load failure is reported, not raised
+            self.adapter = None
+            return LoadFailed(
+                f"{type(exc).__name__}: {exc}", {"traceback": traceback.format_exc(limit=8)}
+            )
+        return Loaded(
+            device=adapter.device,
+            dtype=adapter.dtype,
+            rss_bytes=psutil.Process().memory_info().rss,
+            gpu_bytes=_gpu_bytes(),
+            load_seconds=time.perf_counter() - started,
+            info=adapter.info(),
+        )
+
+    def infer(self, message: Infer) -> BatchDone:
+        started = time.perf_counter()
+        items = message.items
+        live = [i for i in items if i.request_id not in self.cancelled]
+        outcomes: dict[str, Outcome] = {
+            i.request_id: ItemError("CANCELLED", "cancelled before it ran") for i in items
+        }
+        if self.adapter is None:
+            err = ItemError("MODEL_LOAD_FAILED", "no model is loaded in this worker")
+            return BatchDone(message.batch_id, [err for _ in items], 0.0)
+        if live:
+            for item, outcome in zip(live, self._run(live), strict=True):
+                outcomes[item.request_id] = outcome
+        for item in items:
+            self.cancelled.discard(item.request_id)
+        compute_ms = (time.perf_counter() - started) * 1000
+        return BatchDone(message.batch_id, [outcomes[i.request_id] for i in items], compute_ms)
+
+    def _run(self, items: list[WorkItem]) -> list[Outcome]:
+        adapter = self.adapter
+        assert adapter is not None
+
+        def emit(request_id: str, kind: str, data: dict[str, Any]) -> None:
+            self._emit(Event(request_id, kind, data))
+
+        try:
+            prepared = adapter.preprocess(items)
+            output = adapter.forward(prepared, emit)
+            outcomes = adapter.postprocess(output, items)
+        except Exception as exc:  # noqa: BLE001 - the whole batch fails, the worker lives on
+            log.exception("batch failed")
+            if len(items) > 1:
+                # One poisoned input must not fail its neighbours: retry each alone.
+                return [self._run([item])[0] for item in items]
+            failed = ItemError(
+                "INFERENCE_FAILED", f"{type(exc).__name__}: {exc}", {"exception": type(exc).__name__}
+            )
+            return [failed]
+        if len(outcomes) != len(items):
+            bad = ItemError("INFERENCE_FAILED", "adapter returned the wrong number of outcomes")
+            return [bad for _ in items]
+        return outcomes
+
+    def health(self, message: Health) -> Healthy:
+        return Healthy(message.nonce, psutil.Process().memory_info().rss, _gpu_bytes())
+
+    def close(self) -> None:
+        self.adapter = None
+        if "torch" in sys.modules:
+            from modelmora.tasks.torch_utils import release_gpu
+
+            release_gpu()
+
+
+def _serve(sock: socket.socket) -> None:
+    send_lock = threading.Lock()
+
+    def send(message: object) -> None:
+        data = channel.encode(message)
+        with send_lock:
+            sock.sendall(data)
+
+    core = WorkerCore(emit=send)
+    inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+
+    def reader() -> None:
+        """Reads the channel; handles cancel and health at once so they never wait behind a
+        long batch; everything else goes to the main thread in order."""
+        stream = sock.makefile("rb")
+        try:
+            while True:
+                header = stream.read(channel.header_size())
+                if len(header) < channel.header_size():
+                    break
+                body = stream.read(channel.body_size(header))
+                message = channel.decode(body)
+                if isinstance(message, Cancel):
+                    core.cancelled.update(message.request_ids)
+                elif isinstance(message, Health):
+                    send(core.health(message))
+                else:
+                    inbox.put(message)
+        except (OSError, ValueError):
+            pass
+        inbox.put(Close())  # the server went away: end the worker
+
+    threading.Thread(target=reader, name="channel-reader", daemon=True).start()
+    while True:
+        message = inbox.get()
+        if isinstance(message, Load):
+            send(core.load(message.spec))
+        elif isinstance(message, Infer):
+            send(core.infer(message))
+        elif isinstance(message, Close):
+            core.close()
+            return
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="modelmora-worker")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--name", default="model")
+    args = parser.parse_args(argv)
+    # Ctrl-C in a terminal reaches the whole process group; the server ends us in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(
+        level=os.environ.get("MODELMORA_WORKER_LOG_LEVEL", "WARNING"),
+        format=f"%(asctime)s worker[{args.name}] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # files are local; never reach out at load
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sock = socket.socket(fileno=args.fd)
+    try:
+        _serve(sock)
+    finally:
+        try:
+            sock.close()
+        finally:
+            # Skip interpreter teardown: it can hang on library threads, and the OS frees all.
+            os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Logs, trace ids and (later) metrics."""

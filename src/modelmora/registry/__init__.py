@@ -1,0 +1,1 @@
+"""What models exist: catalog rules, the database, sources and the lock file."""

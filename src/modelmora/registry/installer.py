@@ -1,0 +1,205 @@
+"""Install a model: fetch its files, detect its task, record versions and checksums.
+
+All or nothing: a failure at any step leaves no row and no copied files behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from modelmora.config import Settings
+from modelmora.errors import ErrorCode, ModelMoraError
+from modelmora.registry import sources
+from modelmora.registry.catalog import (
+    CONFIG_KEYS,
+    ModelRecord,
+    ModelVersion,
+    TaskType,
+    derive_name,
+    detect_task,
+    is_hub_id,
+    validate_name,
+    validate_version,
+)
+from modelmora.registry.lockfile import LockEntry
+from modelmora.registry.store import RegistryStore
+
+
+@dataclass
+class InstallRequest:
+    model_id: str | None = None
+    source: str | None = None
+    name: str | None = None
+    version: str | None = None
+    revision: str | None = None
+    task_type: str | None = None
+    display_name: str | None = None
+    description: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    resource_requirements: dict[str, Any] = field(default_factory=dict)
+    expected_files: dict[str, str] | None = None  # from a lock file
+    activate: bool = True
+
+
+def _bad(field_name: str, message: str) -> ModelMoraError:
+    return ModelMoraError(
+        ErrorCode.VALIDATION_ERROR,
+        f"{field_name}: {message}",
+        {"errors": [{"field": field_name, "message": message}]},
+    )
+
+
+def validate_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Per-model settings: known keys with the right types (task defaults are free-form)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        expected = CONFIG_KEYS.get(key)
+        if expected is None or value is None:
+            out[key] = value
+            continue
+        try:
+            out[key] = expected(value)
+        except (TypeError, ValueError) as exc:
+            raise _bad(f"config.{key}", f"must be {expected.__name__}") from exc
+    return out
+
+
+def install(settings: Settings, store: RegistryStore, req: InstallRequest, progress: bool = False) -> ModelRecord:
+    if req.model_id is None and req.source is None:
+        raise _bad("model_id", "a model ID or a source is required")
+    if req.source is None and req.model_id is not None and not is_hub_id(req.model_id):
+        raise _bad("model_id", f"{req.model_id!r} is not a Hub ID (org/name); pass a source for other IDs")
+    name = validate_name(req.name) if req.name else derive_name(req.model_id, req.source)
+    if req.version:
+        validate_version(req.version)
+    task: TaskType | None = None
+    if req.task_type:
+        try:
+            task = TaskType(req.task_type)
+        except ValueError as exc:
+            raise _bad("task_type", f"must be one of {', '.join(t.value for t in TaskType)}") from exc
+    config = validate_config(req.config)
+    existing = store.find(name)
+    if existing and req.version and any(v.version == req.version for v in existing.versions):
+        raise ModelMoraError(
+            ErrorCode.MODEL_EXISTS, f"model {name}@{req.version} is already installed", {"model": name}
+        )
+
+    staging = settings.models_dir / ".staging"
+    staging.mkdir(parents=True, exist_ok=True)
+    fetched = sources.fetch(
+        req.model_id if req.source is None else None,
+        req.source,
+        staging_dir=staging,
+        cache_dir=settings.cache_dir,
+        revision=req.revision,
+        hub_endpoint=settings.registry.hub_endpoint,
+        hub_token=settings.registry.hub_token,
+        progress=progress,
+        expected_files=req.expected_files,
+    )
+    kind = sources.classify_source(req.model_id if req.source is None else None, req.source)
+    owned = kind != "hub"  # hub files live in the shared HF cache; the rest we copied
+    final: Path | None = None
+    try:
+        detected = task or detect_task(req.model_id or name, fetched.metadata)
+        if detected is None:
+            raise _bad("task_type", "cannot tell the task type from the model's metadata; pass --task")
+        version = req.version or (fetched.revision or fetched.content_hash)[:12]
+        validate_version(version)
+        manifest = fetched.metadata.manifest
+        for key in ("adapter", "options"):
+            if key in manifest and key not in config:
+                config[key] = manifest[key]
+        if owned:
+            final = settings.models_dir / name / version
+            if final.exists():
+                shutil.rmtree(final)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(fetched.path, final)
+        path = final or fetched.path
+        model_version = ModelVersion(
+            version=version,
+            revision=fetched.revision,
+            origin=fetched.origin,
+            source_kind=kind,
+            path=str(path),
+            files=fetched.files,
+            size_bytes=fetched.size_bytes,
+            installed_at=datetime.now(UTC),
+        )
+        return store.add_version(
+            name=name,
+            model_id=req.model_id or name,
+            task_type=detected,
+            version=model_version,
+            activate=req.activate,
+            display_name=req.display_name,
+            description=req.description,
+            config=config,
+            resource_requirements=req.resource_requirements,
+        )
+    except BaseException:
+        if owned:
+            for leftover in (fetched.path, final):
+                if leftover is not None and leftover.exists():
+                    shutil.rmtree(leftover, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                (settings.models_dir / name).rmdir()
+        raise
+
+
+def lock_entries(records: list[ModelRecord]) -> list[LockEntry]:
+    entries = []
+    for record in records:
+        v = record.version()
+        entries.append(
+            LockEntry(
+                name=record.name,
+                model_id=record.model_id,
+                origin=v.origin,
+                source_kind=v.source_kind,
+                version=v.version,
+                revision=v.revision,
+                task_type=record.task_type.value,
+                files=v.files,
+            )
+        )
+    return entries
+
+
+def install_from_lock_entry(settings: Settings, store: RegistryStore, entry: LockEntry, progress: bool) -> str:
+    """Install one lock entry, verifying every checksum. Returns 'installed' or 'present'."""
+    existing = store.find(entry.name)
+    if existing is not None:
+        for v in existing.versions:
+            if v.version == entry.version:
+                if v.files != entry.files:
+                    raise ModelMoraError(
+                        ErrorCode.CHECKSUM_MISMATCH,
+                        f"{entry.name}@{entry.version} is installed with files that differ from the lock",
+                        {"model": entry.name},
+                    )
+                return "present"
+    source = None if entry.source_kind == "hub" else entry.origin
+    install(
+        settings,
+        store,
+        InstallRequest(
+            model_id=entry.model_id,
+            source=source,
+            name=entry.name,
+            version=entry.version,
+            revision=entry.revision,
+            task_type=entry.task_type,
+            expected_files=entry.files,
+        ),
+        progress=progress,
+    )
+    return "installed"

@@ -1,0 +1,201 @@
+"""The service layer every door (REST, gRPC, CLI, SDK) calls: inference and registry ops.
+
+Routers translate to and from these calls and nothing else, so behaviour cannot differ
+between interfaces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import uuid
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any
+
+from modelmora.config import Settings
+from modelmora.errors import ErrorCode, ModelMoraError
+from modelmora.inference.queue import parse_priority
+from modelmora.inference.scheduler import Completed
+from modelmora.lifecycle.channel import WorkItem
+from modelmora.lifecycle.manager import ModelManager
+from modelmora.registry.catalog import ModelRecord, ModelState, parse_ref
+from modelmora.registry.store import RegistryStore
+from modelmora.tasks.inputs import parse_input
+
+
+class InferenceService:
+    def __init__(self, settings: Settings, manager: ModelManager) -> None:
+        self.settings = settings
+        self.manager = manager
+
+    async def infer(
+        self,
+        name: str,
+        input_data: dict[str, Any],
+        parameters: dict[str, Any] | None = None,
+        *,
+        priority: str | int | None = None,
+        timeout_seconds: float | None = None,
+        trace_id: str | None = None,
+        disconnected: Awaitable[Any] | None = None,
+    ) -> dict[str, Any]:
+        """Validate, queue, wait; returns the common response (results may hold numpy
+        arrays: the REST layer serialises them without a copy through orjson)."""
+        received = self.manager.clock()
+        name, _version = parse_ref(name)
+        record = await self.manager.record(name)
+        parsed = parse_input(record.task_type.value, input_data, parameters or {}, self.settings.limits)
+        level = parse_priority(priority)
+        timeout = timeout_seconds or float(
+            record.config.get("default_timeout_seconds") or self.settings.timeout_for(record.task_type.value)
+        )
+        deadline = received + timeout
+        item = WorkItem(uuid.uuid4().hex, parsed.inputs, parsed.params, trace_id)
+        async with self.manager.use(name, record) as slot:
+            scheduler = slot.scheduler
+            if scheduler is None:  # the worker died between load and use
+                raise ModelMoraError(ErrorCode.WORKER_DIED, f"the worker of {name!r} is gone")
+            entry = scheduler.submit(item, level, deadline)
+            done = await _wait(entry.payload.future, deadline - self.manager.clock(), disconnected)
+            if done is None:
+                scheduler.withdraw(entry)
+                if disconnected is not None and _is_done(disconnected):
+                    raise ModelMoraError(ErrorCode.CANCELLED, "the client went away")
+                raise ModelMoraError(
+                    ErrorCode.INFERENCE_TIMEOUT,
+                    f"no result within {timeout:g} s",
+                    {"timeout_seconds": timeout},
+                )
+            loaded = slot.loaded
+        total_ms = (self.manager.clock() - received) * 1000
+        return {
+            "result": _result(record, done, parsed.single),
+            "metadata": {
+                "model": name,
+                "version": slot.version,
+                "task_type": record.task_type.value,
+                "device": loaded.device if loaded else None,
+                "batch_size": done.batch_size,
+                "truncated": int(done.meta.get("truncated", 0)),  # type: ignore[call-overload]
+            },
+            "timing": {
+                "queue_time_ms": round(done.queue_ms, 3),
+                "inference_time_ms": round(done.inference_ms, 3),
+                "total_time_ms": round(total_ms, 3),
+            },
+        }
+
+
+def _is_done(aw: Awaitable[Any]) -> bool:
+    return isinstance(aw, asyncio.Future) and aw.done()
+
+
+async def _wait(
+    future: asyncio.Future[Completed], timeout: float, disconnected: Awaitable[Any] | None
+) -> Completed | None:
+    """The result, or None when the deadline passed or the client went away first."""
+    if timeout <= 0:
+        return None
+    if disconnected is None:
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            return None
+    watcher = asyncio.ensure_future(disconnected)
+    try:
+        await asyncio.wait({future, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not watcher.done():
+            watcher.cancel()
+    if future.done():
+        return future.result()
+    return None
+
+
+def _result(record: ModelRecord, done: Completed, single: bool) -> dict[str, Any]:
+    value: Any = done.value
+    if single:
+        value = value[0]
+    return {"embeddings": value}
+
+
+class RegistryService:
+    """Registry operations shared by REST and the CLI (which works without a server)."""
+
+    def __init__(self, settings: Settings, store: RegistryStore, manager: ModelManager | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.manager = manager
+
+    def live_state(self, name: str) -> dict[str, Any] | None:
+        if self.manager is None:
+            return None
+        slot = self.manager.slots.get(name)
+        return slot.status(self.manager.clock()) if slot is not None else None
+
+    def describe(self, record: ModelRecord) -> dict[str, Any]:
+        live = self.live_state(record.name)
+        state = live["state"] if live else ModelState.REGISTERED.value
+        return model_to_dict(record, state, live)
+
+    async def delete(self, name: str, version: str | None, force: bool) -> ModelRecord:
+        record = await asyncio.to_thread(self.store.get, name)
+        if self.manager is not None:
+            slot = self.manager.slots.get(name)
+            if slot is not None and slot.runner is not None:
+                if not force:
+                    raise ModelMoraError(
+                        ErrorCode.MODEL_LOADED,
+                        f"model {name!r} is loaded; unload it first or pass force",
+                        {"model": name, "state": slot.state.value},
+                    )
+                await self.manager.unload(name, "uninstalled", force=True)
+            self.manager.forget(name)
+        deleted = await asyncio.to_thread(self.store.delete, record.name, version)
+        remove_files(self.settings, deleted)
+        return deleted
+
+
+def remove_files(settings: Settings, deleted: ModelRecord) -> None:
+    """Delete the files we own (copies under models_dir); the Hub cache is shared and kept."""
+    root = settings.models_dir.resolve()
+    for v in deleted.versions:
+        path = Path(v.path).resolve()
+        if path.is_relative_to(root) and path != root:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(path)
+    if deleted.versions:
+        with contextlib.suppress(OSError):
+            (root / deleted.name).rmdir()  # only when empty
+
+
+def model_to_dict(record: ModelRecord, state: str, live: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "name": record.name,
+        "model_id": record.model_id,
+        "task_type": record.task_type.value,
+        "display_name": record.display_name,
+        "description": record.description,
+        "active_version": record.active_version,
+        "versions": [
+            {
+                "version": v.version,
+                "revision": v.revision,
+                "origin": v.origin,
+                "source_kind": v.source_kind,
+                "path": v.path,
+                "files": v.files,
+                "size_bytes": v.size_bytes,
+                "installed_at": v.installed_at.isoformat(),
+            }
+            for v in record.versions
+        ],
+        "state": state,
+        "config": record.config,
+        "resource_requirements": record.resource_requirements,
+        "memory": (live or {}).get("memory") or record.memory,
+        "created_at": record.created_at.isoformat() if record.created_at else None,
+        "updated_at": record.updated_at.isoformat() if record.updated_at else None,
+    }

@@ -1,0 +1,1 @@
+"""One adapter per task type, each split into pre / core / post."""

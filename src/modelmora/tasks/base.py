@@ -1,0 +1,56 @@
+"""The adapter contract the worker drives, and how the worker finds an adapter.
+
+Adapters are imported lazily by name so that a worker pays for torch only when its model
+needs it, and the server process (which imports this module for `SAMPLE_INPUTS`) never does.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from modelmora.lifecycle.channel import Outcome, WorkItem
+
+# Emits a streamed event for one request: (request_id, kind, data).
+EmitFn = Callable[[str, str, dict[str, Any]], None]
+
+# A built-in sample per task for the health check after load.
+SAMPLE_INPUTS: dict[str, WorkItem] = {
+    "txt2embed": WorkItem(request_id="health-check", inputs=["ModelMora health check."]),
+}
+
+
+class TaskAdapter(Protocol):
+    device: str
+    dtype: str
+
+    def load(self, path: Path, device: str, dtype: str, options: dict[str, Any]) -> None: ...
+
+    def preprocess(self, items: list[WorkItem]) -> Any:
+        """CPU work (tokenising, decoding) that can overlap the model's work on another batch."""
+
+    def forward(self, prepared: Any, emit: EmitFn) -> Any:
+        """The model's work."""
+
+    def postprocess(self, output: Any, items: list[WorkItem]) -> list[Outcome]:
+        """One outcome per item, in order."""
+
+    def info(self) -> dict[str, Any]: ...
+
+
+_ADAPTERS: dict[tuple[str, str | None], str] = {
+    ("txt2embed", None): "modelmora.tasks.txt2embed:SentenceEmbedder",
+    ("txt2embed", "fake"): "modelmora.tasks.fake:FakeEmbedder",
+}
+
+
+def adapter_for(task_type: str, adapter: str | None) -> TaskAdapter:
+    target = _ADAPTERS.get((task_type, adapter))
+    if target is None:
+        raise LookupError(f"no adapter {adapter or 'default'!r} for task {task_type!r} yet")
+    module_name, _, cls_name = target.partition(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    instance: TaskAdapter = cls()
+    return instance

@@ -1,0 +1,89 @@
+"""Text embeddings through sentence-transformers, split into tokenize / forward / pool.
+
+`encode()` would do all three in one call; splitting them lets the worker tokenize the next
+batch while the model computes the current one, and lets one batch carry texts of several
+requests with different `normalize` settings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.util import batch_to_device
+
+from modelmora.lifecycle.channel import ItemOk, Outcome, WorkItem
+from modelmora.tasks.base import EmitFn
+from modelmora.tasks.torch_utils import resolve_device, resolve_dtype
+
+
+class SentenceEmbedder:
+    def __init__(self) -> None:
+        self.model: SentenceTransformer | None = None
+        self.device = "cpu"
+        self.dtype = "float32"
+        self.max_tokens = 512
+
+    def load(self, path: Path, device: str, dtype: str, options: dict[str, Any]) -> None:
+        self.device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, self.device)
+        self.dtype = str(torch_dtype).removeprefix("torch.")
+        model = SentenceTransformer(
+            str(path), device=self.device, local_files_only=True, model_kwargs={"dtype": torch_dtype}
+        )
+        model.eval()
+        self.model = model
+        self.max_tokens = int(model.max_seq_length or 512)
+        self._preprocess = getattr(model, "preprocess", None) or model.tokenize
+
+    def _truncated(self, texts: list[str]) -> list[bool]:
+        """Which texts exceed the model's token limit (and are cut, as sentence-transformers
+        does). A text can only exceed it when it has more characters than the limit, so only
+        those are tokenized a second time without truncation."""
+        assert self.model is not None
+        limit = self.max_tokens
+        long_idx = [i for i, t in enumerate(texts) if len(t) > limit - 2]
+        flags = [False] * len(texts)
+        if long_idx:
+            tokenizer = self.model.tokenizer
+            ids = tokenizer([texts[i] for i in long_idx], add_special_tokens=True, truncation=False)[
+                "input_ids"
+            ]
+            for i, seq in zip(long_idx, ids, strict=True):
+                flags[i] = len(seq) > limit
+        return flags
+
+    def preprocess(self, items: list[WorkItem]) -> tuple[dict[str, Any], list[bool]]:
+        texts = [t for item in items for t in item.inputs]
+        features = self._preprocess(texts)
+        return batch_to_device(features, self.device), self._truncated(texts)
+
+    def forward(self, prepared: tuple[dict[str, Any], list[bool]], emit: EmitFn) -> tuple[Any, list[bool]]:
+        assert self.model is not None
+        features, truncated = prepared
+        with torch.inference_mode():
+            out = self.model.forward(features)
+            embeddings = out["sentence_embedding"].float().cpu().numpy()
+        return embeddings, truncated
+
+    def postprocess(self, output: tuple[Any, list[bool]], items: list[WorkItem]) -> list[Outcome]:
+        embeddings, truncated = output
+        outcomes: list[Outcome] = []
+        start = 0
+        for item in items:
+            end = start + len(item.inputs)
+            block = np.ascontiguousarray(embeddings[start:end], dtype=np.float32)
+            if item.params.get("normalize"):
+                norms = np.linalg.norm(block, axis=1, keepdims=True)
+                block = block / np.maximum(norms, 1e-12)
+            outcomes.append(ItemOk(block, {"truncated": int(sum(truncated[start:end]))}))
+            start = end
+        return outcomes
+
+    def info(self) -> dict[str, Any]:
+        assert self.model is not None
+        dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        return {"dim": dim(), "max_tokens": self.max_tokens}
