@@ -123,7 +123,9 @@ class HubStub:
     def __enter__(self) -> HubStub:
         for server in (self._hub, self._cdn):
             server.daemon_threads = True
-            thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+            thread = threading.Thread(
+                target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+            )
             thread.start()
             self._threads.append(thread)
         return self
@@ -266,9 +268,16 @@ def _make_handler(stub: HubStub, role: str) -> type[BaseHTTPRequestHandler]:
             if send_body:
                 self.wfile.write(body)
 
-        def _json(self, status: int, data: Any, send_body: bool, headers: dict[str, str] | None = None) -> None:
+        def _json(
+            self, status: int, data: Any, send_body: bool, headers: dict[str, str] | None = None
+        ) -> None:
             body = json.dumps(data).encode()
-            self._send(status, {"Content-Type": "application/json; charset=utf-8", **(headers or {})}, body, send_body)
+            self._send(
+                status,
+                {"Content-Type": "application/json; charset=utf-8", **(headers or {})},
+                body,
+                send_body,
+            )
 
         def _error(
             self,

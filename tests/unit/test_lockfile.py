@@ -67,7 +67,9 @@ def test_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "modelmora.lock"
     write_lock(path, ENTRIES, NOW)
     read = read_lock(path)
-    assert sorted(read, key=lambda e: (e.name, e.version)) == sorted(ENTRIES, key=lambda e: (e.name, e.version))
+    assert sorted(read, key=lambda e: (e.name, e.version)) == sorted(
+        ENTRIES, key=lambda e: (e.name, e.version)
+    )
     local = next(e for e in read if e.name == "local-model")
     assert local.revision is None
     assert local.origin == "file:///srv/models/local-model"
@@ -202,7 +204,9 @@ _DELETE = object()
         (("models", 0, "files", "a//b"), SHA_A, "models[0].files"),
     ],
 )
-def test_read_lock_rejects_malformed_entries(tmp_path: Path, path: tuple[Any, ...], value: Any, field: str) -> None:
+def test_read_lock_rejects_malformed_entries(
+    tmp_path: Path, path: tuple[Any, ...], value: Any, field: str
+) -> None:
     lock = tmp_path / "modelmora.lock"
     lock.write_text(json.dumps(_mutate(valid_document(), path, value)))
     with pytest.raises(ModelMoraError) as info:

