@@ -1,0 +1,5 @@
+"""`python -m modelmora` runs the CLI."""
+
+from modelmora.cli import main
+
+main()

