@@ -12,7 +12,9 @@ import pytest
 
 from modelmora.config import Settings, load_settings
 
-POSTGRES_ADMIN_URL = os.environ.get("MODELMORA_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+POSTGRES_ADMIN_URL = os.environ.get(
+    "MODELMORA_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 
 
 @pytest.fixture

@@ -65,7 +65,9 @@ def _fail(exc: ModelMoraError) -> typer.Exit:
 def main_options(
     ctx: typer.Context,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML configuration file")] = None,
-    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Where the registry and models live")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="Where the registry and models live")
+    ] = None,
     url: Annotated[str | None, typer.Option("--url", help="A running server, for live state")] = None,
 ) -> None:
     ctx.obj = _Ctx(config, data_dir, url)
@@ -89,7 +91,9 @@ def _server(ctx: typer.Context, settings: Settings, method: str, path: str, **kw
     import httpx
 
     try:
-        response = httpx.request(method, _c(ctx).server_url(settings) + path, timeout=kwargs.pop("timeout", 2.0), **kwargs)
+        response = httpx.request(
+            method, _c(ctx).server_url(settings) + path, timeout=kwargs.pop("timeout", 2.0), **kwargs
+        )
     except httpx.HTTPError:
         return None
     return response
@@ -141,7 +145,9 @@ limits:
 
 @app.command()
 def init(
-    path: Annotated[Path, typer.Argument(help="Where to write the configuration")] = Path(DEFAULT_CONFIG_FILE),
+    path: Annotated[Path, typer.Argument(help="Where to write the configuration")] = Path(
+        DEFAULT_CONFIG_FILE
+    ),
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file")] = False,
 ) -> None:
     """Write a commented modelmora.yaml."""
@@ -184,10 +190,14 @@ def _looks_like_source(value: str) -> bool:
 @app.command()
 def install(
     ctx: typer.Context,
-    model: Annotated[str | None, typer.Argument(help="Hub ID (org/name), a folder, or a URL; none: the lock file")] = None,
+    model: Annotated[
+        str | None, typer.Argument(help="Hub ID (org/name), a folder, or a URL; none: the lock file")
+    ] = None,
     source: Annotated[str | None, typer.Option("--from", help="Take the files from a folder or URL")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Name to register under")] = None,
-    task: Annotated[str | None, typer.Option("--task", help="txt2embed|img2embed|txt2txt|txt2img|img2txt")] = None,
+    task: Annotated[
+        str | None, typer.Option("--task", help="txt2embed|img2embed|txt2txt|txt2img|img2txt")
+    ] = None,
     version: Annotated[str | None, typer.Option("--version", help="Version tag")] = None,
     revision: Annotated[str | None, typer.Option("--revision", help="Hub branch, tag or commit")] = None,
     lock: Annotated[Path, typer.Option("--lock", help="Lock file to install from")] = Path(LOCK_FILE),
@@ -218,7 +228,12 @@ def install(
             settings,
             store,
             InstallRequest(
-                model_id=model_id, source=source, name=name, version=version, revision=revision, task_type=task
+                model_id=model_id,
+                source=source,
+                name=name,
+                version=version,
+                revision=revision,
+                task_type=task,
             ),
             progress=True,
         )
@@ -320,7 +335,11 @@ def update(
     settings = _c(ctx).settings()
     store = _store(settings)
     try:
-        top = {k: changes.pop(k) for k in ("display_name", "description", "resource_requirements") if k in changes}
+        top = {
+            k: changes.pop(k)
+            for k in ("display_name", "description", "resource_requirements")
+            if k in changes
+        }
         record = store.update(validate_name(name), validate_config(changes) | top)
     except ModelMoraError as exc:
         raise _fail(exc) from None
@@ -362,7 +381,9 @@ def uninstall(
     settings = _c(ctx).settings()
     try:
         name, version = parse_ref(ref)
-        response = _server(ctx, settings, "DELETE", f"/api/v1/models/{ref}", params={"force": force}, timeout=30)
+        response = _server(
+            ctx, settings, "DELETE", f"/api/v1/models/{ref}", params={"force": force}, timeout=30
+        )
         if response is not None:
             _raise_for(response)
         else:
@@ -398,7 +419,9 @@ def lock(
 # -- server control ---------------------------------------------------------------------------
 
 
-def _require_server(ctx: typer.Context, settings: Settings, method: str, path: str, timeout: float = 5.0) -> Any:
+def _require_server(
+    ctx: typer.Context, settings: Settings, method: str, path: str, timeout: float = 5.0
+) -> Any:
     response = _server(ctx, settings, method, path, timeout=timeout)
     if response is None:
         err.print(f"error: no server answers at {_c(ctx).server_url(settings)}")
@@ -418,8 +441,13 @@ def health(ctx: typer.Context) -> None:
         table.add_column(col)
     for m in models:
         table.add_row(
-            m["name"], m["state"], str(m["pid"] or "-"), str(m["queued"]), str(m["in_flight"]),
-            f"{m['memory']['rss_bytes'] / 1e6:.0f} MB", m["error"] or "",
+            m["name"],
+            m["state"],
+            str(m["pid"] or "-"),
+            str(m["queued"]),
+            str(m["in_flight"]),
+            f"{m['memory']['rss_bytes'] / 1e6:.0f} MB",
+            m["error"] or "",
         )
     out.print(table)
     if ready.status_code != 200:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -20,7 +20,12 @@ from pydantic_settings import (
 DEFAULT_CONFIG_FILE = "modelmora.yaml"
 
 
-class ServerSettings(BaseModel):
+class _Section(BaseModel):
+    # A misspelt key (`server.prot`) is an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     grpc_port: int = Field(50051, ge=0, le=65535)
@@ -36,14 +41,14 @@ class ServerSettings(BaseModel):
         return self
 
 
-class RegistrySettings(BaseModel):
+class RegistrySettings(_Section):
     database_url: str | None = None
     cache_dir: Path | None = None
     hub_endpoint: str | None = None
     hub_token: str | None = None
 
 
-class ResourcesSettings(BaseModel):
+class ResourcesSettings(_Section):
     max_memory_mb: int | None = Field(None, ge=1)
     gpu_memory_mb: int | None = Field(None, ge=1)
     gpu_memory_fraction: float | None = Field(None, gt=0, le=1)
@@ -52,7 +57,7 @@ class ResourcesSettings(BaseModel):
     default_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
 
 
-class LifecycleSettings(BaseModel):
+class LifecycleSettings(_Section):
     keep_alive_seconds: float = 300.0
     preload: list[str] = Field(default_factory=list)
     load_retries: int = Field(3, ge=0)
@@ -62,25 +67,33 @@ class LifecycleSettings(BaseModel):
     load_timeout_seconds: float = Field(300.0, gt=0)
 
 
-class SchedulerSettings(BaseModel):
+_DEFAULT_TIMEOUTS: dict[str, float] = {
+    "txt2embed": 60.0,
+    "img2embed": 60.0,
+    "txt2txt": 300.0,
+    "txt2img": 600.0,
+    "img2txt": 300.0,
+}
+
+
+class SchedulerSettings(_Section):
     max_batch_size: int = Field(32, ge=1)
     max_wait_ms: float = Field(0.0, ge=0)
     queue_size: int = Field(10_000, ge=1)
     queue_size_per_model: int = Field(2_000, ge=1)
     critical_reserve: int = Field(64, ge=0)
     aging_seconds: float = Field(10.0, gt=0)
-    default_timeout_seconds: dict[str, float] = Field(
-        default_factory=lambda: {
-            "txt2embed": 60.0,
-            "img2embed": 60.0,
-            "txt2txt": 300.0,
-            "txt2img": 600.0,
-            "img2txt": 300.0,
-        }
-    )
+    default_timeout_seconds: dict[str, float] = Field(default_factory=lambda: dict(_DEFAULT_TIMEOUTS))
+
+    @field_validator("default_timeout_seconds", mode="after")
+    @classmethod
+    def _keep_other_tasks(cls, value: dict[str, float]) -> dict[str, float]:
+        # Setting one task's timeout (YAML or MODELMORA_SCHEDULER__DEFAULT_TIMEOUT_SECONDS__X)
+        # must not drop the other tasks' defaults.
+        return {**_DEFAULT_TIMEOUTS, **value}
 
 
-class JobsSettings(BaseModel):
+class JobsSettings(_Section):
     backend: Literal["sqlite", "redis"] = "sqlite"
     redis_url: str = "redis://127.0.0.1:6379/0"
     max_pending: int = Field(10_000, ge=1)
@@ -88,20 +101,20 @@ class JobsSettings(BaseModel):
     result_ttl_seconds: float = Field(24 * 3600, gt=0)
 
 
-class S3Settings(BaseModel):
+class S3Settings(_Section):
     endpoint_url: str | None = None
     bucket: str | None = None
     prefix: str = "modelmora/"
     presign_seconds: int = Field(3600, ge=1)
 
 
-class ResultsSettings(BaseModel):
+class ResultsSettings(_Section):
     backend: Literal["files", "s3"] = "files"
     inline_max_bytes: int = Field(1 << 20, ge=0)
     s3: S3Settings = Field(default_factory=S3Settings)
 
 
-class LimitsSettings(BaseModel):
+class LimitsSettings(_Section):
     max_request_bytes: int = Field(16 << 20, ge=1)
     max_items: int = Field(256, ge=1)
     max_text_chars: int = Field(100_000, ge=1)
@@ -110,7 +123,7 @@ class LimitsSettings(BaseModel):
     allowed_image_url_hosts: list[str] = Field(default_factory=list)
 
 
-class TelemetrySettings(BaseModel):
+class TelemetrySettings(_Section):
     otlp_endpoint: str | None = None
     service_name: str = "modelmora"
 

@@ -48,7 +48,11 @@ def test_install_from_the_hub_lock_and_reinstall(tmp_path: Path, minilm_dir: Pat
 
 def test_unreachable_sources_fail_cleanly(tmp_path: Path) -> None:
     env = clean_env(tmp_path / "data", MODELMORA_REGISTRY__HUB_ENDPOINT="http://127.0.0.1:9")
-    for args in (["install", "org/some-model"], ["install", "./no/such/folder"], ["install", "x", "--from", "/nope"]):
+    for args in (
+        ["install", "org/some-model"],
+        ["install", "./no/such/folder"],
+        ["install", "x", "--from", "/nope"],
+    ):
         proc = cli(env, *args, check=False)
         assert proc.returncode == 1
         assert "SOURCE_UNAVAILABLE" in proc.stderr and "Traceback" not in proc.stderr
@@ -99,7 +103,9 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
         assert len(workers) == 1
         results: dict[str, httpx.Response] = {}
         slow = threading.Thread(
-            target=lambda: results.setdefault("slow", httpx.post(server.url + "/infer/slow", json={"text": "sleep:1500"}, timeout=30))
+            target=lambda: results.setdefault(
+                "slow", httpx.post(server.url + "/infer/slow", json={"text": "sleep:1500"}, timeout=30)
+            )
         )
         slow.start()
         time.sleep(0.3)

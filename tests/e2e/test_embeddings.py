@@ -72,7 +72,9 @@ def test_embeddings_match_sentence_transformers(server: Server, reference: np.nd
 
 def test_single_string_gives_one_vector_and_normalize(server: Server, reference: np.ndarray) -> None:
     for i, text in enumerate(TEXTS[:6]):
-        r = server.client.post("/infer/all-MiniLM-L6-v2", json={"text": text, "parameters": {"normalize": True}})
+        r = server.client.post(
+            "/infer/all-MiniLM-L6-v2", json={"text": text, "parameters": {"normalize": True}}
+        )
         assert r.status_code == 200, r.text
         vec = np.asarray(r.json()["result"]["embeddings"], dtype=np.float32)
         assert vec.shape == (384,)
@@ -109,9 +111,24 @@ BAD_CASES = [
     ("/api/v1/infer/all-MiniLM-L6-v2", {"input_data": {"text": ""}}, 422, "VALIDATION_ERROR"),
     ("/api/v1/infer/all-MiniLM-L6-v2", {"input_data": {"text": []}}, 422, "VALIDATION_ERROR"),
     ("/api/v1/infer/all-MiniLM-L6-v2", {"input_data": {}}, 422, "VALIDATION_ERROR"),
-    ("/api/v1/infer/all-MiniLM-L6-v2", {"input_data": {"text": "x"}, "priority": "urgent"}, 422, "VALIDATION_ERROR"),
-    ("/api/v1/infer/all-MiniLM-L6-v2", {"input_data": {"text": "x"}, "timeout_seconds": -1}, 422, "VALIDATION_ERROR"),
-    ("/api/v1/infer/all-MiniLM-L6-v2", {"input_data": {"text": "x"}, "parameters": {"normalize": "yes"}}, 422, "VALIDATION_ERROR"),
+    (
+        "/api/v1/infer/all-MiniLM-L6-v2",
+        {"input_data": {"text": "x"}, "priority": "urgent"},
+        422,
+        "VALIDATION_ERROR",
+    ),
+    (
+        "/api/v1/infer/all-MiniLM-L6-v2",
+        {"input_data": {"text": "x"}, "timeout_seconds": -1},
+        422,
+        "VALIDATION_ERROR",
+    ),
+    (
+        "/api/v1/infer/all-MiniLM-L6-v2",
+        {"input_data": {"text": "x"}, "parameters": {"normalize": "yes"}},
+        422,
+        "VALIDATION_ERROR",
+    ),
     ("/api/v1/infer/all-MiniLM-L6-v2", {"input_data": {"text": "x"}, "bogus": 1}, 422, "VALIDATION_ERROR"),
     ("/api/v1/infer/all-MiniLM-L6-v2", {"input_data": {"text": "x" * 5001}}, 422, "INPUT_TOO_LONG"),
     ("/api/v1/infer/all-MiniLM-L6-v2", {"input_data": {"text": ["x"] * 65}}, 422, "TOO_MANY_INPUTS"),
@@ -119,7 +136,12 @@ BAD_CASES = [
     ("/api/v1/infer/..%2F..%2Fetc%2Fpasswd", {"input_data": {"text": "x"}}, 422, "VALIDATION_ERROR"),
     ("/api/v1/infer/bad%20name%21", {"input_data": {"text": "x"}}, 422, "VALIDATION_ERROR"),
     ("/api/v1/infer/" + "a" * 200, {"input_data": {"text": "x"}}, 422, "VALIDATION_ERROR"),
-    ("/api/v1/infer/all-MiniLM-L6-v2", {"input_data": {"text": "x"}, "stream": True}, 422, "VALIDATION_ERROR"),
+    (
+        "/api/v1/infer/all-MiniLM-L6-v2",
+        {"input_data": {"text": "x"}, "stream": True},
+        422,
+        "VALIDATION_ERROR",
+    ),
     ("/infer/all-MiniLM-L6-v2", {"text": None}, 422, "VALIDATION_ERROR"),
     ("/api/v1/models/..%2Fsecret", None, 422, "VALIDATION_ERROR"),
     ("/api/v1/nothing-here", None, 404, "NOT_FOUND"),
@@ -127,7 +149,9 @@ BAD_CASES = [
 
 
 @pytest.mark.parametrize(("path", "body", "status", "code"), BAD_CASES)
-def test_bad_input_gets_one_clear_error(server: Server, path: str, body: object, status: int, code: str) -> None:
+def test_bad_input_gets_one_clear_error(
+    server: Server, path: str, body: object, status: int, code: str
+) -> None:
     if body is None:
         r = server.client.get(path)
     elif isinstance(body, bytes):
@@ -161,11 +185,20 @@ def test_registry_over_rest(server: Server) -> None:
     assert model["state"] == "ready"
     lock = server.client.get("/api/v1/lock").json()
     assert {m["name"] for m in lock["models"]} == {"all-MiniLM-L6-v2", "broken", "slow"}
-    updated = server.client.put("/api/v1/models/slow", json={"config": {"max_batch_size": 4}, "description": "d"})
+    updated = server.client.put(
+        "/api/v1/models/slow", json={"config": {"max_batch_size": 4}, "description": "d"}
+    )
     assert updated.status_code == 200 and updated.json()["config"]["max_batch_size"] == 4
     bad = server.client.put("/api/v1/models/slow", json={"config": {"max_batch_size": "many"}})
     assert bad.status_code == 422 and bad.json()["error_code"] == "VALIDATION_ERROR"
-    again = server.client.post("/api/v1/models", json={"source": model["versions"][0]["path"], "name": "all-MiniLM-L6-v2", "version": model["active_version"]})
+    again = server.client.post(
+        "/api/v1/models",
+        json={
+            "source": model["versions"][0]["path"],
+            "name": "all-MiniLM-L6-v2",
+            "version": model["active_version"],
+        },
+    )
     assert again.status_code == 409 and again.json()["error_code"] == "MODEL_EXISTS"
     missing = server.client.post("/api/v1/models", json={"source": "/does/not/exist", "name": "ghost"})
     assert missing.status_code == 502 and missing.json()["error_code"] == "SOURCE_UNAVAILABLE"

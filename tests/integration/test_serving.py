@@ -47,7 +47,9 @@ def _install(settings: Settings, store: RegistryStore, folder: Path, name: str) 
 
 
 @pytest.fixture
-async def served(settings: Settings, store: RegistryStore, tmp_path: Path) -> AsyncIterator[tuple[InferenceService, ModelManager, CountingFactory]]:
+async def served(
+    settings: Settings, store: RegistryStore, tmp_path: Path
+) -> AsyncIterator[tuple[InferenceService, ModelManager, CountingFactory]]:
     _install(settings, store, make_fake_model(tmp_path / "f1", load_ms=100), "fake")
     factory = CountingFactory()
     manager = ModelManager(settings, store, factory)
@@ -55,7 +57,9 @@ async def served(settings: Settings, store: RegistryStore, tmp_path: Path) -> As
     await manager.shutdown()
 
 
-async def test_concurrent_first_requests_share_one_load(served: tuple[InferenceService, ModelManager, CountingFactory]) -> None:
+async def test_concurrent_first_requests_share_one_load(
+    served: tuple[InferenceService, ModelManager, CountingFactory],
+) -> None:
     svc, manager, factory = served
     results = await asyncio.gather(*(svc.infer("fake", {"text": f"t{i}"}) for i in range(8)))
     assert len(factory.runners) == 1
@@ -63,7 +67,9 @@ async def test_concurrent_first_requests_share_one_load(served: tuple[InferenceS
     assert manager.slots["fake"].state.value == "ready"
 
 
-async def test_requests_queued_behind_a_busy_worker_are_batched(served: tuple[InferenceService, ModelManager, CountingFactory]) -> None:
+async def test_requests_queued_behind_a_busy_worker_are_batched(
+    served: tuple[InferenceService, ModelManager, CountingFactory],
+) -> None:
     svc, _manager, _factory = served
     await svc.infer("fake", {"text": "warm"})
     blocker = asyncio.ensure_future(svc.infer("fake", {"text": "sleep:300"}))
@@ -75,7 +81,9 @@ async def test_requests_queued_behind_a_busy_worker_are_batched(served: tuple[In
     assert all(r["timing"]["queue_time_ms"] > 0 for r in burst)
 
 
-async def test_priority_decides_who_goes_first(served: tuple[InferenceService, ModelManager, CountingFactory], settings: Settings) -> None:
+async def test_priority_decides_who_goes_first(
+    served: tuple[InferenceService, ModelManager, CountingFactory], settings: Settings
+) -> None:
     svc, manager, _ = served
     manager.settings.scheduler.max_batch_size = 1
     await svc.infer("fake", {"text": "warm"})
@@ -97,7 +105,9 @@ async def test_priority_decides_who_goes_first(served: tuple[InferenceService, M
     assert order[0] == "critical"
 
 
-async def test_deadline_passes_while_queued(served: tuple[InferenceService, ModelManager, CountingFactory]) -> None:
+async def test_deadline_passes_while_queued(
+    served: tuple[InferenceService, ModelManager, CountingFactory],
+) -> None:
     svc, _, _ = served
     await svc.infer("fake", {"text": "warm"})
     blocker = asyncio.ensure_future(svc.infer("fake", {"text": "sleep:400"}))
@@ -108,7 +118,9 @@ async def test_deadline_passes_while_queued(served: tuple[InferenceService, Mode
     await blocker
 
 
-async def test_disconnected_client_is_dropped_before_it_runs(served: tuple[InferenceService, ModelManager, CountingFactory]) -> None:
+async def test_disconnected_client_is_dropped_before_it_runs(
+    served: tuple[InferenceService, ModelManager, CountingFactory],
+) -> None:
     svc, manager, _ = served
     await svc.infer("fake", {"text": "warm"})
     blocker = asyncio.ensure_future(svc.infer("fake", {"text": "sleep:300"}))
@@ -125,7 +137,9 @@ async def test_disconnected_client_is_dropped_before_it_runs(served: tuple[Infer
     await blocker
 
 
-async def test_crash_fails_queued_requests_and_the_next_request_reloads(served: tuple[InferenceService, ModelManager, CountingFactory]) -> None:
+async def test_crash_fails_queued_requests_and_the_next_request_reloads(
+    served: tuple[InferenceService, ModelManager, CountingFactory],
+) -> None:
     svc, manager, factory = served
     await svc.infer("fake", {"text": "warm"})
     blocker = asyncio.ensure_future(svc.infer("fake", {"text": "sleep:300"}))
@@ -161,7 +175,9 @@ async def test_load_failure_backs_off_and_other_models_keep_serving(
         await manager.shutdown()
 
 
-async def test_unknown_model_and_bad_input(served: tuple[InferenceService, ModelManager, CountingFactory]) -> None:
+async def test_unknown_model_and_bad_input(
+    served: tuple[InferenceService, ModelManager, CountingFactory],
+) -> None:
     svc, _, factory = served
     with pytest.raises(ModelMoraError) as exc:
         await svc.infer("missing", {"text": "x"})
@@ -172,7 +188,9 @@ async def test_unknown_model_and_bad_input(served: tuple[InferenceService, Model
     assert factory.runners == []  # rejected before any load
 
 
-async def test_process_worker_killed_mid_burst(settings: Settings, store: RegistryStore, tmp_path: Path) -> None:
+async def test_process_worker_killed_mid_burst(
+    settings: Settings, store: RegistryStore, tmp_path: Path
+) -> None:
     """A real worker process dies under a burst: every request ends, the next one succeeds."""
     _install(settings, store, make_fake_model(tmp_path / "p"), "p")
     manager = ModelManager(settings, store, process_runner_factory)

@@ -15,7 +15,11 @@ from modelmora.registry.store import RegistryStore
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RegistryStore]:
-    url = f"sqlite:///{tmp_path / 'reg.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    url = (
+        f"sqlite:///{tmp_path / 'reg.db'}"
+        if request.param == "sqlite"
+        else request.getfixturevalue("postgres_url")
+    )
     s = RegistryStore(url)
     s.drop_schema()
     s.create_schema()

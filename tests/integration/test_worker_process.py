@@ -33,18 +33,18 @@ async def test_minilm_matches_sentence_transformers(minilm_path: Path) -> None:
     loaded = await runner.start(LoadSpec(str(minilm_path), "txt2embed", device="cpu"), timeout=120)
     try:
         assert loaded.device == "cpu" and loaded.dtype == "float32" and loaded.info["dim"] == 384
-        done = await runner.infer(
-            [WorkItem("a", texts), WorkItem("b", [long_text], {"normalize": True})]
-        )
+        done = await runner.infer([WorkItem("a", texts), WorkItem("b", [long_text], {"normalize": True})])
     finally:
         await runner.close(grace=5)
     first, second = done.outcomes
     assert isinstance(first, ItemOk) and isinstance(second, ItemOk)
-    reference = SentenceTransformer(str(minilm_path), device="cpu").encode(texts + [long_text])
+    reference = SentenceTransformer(str(minilm_path), device="cpu").encode([*texts, long_text])
     got = np.vstack([first.value, second.value])
     cos = (got * reference).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(reference, axis=1))
     assert cos.min() >= 0.9999
-    np.testing.assert_allclose(np.linalg.norm(first.value, axis=1), np.linalg.norm(reference[:4], axis=1), rtol=1e-4)
+    np.testing.assert_allclose(
+        np.linalg.norm(first.value, axis=1), np.linalg.norm(reference[:4], axis=1), rtol=1e-4
+    )
     assert abs(np.linalg.norm(second.value) - 1.0) < 1e-5
     assert first.meta["truncated"] == 0 and second.meta["truncated"] == 1
 
@@ -54,8 +54,12 @@ async def test_bad_inputs_fail_alone_and_the_worker_lives(fake_model_dir: Path) 
     await runner.start(LoadSpec(str(fake_model_dir), "txt2embed", adapter="fake"), timeout=30)
     try:
         done = await runner.infer(
-            [WorkItem("ok1", ["hello"]), WorkItem("bad", ["fail:me"]), WorkItem("boom", ["crash:batch"]),
-             WorkItem("ok2", ["world"])]
+            [
+                WorkItem("ok1", ["hello"]),
+                WorkItem("bad", ["fail:me"]),
+                WorkItem("boom", ["crash:batch"]),
+                WorkItem("ok2", ["world"]),
+            ]
         )
         kinds = [type(o).__name__ for o in done.outcomes]
         assert kinds == ["ItemOk", "ItemError", "ItemError", "ItemOk"]
@@ -100,8 +104,9 @@ async def test_sigkill_of_the_worker_is_noticed(fake_model_dir: Path) -> None:
     ("options", "path", "fragment"),
     [({"fail_load": True}, None, "asked to fail"), ({}, "/nonexistent/model", "nonexistent")],
 )
-async def test_load_failures_are_reported(fake_model_dir: Path, minilm_path: Path, options: dict[str, object],
-                                          path: str | None, fragment: str) -> None:
+async def test_load_failures_are_reported(
+    fake_model_dir: Path, minilm_path: Path, options: dict[str, object], path: str | None, fragment: str
+) -> None:
     runner = _runner()
     adapter = "fake" if path is None else None
     spec = LoadSpec(path or str(fake_model_dir), "txt2embed", adapter=adapter, options=options)

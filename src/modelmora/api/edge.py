@@ -68,7 +68,9 @@ class EdgeMiddleware:
         try:
             path: str = scope["path"]
             if self.is_draining() and not path.startswith(_ALWAYS_OPEN):
-                await reject(ModelMoraError(ErrorCode.SHUTTING_DOWN, "the server is shutting down", retry_after=5))
+                await reject(
+                    ModelMoraError(ErrorCode.SHUTTING_DOWN, "the server is shutting down", retry_after=5)
+                )
                 return
             length = headers.get(b"content-length")
             if length is not None and length.isdigit() and int(length) > self.max_body:
@@ -77,9 +79,9 @@ class EdgeMiddleware:
             ctype = headers.get(b"content-type", b"")
             if scope["method"] in ("POST", "PUT") and (not ctype or ctype.startswith(_FORM)):
                 # `curl -d '{...}'` sends a form content type; every body here is JSON.
-                scope["headers"] = [
-                    (k, v) for k, v in scope["headers"] if k != b"content-type"
-                ] + [(b"content-type", b"application/json")]
+                scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-type"] + [
+                    (b"content-type", b"application/json")
+                ]
             received = 0
 
             async def limited_receive() -> Message:
@@ -101,7 +103,9 @@ class EdgeMiddleware:
             except Exception as exc:  # a bug: answer in the one error shape, with the trace id
                 log.exception("unhandled error", extra={"path": path})
                 if not started:
-                    await reject(ModelMoraError(ErrorCode.INTERNAL_ERROR, f"internal error: {type(exc).__name__}"))
+                    await reject(
+                        ModelMoraError(ErrorCode.INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
+                    )
             finally:
                 self.counter.inflight -= 1
         finally:

@@ -161,7 +161,12 @@ def build_router() -> APIRouter:
             everything = [d for d in map(mm.registry.describe, records) if d["state"] == status]
             total = len(everything)
             data = everything[(page - 1) * page_size : page * page_size]
-        meta = {"total": total, "page": page, "page_size": page_size, "total_pages": math.ceil(total / page_size)}
+        meta = {
+            "total": total,
+            "page": page,
+            "page_size": page_size,
+            "total_pages": math.ceil(total / page_size),
+        }
         return JSON({"data": data, "meta": meta})
 
     @r.get("/api/v1/models/{name:path}", tags=["registry"], responses=_ERRORS)
@@ -231,7 +236,9 @@ def build_router() -> APIRouter:
         mm = _mm(request)
         ok = mm.ready and not mm.draining
         reason = "draining" if mm.draining else ("starting" if not mm.ready else None)
-        return JSON({"status": "ready" if ok else "not_ready", "reason": reason}, status_code=200 if ok else 503)
+        return JSON(
+            {"status": "ready" if ok else "not_ready", "reason": reason}, status_code=200 if ok else 503
+        )
 
     @r.get("/health/models", tags=["health"])
     async def models_health(request: Request) -> Response:
@@ -266,8 +273,10 @@ def create_rest_app(mm: ModelMora) -> FastAPI:
             for e in exc.errors()
         ]
         malformed = any(e.get("type") == "json_invalid" for e in exc.errors())
-        message = "malformed JSON body" if malformed else "invalid request: " + "; ".join(
-            f"{e['field']}: {e['message']}" for e in errors[:5]
+        message = (
+            "malformed JSON body"
+            if malformed
+            else "invalid request: " + "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
         )
         return _error(ModelMoraError(ErrorCode.VALIDATION_ERROR, message, {"errors": errors}))
 

@@ -36,7 +36,7 @@ def parse_priority(value: str | int | None) -> Priority:
     key = str(value).strip().lower()
     if key in _NAMES:
         return _NAMES[key]
-    if key.isdigit():
+    if key.isascii() and key.isdigit():  # not "²" or "٣": int() rejects or misreads those
         return parse_priority(int(key))
     raise _bad_priority(value)
 
@@ -65,6 +65,7 @@ class RequestQueue:
     def __init__(self, aging_seconds: float = 10.0) -> None:
         self._levels: tuple[deque[Entry], ...] = tuple(deque() for _ in Priority)
         self._aging = aging_seconds
+        self._queued: set[Entry] = set()  # pushed, neither popped nor cancelled
         self._live = 0  # entries neither popped nor cancelled
         self._items = 0  # inputs of live entries
 
@@ -80,13 +81,16 @@ class RequestQueue:
 
     def push(self, entry: Entry) -> None:
         self._levels[entry.priority - 1].append(entry)
+        self._queued.add(entry)
         self._live += 1
         self._items += entry.size
 
     def cancel(self, entry: Entry) -> bool:
         """Mark an entry dead; it is dropped when it reaches the head. False if already gone."""
-        if entry.cancelled:
+        # An entry already popped (in flight) or never pushed is not ours to count down.
+        if entry.cancelled or entry not in self._queued:
             return False
+        self._queued.discard(entry)
         entry.cancelled = True
         self._live -= 1
         self._items -= entry.size
@@ -119,6 +123,7 @@ class RequestQueue:
         if index is None:
             return None
         entry = self._levels[index].popleft()
+        self._queued.discard(entry)
         self._live -= 1
         self._items -= entry.size
         return entry

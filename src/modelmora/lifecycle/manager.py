@@ -44,6 +44,9 @@ class ModelSlot:
     load_task: asyncio.Task[None] | None = None
     event_handlers: dict[str, Callable[[Event], None]] = field(default_factory=dict)
 
+    def is_ready(self) -> bool:
+        return self.state is ModelState.READY
+
     def status(self, now: float) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -116,7 +119,9 @@ class ModelManager:
     async def _ensure_loaded(self, name: str, record: ModelRecord | None) -> ModelSlot:
         slot = self.slots.get(name)
         if slot is None:
-            slot = ModelSlot(name, record or await asyncio.to_thread(self.store.get, name))
+            if record is None:
+                record = await asyncio.to_thread(self.store.get, name)
+            slot = ModelSlot(name, record)
             self.slots[name] = slot
         while slot.state is not ModelState.READY:
             if slot.load_task is None:
@@ -132,7 +137,7 @@ class ModelManager:
             task = slot.load_task
             # Shield: a caller that gives up must not cancel the load others wait for.
             await asyncio.shield(task)
-            if slot.state is not ModelState.READY:
+            if not slot.is_ready():
                 raise ModelMoraError(
                     ErrorCode.MODEL_LOAD_FAILED,
                     f"model {name!r} failed to load: {slot.error}",

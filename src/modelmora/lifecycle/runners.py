@@ -16,7 +16,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import psutil
 
@@ -95,16 +95,18 @@ class _Pending:
         self.load = None
 
     def resolve(self, message: object) -> None:
+        fut: asyncio.Future[Any] | None
         if isinstance(message, BatchDone):
             fut = self.batches.pop(message.batch_id, None)
         elif isinstance(message, Healthy):
-            fut = self.health.pop(message.nonce, None)  # type: ignore[assignment]
+            fut = self.health.pop(message.nonce, None)
         elif isinstance(message, Loaded | LoadFailed):
-            fut, self.load = self.load, None  # type: ignore[assignment]
+            fut, self.load = self.load, None
         else:
             return
+        reply: Any = message  # the future's type was matched by the branch above
         if fut is not None and not fut.done():
-            fut.set_result(message)
+            fut.set_result(reply)
 
 
 async def _expect_loaded(fut: asyncio.Future[Loaded | LoadFailed], timeout: float) -> Loaded:
@@ -275,7 +277,10 @@ class InProcessRunner:
         self.name = name
         self._on_exit = on_exit
         self._loop = asyncio.get_event_loop()
-        self._core = WorkerCore(emit=lambda ev: self._loop.call_soon_threadsafe(on_event, ev))
+        def emit(event: Event) -> None:
+            self._loop.call_soon_threadsafe(on_event, event)
+
+        self._core = WorkerCore(emit=emit)
         self._alive = False
         self._lock = asyncio.Lock()  # one batch at a time, as in a worker process
 

@@ -33,7 +33,6 @@ from modelmora.lifecycle.channel import (
     Healthy,
     Infer,
     ItemError,
-    ItemOk,
     Load,
     Loaded,
     LoadFailed,
@@ -79,12 +78,12 @@ class WorkerCore:
                 first = done.outcomes[0]
                 if isinstance(first, ItemError):
                     self.adapter = None
-                    return LoadFailed(f"health check failed: {first.message}", {"health_check": first.details})
-        except Exception as exc:  # noqa: BLE001 - any load failure is reported, not raised
+                    return LoadFailed(
+                        f"health check failed: {first.message}", {"health_check": first.details}
+                    )
+        except Exception as exc:
             self.adapter = None
-            return LoadFailed(
-                f"{type(exc).__name__}: {exc}", {"traceback": traceback.format_exc(limit=8)}
-            )
+            return LoadFailed(f"{type(exc).__name__}: {exc}", {"traceback": traceback.format_exc(limit=8)})
         return Loaded(
             device=adapter.device,
             dtype=adapter.dtype,
@@ -123,7 +122,7 @@ class WorkerCore:
             prepared = adapter.preprocess(items)
             output = adapter.forward(prepared, emit)
             outcomes = adapter.postprocess(output, items)
-        except Exception as exc:  # noqa: BLE001 - the whole batch fails, the worker lives on
+        except Exception as exc:
             log.exception("batch failed")
             if len(items) > 1:
                 # One poisoned input must not fail its neighbours: retry each alone.

@@ -12,6 +12,7 @@ from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from modelmora.errors import ErrorCode, ModelMoraError
 
@@ -86,7 +87,8 @@ def derive_name(model_id: str | None, source: str | None = None) -> str:
     if source and not model_id:
         base = source.rstrip("/")
         if "://" in base:
-            base = base.split("://", 1)[1]
+            parts = urlsplit(base)  # drop the scheme, and any ?query or #fragment after the file
+            base = (parts.netloc + parts.path).rstrip("/")
     last = base.rsplit("/", 1)[-1]
     for suffix in (".tar.gz", ".tgz", ".tar", ".zip"):
         if last.endswith(suffix):
@@ -163,7 +165,10 @@ def detect_task(model_id: str | None, meta: ModelMetadata) -> TaskType | None:
         return TaskType.TXT2IMG  # a diffusers pipeline
     if "modules.json" in meta.files or "config_sentence_transformers.json" in meta.files:
         archs = " ".join(meta.config.get("architectures") or [])
-        return TaskType.IMG2EMBED if "CLIP" in archs else TaskType.TXT2EMBED
+        # sentence-transformers' CLIP keeps its config in a module folder ("0_CLIPModel/"),
+        # so the root config.json (when any) need not name it.
+        clip_module = any(f.split("/", 1)[0].endswith("CLIPModel") for f in meta.files if "/" in f)
+        return TaskType.IMG2EMBED if "CLIP" in archs or clip_module else TaskType.TXT2EMBED
     if meta.pipeline_tag and meta.pipeline_tag in PIPELINE_TAG_TASKS:
         return PIPELINE_TAG_TASKS[meta.pipeline_tag]
     if meta.library_name == "sentence-transformers":

@@ -15,7 +15,6 @@ from typing import Any
 
 from modelmora.config import Settings
 from modelmora.errors import ErrorCode, ModelMoraError
-from modelmora.registry import sources
 from modelmora.registry.catalog import (
     CONFIG_KEYS,
     ModelRecord,
@@ -70,7 +69,9 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def install(settings: Settings, store: RegistryStore, req: InstallRequest, progress: bool = False) -> ModelRecord:
+def install(
+    settings: Settings, store: RegistryStore, req: InstallRequest, progress: bool = False
+) -> ModelRecord:
     if req.model_id is None and req.source is None:
         raise _bad("model_id", "a model ID or a source is required")
     if req.source is None and req.model_id is not None and not is_hub_id(req.model_id):
@@ -90,6 +91,8 @@ def install(settings: Settings, store: RegistryStore, req: InstallRequest, progr
         raise ModelMoraError(
             ErrorCode.MODEL_EXISTS, f"model {name}@{req.version} is already installed", {"model": name}
         )
+
+    from modelmora.registry import sources  # huggingface_hub: only when installing
 
     staging = settings.models_dir / ".staging"
     staging.mkdir(parents=True, exist_ok=True)
@@ -174,7 +177,9 @@ def lock_entries(records: list[ModelRecord]) -> list[LockEntry]:
     return entries
 
 
-def install_from_lock_entry(settings: Settings, store: RegistryStore, entry: LockEntry, progress: bool) -> str:
+def install_from_lock_entry(
+    settings: Settings, store: RegistryStore, entry: LockEntry, progress: bool
+) -> str:
     """Install one lock entry, verifying every checksum. Returns 'installed' or 'present'."""
     existing = store.find(entry.name)
     if existing is not None:

@@ -23,12 +23,12 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 
 def gpu_bytes() -> int:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         return int(torch.cuda.memory_reserved())
     return 0
 
 
 def release_gpu() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         torch.cuda.synchronize()
         torch.cuda.empty_cache()

@@ -59,7 +59,7 @@ class SentenceEmbedder:
     def preprocess(self, items: list[WorkItem]) -> tuple[dict[str, Any], list[bool]]:
         texts = [t for item in items for t in item.inputs]
         features = self._preprocess(texts)
-        return batch_to_device(features, self.device), self._truncated(texts)
+        return batch_to_device(features, torch.device(self.device)), self._truncated(texts)
 
     def forward(self, prepared: tuple[dict[str, Any], list[bool]], emit: EmitFn) -> tuple[Any, list[bool]]:
         assert self.model is not None
@@ -85,5 +85,8 @@ class SentenceEmbedder:
 
     def info(self) -> dict[str, Any]:
         assert self.model is not None
-        dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        dim = (
+            getattr(self.model, "get_embedding_dimension", None)
+            or self.model.get_sentence_embedding_dimension
+        )
         return {"dim": dim(), "max_tokens": self.max_tokens}
