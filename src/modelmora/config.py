@@ -20,9 +20,27 @@ from pydantic_settings import (
 DEFAULT_CONFIG_FILE = "modelmora.yaml"
 
 
+def _drop_empty_sections(model: type[BaseModel], data: Any) -> Any:
+    """A YAML section whose keys are all commented out (`registry:` alone, as `modelmora init`
+    writes it) reads as null: take it as an empty section, not as an error."""
+    if not isinstance(data, dict):
+        return data
+    sections = {
+        name
+        for name, info in model.model_fields.items()
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)
+    }
+    return {k: v for k, v in data.items() if not (v is None and k in sections)}
+
+
 class _Section(BaseModel):
     # A misspelt key (`server.prot`) is an error, not a silently ignored setting.
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, data: Any) -> Any:
+        return _drop_empty_sections(cls, data)
 
 
 class ServerSettings(_Section):
@@ -111,7 +129,7 @@ class S3Settings(_Section):
 class ResultsSettings(_Section):
     backend: Literal["files", "s3"] = "files"
     inline_max_bytes: int = Field(1 << 20, ge=0)
-    s3: S3Settings = Field(default_factory=S3Settings)
+    s3: S3Settings = Field(default_factory=S3Settings)  # type: ignore[arg-type]
 
 
 class LimitsSettings(_Section):
@@ -145,6 +163,11 @@ class Settings(BaseSettings):
     results: ResultsSettings = Field(default_factory=ResultsSettings)  # type: ignore[arg-type]
     limits: LimitsSettings = Field(default_factory=LimitsSettings)  # type: ignore[arg-type]
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, data: Any) -> Any:
+        return _drop_empty_sections(cls, data)
 
     # Set per load by `load_settings` on a throwaway subclass: pydantic-settings builds its
     # sources from the class, not the instance.

@@ -207,3 +207,36 @@ def test_settings_are_not_shared_between_loads(clean: Path) -> None:
     a = load_settings(write_yaml(clean / "a.yaml", "server:\n  port: 1\n"))
     b = load_settings()
     assert (a.server.port, b.server.port) == (1, 8000)
+
+
+@pytest.mark.parametrize(
+    "yaml",
+    [
+        "",  # an empty file
+        "registry:\n  # database_url: x\n",  # a section with every key commented out
+        "results:\n  s3:\n",
+        "server:\nscheduler:\n  max_batch_size: 4\n",
+    ],
+)
+def test_empty_sections_are_empty_not_errors(clean: Path, yaml: str) -> None:
+    s = load_settings(write_yaml(clean / "c.yaml", yaml))
+    assert s.registry.database_url is None
+    assert s.results.s3.prefix == "modelmora/"
+    assert s.server.port == 8000
+
+
+def test_a_null_value_is_still_an_error(clean: Path) -> None:
+    with pytest.raises(ValidationError):
+        load_settings(write_yaml(clean / "c.yaml", "server:\n  port:\n"))
+
+
+def test_the_file_modelmora_init_writes_loads(clean: Path) -> None:
+    from typer.testing import CliRunner
+
+    from modelmora.cli import app
+
+    result = CliRunner().invoke(app, ["init", DEFAULT_CONFIG_FILE])
+    assert result.exit_code == 0, result.output
+    s = load_settings()  # ./modelmora.yaml, as `modelmora serve` reads it
+    assert s.server.port == 8000
+    assert s.scheduler.max_batch_size == 32

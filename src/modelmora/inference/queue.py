@@ -129,8 +129,6 @@ class RequestQueue:
         return entry
 
     def oldest_arrival(self) -> float | None:
-        arrivals = [
-            next((e.arrival for e in level if not e.cancelled), None) for level in self._levels
-        ]
+        arrivals = [next((e.arrival for e in level if not e.cancelled), None) for level in self._levels]
         live = [a for a in arrivals if a is not None]
         return min(live) if live else None

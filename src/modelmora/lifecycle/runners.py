@@ -277,6 +277,7 @@ class InProcessRunner:
         self.name = name
         self._on_exit = on_exit
         self._loop = asyncio.get_event_loop()
+
         def emit(event: Event) -> None:
             self._loop.call_soon_threadsafe(on_event, event)
 

@@ -204,7 +204,6 @@ def main(argv: list[str] | None = None) -> None:
         stream=sys.stderr,
     )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # files are local; never reach out at load
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sock = socket.socket(fileno=args.fd)
     try:
         _serve(sock)

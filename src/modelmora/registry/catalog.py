@@ -164,11 +164,11 @@ def detect_task(model_id: str | None, meta: ModelMetadata) -> TaskType | None:
     if "model_index.json" in meta.files:
         return TaskType.TXT2IMG  # a diffusers pipeline
     if "modules.json" in meta.files or "config_sentence_transformers.json" in meta.files:
-        archs = " ".join(meta.config.get("architectures") or [])
+        arch_names = " ".join(meta.config.get("architectures") or [])
         # sentence-transformers' CLIP keeps its config in a module folder ("0_CLIPModel/"),
         # so the root config.json (when any) need not name it.
         clip_module = any(f.split("/", 1)[0].endswith("CLIPModel") for f in meta.files if "/" in f)
-        return TaskType.IMG2EMBED if "CLIP" in archs or clip_module else TaskType.TXT2EMBED
+        return TaskType.IMG2EMBED if "CLIP" in arch_names or clip_module else TaskType.TXT2EMBED
     if meta.pipeline_tag and meta.pipeline_tag in PIPELINE_TAG_TASKS:
         return PIPELINE_TAG_TASKS[meta.pipeline_tag]
     if meta.library_name == "sentence-transformers":

@@ -73,7 +73,9 @@ def _no_unknown(params: dict[str, Any], allowed: set[str]) -> None:
         )
 
 
-def parse_txt2embed(input_data: dict[str, Any], params: dict[str, Any], limits: LimitsSettings) -> ParsedInput:
+def parse_txt2embed(
+    input_data: dict[str, Any], params: dict[str, Any], limits: LimitsSettings
+) -> ParsedInput:
     texts, single = _texts(input_data.get("text"), "input_data.text", limits)
     _no_unknown(params, {"normalize"})
     return ParsedInput(texts, {"normalize": _bool(params, "normalize", False)}, single)
