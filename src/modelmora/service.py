@@ -20,8 +20,9 @@ from modelmora.inference.queue import parse_priority
 from modelmora.inference.scheduler import Completed
 from modelmora.lifecycle.channel import WorkItem
 from modelmora.lifecycle.manager import ModelManager
-from modelmora.registry.catalog import ModelRecord, ModelState, parse_ref
+from modelmora.registry.catalog import ModelRecord, ModelState, validate_name
 from modelmora.registry.store import RegistryStore
+from modelmora.tasks.base import SAMPLE_INPUTS
 from modelmora.tasks.inputs import parse_input
 
 
@@ -44,7 +45,7 @@ class InferenceService:
         """Validate, queue, wait; returns the common response (results may hold numpy
         arrays: the REST layer serialises them without a copy through orjson)."""
         received = self.manager.clock()
-        name, _version = parse_ref(name)
+        validate_name(name)  # also refuses NAME@VERSION: the active version serves
         record = await self.manager.record(name)
         parsed = parse_input(record.task_type.value, input_data, parameters or {}, self.settings.limits)
         level = parse_priority(priority)
@@ -86,6 +87,17 @@ class InferenceService:
                 "total_time_ms": round(total_ms, 3),
             },
         }
+
+    async def warmup(self, name: str) -> dict[str, Any]:
+        """Load the model and run the task's built-in sample through the real path (queue,
+        batcher, worker), so the first user request meets warm caches."""
+        record = await self.manager.record(validate_name(name))
+        sample = SAMPLE_INPUTS.get(record.task_type.value)
+        if sample is None:
+            await self.manager.load(name)
+            return {"name": name, "warmed": False}
+        response = await self.infer(name, {"text": sample.inputs}, dict(sample.params))
+        return {"name": name, "warmed": True, "timing": response["timing"]}
 
 
 def _is_done(aw: Awaitable[Any]) -> bool:
@@ -139,6 +151,25 @@ class RegistryService:
         live = self.live_state(record.name)
         state = live["state"] if live else ModelState.REGISTERED.value
         return model_to_dict(record, state, live)
+
+    def verify(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """Hash the installed files again and compare with the registry (the `download` op:
+        files are fetched at install, so this proves they are still there and intact)."""
+        from modelmora.registry.lockfile import diff_files
+        from modelmora.registry.sources import hash_folder
+
+        record = self.store.get(name)
+        v = record.version(version)
+        path = Path(v.path)
+        actual = hash_folder(path) if path.is_dir() else {}
+        diff = diff_files(v.files, actual)
+        if any(diff.values()):
+            raise ModelMoraError(
+                ErrorCode.CHECKSUM_MISMATCH,
+                f"the files of {name}@{v.version} differ from the registry; reinstall it",
+                {"model": name, "version": v.version, "path": str(path), **diff},
+            )
+        return {"name": name, "version": v.version, "verified": True, "files": len(actual)}
 
     async def delete(self, name: str, version: str | None, force: bool) -> ModelRecord:
         record = await asyncio.to_thread(self.store.get, name)

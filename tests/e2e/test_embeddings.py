@@ -220,3 +220,24 @@ def test_cli_sees_the_live_state_and_writes_the_lock(server: Server, module_tmp:
     assert refused.returncode == 1 and "MODEL_LOADED" in refused.stderr
     health = cli(server.env, "--url", server.url, "health")
     assert "ready" in health.stdout
+
+
+def test_warmup_download_and_explicit_unload(server: Server) -> None:
+    warm = server.client.post("/api/v1/models/all-MiniLM-L6-v2/warmup")
+    assert warm.status_code == 200 and warm.json()["warmed"] is True
+    verified = server.client.post("/api/v1/models/all-MiniLM-L6-v2/download").json()
+    assert verified["verified"] is True and verified["files"] >= 10
+    pinned = server.client.post("/infer/all-MiniLM-L6-v2@v1", json={"text": "x"})
+    assert pinned.status_code == 422 and pinned.json()["error_code"] == "VALIDATION_ERROR"
+
+    known = {m["name"] for m in server.client.get("/health/models").json()["models"]}
+    assert "slow" not in known  # never used: never loaded
+    loaded = cli(server.env, "--url", server.url, "load", "slow")
+    assert "ready" in loaded.stdout
+    unloaded = cli(server.env, "--url", server.url, "unload", "slow")
+    assert "unloaded" in unloaded.stdout
+    state = next(m for m in server.client.get("/health/models").json()["models"] if m["name"] == "slow")
+    assert state["state"] == "unloaded" and state["pid"] is None
+    status = server.client.get("/api/v1/status").json()
+    assert status["ready"] is True and status["workers"] >= 1
+    assert server.client.post("/infer/slow", json={"text": "reloads"}).status_code == 200

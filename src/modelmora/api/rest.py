@@ -221,6 +221,16 @@ def build_router() -> APIRouter:
         unloaded = await mm.manager.unload(name, "requested", force=force)
         return JSON({"name": name, "unloaded": unloaded})
 
+    @r.post("/api/v1/models/{name}/warmup", tags=["management"], responses=_ERRORS)
+    async def warmup_model(request: Request, name: str) -> Response:
+        return JSON(await _mm(request).inference.warmup(name))
+
+    @r.post("/api/v1/models/{name}/download", tags=["registry"], responses=_ERRORS)
+    async def download_model(request: Request, name: str, version: str | None = None) -> Response:
+        """Files are fetched at install; this verifies they are present and intact."""
+        mm = _mm(request)
+        return JSON(await asyncio.to_thread(mm.registry.verify, validate_name(name), version))
+
     @r.get("/api/v1/status", tags=["management"])
     async def status(request: Request) -> Response:
         return JSON(_mm(request).status())
