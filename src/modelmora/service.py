@@ -59,7 +59,11 @@ class InferenceService:
             if scheduler is None:  # the worker died between load and use
                 raise ModelMoraError(ErrorCode.WORKER_DIED, f"the worker of {name!r} is gone")
             entry = scheduler.submit(item, level, deadline)
-            done = await _wait(entry.payload.future, deadline - self.manager.clock(), disconnected)
+            try:
+                done = await _wait(entry.payload.future, deadline - self.manager.clock(), disconnected)
+            except asyncio.CancelledError:  # the handler itself was cancelled: drop the work
+                scheduler.withdraw(entry)
+                raise
             if done is None:
                 scheduler.withdraw(entry)
                 if disconnected is not None and _is_done(disconnected):

@@ -247,7 +247,9 @@ class ModelManager:
         slot.refs -= 1
         return slot
 
-    async def unload(self, name: str, reason: str = "requested", force: bool = False) -> bool:
+    async def unload(
+        self, name: str, reason: str = "requested", force: bool = False, code: ErrorCode = ErrorCode.CANCELLED
+    ) -> bool:
         slot = self.slots.get(name)
         if slot is None or slot.runner is None:
             return False
@@ -259,7 +261,7 @@ class ModelManager:
         slot.runner, slot.scheduler = None, None
         self._transition(slot, ModelState.UNLOADING, reason)
         if scheduler is not None:
-            await scheduler.stop(ModelMoraError(ErrorCode.CANCELLED, f"model {name!r} was unloaded"))
+            await scheduler.stop(ModelMoraError(code, f"model {name!r} was unloaded: {reason}"))
         await runner.close(self.settings.lifecycle.unload_grace_seconds)
         slot.loaded = None
         self._transition(slot, ModelState.UNLOADED, reason)
@@ -279,4 +281,4 @@ class ModelManager:
         self._closing = True
         for name in list(self.slots):
             with contextlib.suppress(Exception):
-                await self.unload(name, "server shutdown", force=True)
+                await self.unload(name, "server shutdown", force=True, code=ErrorCode.SHUTTING_DOWN)

@@ -202,7 +202,7 @@ class ProcessRunner:
         proc = self._proc
         if proc is not None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(proc.wait(), 2.0)
+                await asyncio.wait_for(proc.wait(), 0.5)  # only to name the exit status
             if proc.returncode is not None:
                 reason = _describe_exit(proc.returncode)
         self._pending.fail_all(_died(reason))
