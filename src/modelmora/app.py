@@ -19,6 +19,7 @@ from modelmora import __version__
 from modelmora.config import Settings
 from modelmora.lifecycle.manager import ModelManager
 from modelmora.lifecycle.runners import RunnerFactory, process_runner_factory
+from modelmora.lifecycle.spare import SparePool
 from modelmora.registry.store import RegistryStore
 from modelmora.service import InferenceService, RegistryService
 
@@ -31,7 +32,8 @@ class ModelMora:
     def __init__(self, settings: Settings, runner_factory: RunnerFactory = process_runner_factory) -> None:
         self.settings = settings
         self.store = RegistryStore(settings.database_url)
-        self.manager = ModelManager(settings, self.store, runner_factory)
+        spares = SparePool(settings.resources.warm_spare and runner_factory is process_runner_factory)
+        self.manager = ModelManager(settings, self.store, runner_factory, spares=spares)
         self.inference = InferenceService(settings, self.manager)
         self.registry = RegistryService(settings, self.store, self.manager)
         self.ready = False
@@ -50,6 +52,7 @@ class ModelMora:
     async def start(self) -> None:
         self.settings.server.data_dir.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(self.store.create_schema)
+        await self.manager.start()
         for name in self.settings.lifecycle.preload:
             try:
                 await self.manager.load(name)
@@ -92,6 +95,8 @@ class ModelMora:
             "queued": self.manager.admission.queued,
             "models": models,
             "workers": sum(1 for m in models if m["pid"] is not None),
+            "memory": self.manager.memory_status(),
+            "counters": dict(self.manager.counters),
         }
 
 

@@ -39,6 +39,7 @@ class InferenceService:
         *,
         priority: str | int | None = None,
         timeout_seconds: float | None = None,
+        keep_alive: float | None = None,
         trace_id: str | None = None,
         disconnected: Awaitable[Any] | None = None,
     ) -> dict[str, Any]:
@@ -54,7 +55,7 @@ class InferenceService:
         )
         deadline = received + timeout
         item = WorkItem(uuid.uuid4().hex, parsed.inputs, parsed.params, trace_id)
-        async with self.manager.use(name, record) as slot:
+        async with self.manager.use(name, record, deadline=deadline, keep_alive=keep_alive) as slot:
             scheduler = slot.scheduler
             if scheduler is None:  # the worker died between load and use
                 raise ModelMoraError(ErrorCode.WORKER_DIED, f"the worker of {name!r} is gone")

@@ -117,6 +117,8 @@ def server(module_tmp: Path, minilm_dir: Path) -> Iterator[Server]:
         MODELMORA_LIMITS__MAX_ITEMS="64",
         MODELMORA_LIMITS__MAX_REQUEST_BYTES=str(1 << 20),
         MODELMORA_SERVER__DRAIN_SECONDS="10",
+        MODELMORA_LIFECYCLE__LOAD_RETRIES="1",
+        MODELMORA_LIFECYCLE__LOAD_BACKOFF_SECONDS="0.2",
     )
     yield srv
     srv.stop()

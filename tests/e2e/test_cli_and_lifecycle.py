@@ -100,7 +100,7 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
     try:
         assert server.client.post("/infer/slow", json={"text": "warm"}).status_code == 200
         workers = _pids_of_children(server.proc.pid)
-        assert len(workers) == 1
+        assert workers  # the model's worker, and the warm spare when it is up
         results: dict[str, httpx.Response] = {}
         slow = threading.Thread(
             target=lambda: results.setdefault(

@@ -161,6 +161,7 @@ async def test_load_failure_backs_off_and_other_models_keep_serving(
     _install(settings, store, make_fake_model(tmp_path / "ok"), "ok")
     _install(settings, store, make_fake_model(tmp_path / "bad", fail_load=True), "bad")
     settings.lifecycle.load_backoff_seconds = 30
+    settings.lifecycle.load_retries = 0  # retries are covered in test_lifecycle
     manager = ModelManager(settings, store, CountingFactory())
     svc = InferenceService(settings, manager)
     try:

@@ -93,6 +93,7 @@ def build_router() -> APIRouter:
                 body.parameters,
                 priority=body.priority,
                 timeout_seconds=body.timeout_seconds,
+                keep_alive=body.keep_alive,
                 trace_id=current_trace_id.get(),
                 disconnected=watch,
             )

@@ -79,6 +79,13 @@ class Close:
     pass
 
 
+@dataclass(slots=True)
+class Prepare:
+    """Import these modules now, before any model is known (the warm spare)."""
+
+    modules: list[str]
+
+
 # worker -> server
 @dataclass(slots=True)
 class Loaded:
@@ -110,6 +117,13 @@ class Event:
     request_id: str
     kind: str
     data: dict[str, Any]
+
+
+@dataclass(slots=True)
+class Prepared:
+    rss_bytes: int
+    seconds: float
+    failed: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -1,17 +1,22 @@
-"""Residency: which models have a worker, lazy loads, in-use counts, crash handling.
+"""Residency: which models have a worker, lazy loads, memory budgets, keep-alive, crashes.
 
-One load at a time (a global lock taken only on a cache miss); loaded models keep serving
-while another loads. Concurrent first requests for one model share a single load.
+One load at a time (a lock taken only on a cache miss); loaded models keep serving while
+another loads. Concurrent first requests for one model share a single load. Before a load the
+pure `plan_load` decides, over a snapshot, whether the model fits, which idle models to evict
+(the warm spare first, then least recently used), or whether to wait for a busy one to become
+idle. A model with requests in flight or queued is never evicted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from modelmora.config import Settings
@@ -19,11 +24,25 @@ from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.inference.batcher import BatchLimits
 from modelmora.inference.scheduler import Admission, ModelScheduler
 from modelmora.lifecycle.channel import Event, Loaded, LoadSpec
+from modelmora.lifecycle.eviction import SPARE, Budget, Need, Plan, Resident, expired, plan_load
+from modelmora.lifecycle.memory import (
+    MemoryProbe,
+    SystemProbe,
+    budget_from_settings,
+    estimate_need,
+    weights_bytes,
+)
 from modelmora.lifecycle.runners import Runner, RunnerFactory
+from modelmora.lifecycle.spare import SparePool
 from modelmora.registry.catalog import ModelRecord, ModelState
 from modelmora.registry.store import RegistryStore
+from modelmora.tasks.base import uses_spare
 
 log = logging.getLogger("modelmora.lifecycle")
+
+# A worker that dies this soon after its load is crash-looping: back off before the next start.
+CRASH_LOOP_SECONDS = 60.0
+MAX_BACKOFF_SECONDS = 300.0
 
 
 @dataclass
@@ -38,14 +57,22 @@ class ModelSlot:
     refs: int = 0
     last_used: float = 0.0
     loaded_at: float = 0.0
+    keep_alive: float | None = None  # set by a request's keep_alive; None: the model's default
     error: str | None = None
     failures: int = 0
+    crashes: int = 0
     retry_at: float = 0.0
+    waiters: int = 0
+    memory_plan: Plan | None = None  # set while the load waits for memory
     load_task: asyncio.Task[None] | None = None
     event_handlers: dict[str, Callable[[Event], None]] = field(default_factory=dict)
 
     def is_ready(self) -> bool:
         return self.state is ModelState.READY
+
+    @property
+    def busy(self) -> bool:
+        return self.refs > 0 or (self.scheduler is not None and self.scheduler.busy)
 
     def status(self, now: float) -> dict[str, Any]:
         return {
@@ -58,10 +85,12 @@ class ModelSlot:
             "queued": self.scheduler.queued if self.scheduler else 0,
             "in_flight": self.refs,
             "idle_seconds": round(now - self.last_used, 3) if self.last_used else None,
+            "keep_alive_seconds": self.keep_alive,
             "memory": {
                 "rss_bytes": self.runner.rss_bytes() if self.runner else 0,
                 "gpu_bytes": self.loaded.gpu_bytes if self.loaded else 0,
             },
+            "failures": self.failures,
             "error": self.error,
         }
 
@@ -73,15 +102,28 @@ class ModelManager:
         store: RegistryStore,
         runner_factory: RunnerFactory,
         clock: Callable[[], float] = time.monotonic,
+        probe: MemoryProbe | None = None,
+        spares: SparePool | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.runner_factory = runner_factory
         self.clock = clock
+        self.probe = probe or SystemProbe()
+        self.spares = spares or SparePool(enabled=False)
+        self.budget: Budget = budget_from_settings(settings.resources, self.probe)
         self.slots: dict[str, ModelSlot] = {}
         self.admission = Admission(settings.scheduler.queue_size, settings.scheduler.critical_reserve)
+        self.counters = {"loads": 0, "load_failures": 0, "unloads": 0, "evictions": 0, "crashes": 0}
         self._load_lock = asyncio.Lock()
+        self._idle = asyncio.Event()  # set whenever a model may have become evictable
+        self._reap_wake = asyncio.Event()
+        self._reaper: asyncio.Task[None] | None = None
         self._closing = False
+
+    async def start(self) -> None:
+        self.spares.fill()
+        self._reaper = asyncio.create_task(self._reap_loop(), name="keep-alive-reaper")
 
     # -- lookup ---------------------------------------------------------------------------
 
@@ -89,86 +131,250 @@ class ModelManager:
         """The model's record: from memory when it is loaded, else from the database (so a
         CLI install is seen by a running server at the next request)."""
         slot = self.slots.get(name)
-        if slot is not None and slot.state is ModelState.READY:
+        if slot is not None and slot.is_ready():
             return slot.record
         return await asyncio.to_thread(self.store.get, name)
 
     # -- use ------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def use(self, name: str, record: ModelRecord | None = None) -> AsyncIterator[ModelSlot]:
+    async def use(
+        self,
+        name: str,
+        record: ModelRecord | None = None,
+        *,
+        deadline: float | None = None,
+        keep_alive: float | None = None,
+    ) -> AsyncIterator[ModelSlot]:
         """Hold a model loaded for the duration of a request (its ref count keeps it from
-        being unloaded)."""
-        slot = await self.acquire(name, record)
+        being evicted or unloaded by keep-alive)."""
+        slot = await self.acquire(name, record, deadline)
         try:
             yield slot
         finally:
-            slot.refs -= 1
-            slot.last_used = self.clock()
+            self.release(slot, keep_alive)
 
-    async def acquire(self, name: str, record: ModelRecord | None = None) -> ModelSlot:
+    async def acquire(
+        self, name: str, record: ModelRecord | None = None, deadline: float | None = None
+    ) -> ModelSlot:
         if self._closing:
             raise ModelMoraError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
         slot = self.slots.get(name)
-        if slot is None or slot.state is not ModelState.READY:
-            slot = await self._ensure_loaded(name, record)
+        if slot is None or not slot.is_ready():
+            slot = await self._ensure_loaded(name, record, deadline)
         slot.refs += 1
         slot.last_used = self.clock()
         return slot
 
-    async def _ensure_loaded(self, name: str, record: ModelRecord | None) -> ModelSlot:
+    def release(self, slot: ModelSlot, keep_alive: float | None = None) -> None:
+        slot.refs -= 1
+        slot.last_used = self.clock()
+        if keep_alive is not None:
+            slot.keep_alive = keep_alive
+        if slot.refs == 0:
+            self._idle.set()
+            if self._keep_alive_of(slot) == 0:
+                self._reap_wake.set()
+
+    async def _ensure_loaded(
+        self, name: str, record: ModelRecord | None, deadline: float | None
+    ) -> ModelSlot:
         slot = self.slots.get(name)
         if slot is None:
             if record is None:
                 record = await asyncio.to_thread(self.store.get, name)
             slot = ModelSlot(name, record)
             self.slots[name] = slot
-        while slot.state is not ModelState.READY:
+        while not slot.is_ready():
             if slot.load_task is None:
                 now = self.clock()
                 if slot.error is not None and now < slot.retry_at:
-                    raise ModelMoraError(
-                        ErrorCode.MODEL_LOAD_FAILED,
-                        f"model {name!r} failed to load: {slot.error}",
-                        {"model": name, "reason": slot.error, "failures": slot.failures},
-                        retry_after=round(slot.retry_at - now, 3),
-                    )
+                    raise self._load_failed(slot)
                 slot.load_task = asyncio.create_task(self._load(slot), name=f"load-{name}")
             task = slot.load_task
-            # Shield: a caller that gives up must not cancel the load others wait for.
-            await asyncio.shield(task)
+            slot.waiters += 1
+            try:
+                timeout = None if deadline is None else max(0.0, deadline - self.clock())
+                # Shield: a caller that gives up must not cancel the load others wait for.
+                await asyncio.wait_for(asyncio.shield(task), timeout)
+            except TimeoutError:
+                raise self._gave_up_waiting(slot) from None
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if task.cancelled() and current is not None and not current.cancelling():
+                    continue  # that load was abandoned just before we came: start our own
+                raise
+            finally:
+                slot.waiters -= 1
+                if slot.waiters == 0 and slot.memory_plan is not None and not task.done():
+                    task.cancel()  # waiting for memory, and nobody wants the model any more
             if not slot.is_ready():
-                raise ModelMoraError(
-                    ErrorCode.MODEL_LOAD_FAILED,
-                    f"model {name!r} failed to load: {slot.error}",
-                    {"model": name, "reason": slot.error, "failures": slot.failures},
-                    retry_after=max(0.0, round(slot.retry_at - self.clock(), 3)),
-                )
+                raise self._load_failed(slot)
         return slot
 
+    def _load_failed(self, slot: ModelSlot) -> ModelMoraError:
+        if slot.memory_plan is not None and slot.memory_plan.action == "impossible":
+            return _insufficient(slot.name, slot.memory_plan)
+        return ModelMoraError(
+            ErrorCode.MODEL_LOAD_FAILED,
+            f"model {slot.name!r} failed to load: {slot.error}",
+            {"model": slot.name, "reason": slot.error, "failures": slot.failures, "state": slot.state.value},
+            retry_after=max(1.0, round(slot.retry_at - self.clock(), 3)),
+        )
+
+    def _gave_up_waiting(self, slot: ModelSlot) -> ModelMoraError:
+        if slot.memory_plan is not None:
+            return _insufficient(slot.name, slot.memory_plan)
+        if slot.error is not None:
+            return self._load_failed(slot)
+        return ModelMoraError(
+            ErrorCode.INFERENCE_TIMEOUT,
+            f"the deadline passed while model {slot.name!r} was loading",
+            {"model": slot.name, "state": slot.state.value},
+        )
+
+    # -- loading --------------------------------------------------------------------------
+
     async def _load(self, slot: ModelSlot) -> None:
+        """Load with retries: each failure (including a failed health check) backs off
+        exponentially; after the last one, requests get MODEL_LOAD_FAILED until `retry_at`."""
+        lifecycle = self.settings.lifecycle
+        slot.memory_plan = None
         try:
-            async with self._load_lock:
+            for attempt in range(lifecycle.load_retries + 1):
                 if self._closing:
                     slot.error = "the server is shutting down"
                     return
-                await self._start_worker(slot)
+                try:
+                    await self._load_once(slot)
+                    return
+                except ModelMoraError as exc:
+                    if exc.code is ErrorCode.INSUFFICIENT_MEMORY:
+                        slot.error = exc.message
+                        self._transition(slot, ModelState.FAILED, exc.message)
+                        return
+                    slot.failures += 1
+                    slot.error = exc.message
+                    self.counters["load_failures"] += 1
+                    unhealthy = exc.message.startswith("health check failed")
+                    self._transition(
+                        slot, ModelState.UNHEALTHY if unhealthy else ModelState.FAILED, exc.message
+                    )
+                    backoff = _backoff(lifecycle.load_backoff_seconds, slot.failures)
+                    slot.retry_at = self.clock() + backoff
+                    if attempt < lifecycle.load_retries:
+                        await asyncio.sleep(backoff)
+        except asyncio.CancelledError:
+            reason = "nobody waits for it any more" if not self._closing else "server shutdown"
+            self._transition(slot, ModelState.UNLOADED, f"load abandoned: {reason}")
+            raise
         finally:
             slot.load_task = None
 
-    async def _start_worker(self, slot: ModelSlot) -> None:
-        name = slot.name
+    async def _load_once(self, slot: ModelSlot) -> None:
         # Re-read: `use`, `update` or a reinstall may have changed the record since.
-        try:
-            slot.record = await asyncio.to_thread(self.store.get, name)
-        except ModelMoraError as exc:
-            slot.error, slot.state = exc.message, ModelState.FAILED
-            self.slots.pop(name, None)
+        slot.record = await asyncio.to_thread(self.store.get, slot.name)
+        self._transition(slot, ModelState.LOADING, "retry" if slot.failures else "first request")
+        need = self._need(slot.record)
+        while True:
+            async with self._load_lock:
+                self._idle.clear()
+                # A load that will take the warm spare turns the spare's memory into the model's.
+                takes_spare = self.spares.ready and uses_spare(
+                    slot.record.task_type.value, slot.record.config.get("adapter")
+                )
+                residents = self._residents(exclude=slot.name, spare=not takes_spare)
+                plan = plan_load(residents, need, self.budget)
+                if plan.action == "impossible":
+                    slot.memory_plan = plan
+                    raise _insufficient(slot.name, plan)
+                if plan.action in ("load", "evict_then_load"):
+                    slot.memory_plan = None
+                    for victim in plan.victims:
+                        await self._evict(victim, plan.reason)
+                    await self._start_worker(slot)
+                    await self._settle_overshoot(slot)
+                    return
+            # Every candidate is busy: wait (outside the lock) for one to become idle.
+            if slot.memory_plan is None:
+                log.info("load waits for memory", extra={"model": slot.name, "reason": plan.reason})
+            slot.memory_plan = plan
+            await self._idle.wait()
+
+    def _need(self, record: ModelRecord) -> Need:
+        version = record.version()
+        device = str(record.config.get("device") or self.settings.resources.default_device)
+        if device == "auto":
+            device = "cuda:0" if self.probe.gpu_total_bytes() else "cpu"
+        sizes = _file_sizes(Path(version.path), version.files)
+        # Measured at the last load wins; else what the user declared; else an estimate.
+        measured: dict[str, Any] | None = record.memory or None
+        declared = record.resource_requirements
+        if measured is None and declared.get("memory_mb"):
+            measured = {
+                "rss_bytes": int(declared["memory_mb"]) << 20,
+                "gpu_bytes": int(declared.get("gpu_memory_mb") or 0) << 20,
+            }
+        return estimate_need(
+            record.name,
+            device,
+            measured,
+            weights_bytes(sizes),
+            uses_torch=uses_spare(record.task_type.value, record.config.get("adapter")),
+        )
+
+    def _residents(self, exclude: str | None = None, spare: bool = True) -> list[Resident]:
+        residents = []
+        for slot in self.slots.values():
+            if slot.runner is None or slot.name == exclude:
+                continue
+            device = slot.loaded.device if slot.loaded else "cpu"
+            residents.append(
+                Resident(
+                    name=slot.name,
+                    ram_bytes=slot.runner.rss_bytes(),
+                    gpu_bytes=slot.loaded.gpu_bytes if slot.loaded else 0,
+                    device=device,
+                    busy=slot.busy,
+                    last_used=slot.last_used,
+                    keep_alive=self._keep_alive_of(slot),
+                    loading=slot.state is ModelState.LOADING,
+                )
+            )
+        if spare and self.spares.ready:
+            residents.append(
+                Resident(SPARE, self.spares.rss_bytes(), 0, "cpu", busy=False, last_used=0.0, keep_alive=-1)
+            )
+        return residents
+
+    async def _settle_overshoot(self, slot: ModelSlot) -> None:
+        """The estimate may have been low: measured now, evict idle models until back
+        within the budget (never the one just loaded, never a busy one)."""
+        device = slot.loaded.device if slot.loaded else "cpu"
+        residents = [
+            dataclasses.replace(r, busy=True) if r.name == slot.name else r for r in self._residents()
+        ]
+        plan = plan_load(residents, Need("<after-load>", 0, 0, device), self.budget)
+        if plan.action == "evict_then_load":
+            for victim in plan.victims:
+                await self._evict(victim, "over budget after a load: " + plan.reason)
+        elif plan.action != "load":
+            log.warning(
+                "over the memory budget after a load", extra={"model": slot.name, "reason": plan.reason}
+            )
+
+    async def _evict(self, name: str, reason: str) -> None:
+        if name == SPARE:
+            freed = await self.spares.discard()
+            log.info("warm spare given up for memory", extra={"freed_mb": freed // 2**20})
             return
-        record = slot.record
+        self.counters["evictions"] += 1
+        await self.unload(name, f"evicted: {reason}")
+
+    async def _start_worker(self, slot: ModelSlot) -> None:
+        name, record = slot.name, slot.record
         version = record.version()
         config = record.config
-        self._transition(slot, ModelState.LOADING, "first request" if not slot.failures else "retry")
         spec = LoadSpec(
             path=version.path,
             task_type=record.task_type.value,
@@ -178,19 +384,25 @@ class ModelManager:
             options=dict(config.get("options") or {}),
             health_check=self.settings.lifecycle.health_check,
         )
-        runner = self.runner_factory(
-            name, lambda ev: self._on_event(slot, ev), lambda why: self._on_exit(slot, runner, why)
-        )
+
+        def on_event(ev: Event) -> None:
+            self._on_event(slot, ev)
+
+        def on_exit(why: str) -> None:
+            self._on_exit(slot, runner, why)
+
+        runner: Runner | None = None
+        if uses_spare(spec.task_type, spec.adapter):
+            runner = self.spares.take(name, on_event, on_exit)
+        from_spare = runner is not None
+        if runner is None:
+            runner = self.runner_factory(name, on_event, on_exit)
         started = time.perf_counter()
         try:
             loaded = await runner.start(spec, self.settings.lifecycle.load_timeout_seconds)
-        except ModelMoraError as exc:
-            slot.failures += 1
-            backoff = self.settings.lifecycle.load_backoff_seconds * (2 ** (slot.failures - 1))
-            slot.retry_at = self.clock() + min(backoff, 300.0)
-            slot.error = exc.message
-            self._transition(slot, ModelState.FAILED, exc.message)
-            return
+        finally:
+            if from_spare:
+                self.spares.fill()  # the next spare imports while this model serves
         sched = self.settings.scheduler
         slot.runner, slot.loaded, slot.version = runner, loaded, version.version
         slot.scheduler = ModelScheduler(
@@ -207,12 +419,18 @@ class ModelManager:
         )
         slot.scheduler.start()
         slot.error, slot.failures, slot.loaded_at = None, 0, self.clock()
+        slot.last_used = slot.loaded_at
+        self.counters["loads"] += 1
         self._transition(
-            slot, ModelState.READY, f"loaded in {time.perf_counter() - started:.2f} s on {loaded.device}"
+            slot,
+            ModelState.READY,
+            f"loaded in {time.perf_counter() - started:.2f} s on {loaded.device}"
+            + (" (warm spare)" if from_spare else ""),
         )
         memory = {"rss_bytes": runner.rss_bytes() or loaded.rss_bytes, "gpu_bytes": loaded.gpu_bytes}
         with contextlib.suppress(Exception):
             await asyncio.to_thread(self.store.set_memory, name, memory)
+        slot.record.memory = memory
 
     def _transition(self, slot: ModelSlot, state: ModelState, reason: str) -> None:
         previous, slot.state = slot.state, state
@@ -226,9 +444,10 @@ class ModelManager:
         if handler is not None:
             handler(event)
 
-    def _on_exit(self, slot: ModelSlot, runner: Runner, reason: str) -> None:
-        """A worker ended on its own (crash, OOM kill): fail its requests at once."""
-        if slot.runner is not runner:
+    def _on_exit(self, slot: ModelSlot, runner: Runner | None, reason: str) -> None:
+        """A worker ended on its own (crash, OOM kill): fail its requests at once; start it
+        again on the next demand, backing off when it keeps dying right after its load."""
+        if runner is None or slot.runner is not runner:
             return
         error = ModelMoraError(
             ErrorCode.WORKER_DIED, f"the worker of {slot.name!r} ended: {reason}", {"model": slot.name}
@@ -236,15 +455,44 @@ class ModelManager:
         if slot.scheduler is not None:
             asyncio.get_running_loop().create_task(slot.scheduler.stop(error))
         slot.runner, slot.scheduler, slot.loaded = None, None, None
-        slot.error = reason
+        self.counters["crashes"] += 1
+        now = self.clock()
+        if now - slot.loaded_at < CRASH_LOOP_SECONDS:
+            slot.crashes += 1
+        else:
+            slot.crashes = 1
+        if slot.crashes > 1:
+            slot.error = f"worker died {slot.crashes} times soon after loading: {reason}"
+            slot.retry_at = now + _backoff(self.settings.lifecycle.load_backoff_seconds, slot.crashes - 1)
+        else:
+            slot.error = None  # one crash: the next request starts it again at once
         self._transition(slot, ModelState.FAILED, f"worker died: {reason}")
-        slot.error = None  # the next request starts it again
+        self._idle.set()
+
+    # -- keep-alive -----------------------------------------------------------------------
+
+    def _keep_alive_of(self, slot: ModelSlot) -> float:
+        if slot.keep_alive is not None:
+            return slot.keep_alive
+        configured = slot.record.config.get("keep_alive_seconds")
+        return float(configured) if configured is not None else self.settings.lifecycle.keep_alive_seconds
+
+    async def _reap_loop(self) -> None:
+        while True:
+            self._reap_wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reap_wake.wait(), 1.0)
+            for name in expired(self._residents(), self.clock()):
+                slot = self.slots.get(name)
+                if slot is not None and slot.runner is not None and not slot.busy:
+                    with contextlib.suppress(Exception):
+                        await self.unload(name, f"keep-alive of {self._keep_alive_of(slot):g} s expired")
 
     # -- control --------------------------------------------------------------------------
 
     async def load(self, name: str) -> ModelSlot:
         slot = await self.acquire(name)
-        slot.refs -= 1
+        self.release(slot)
         return slot
 
     async def unload(
@@ -253,9 +501,11 @@ class ModelManager:
         slot = self.slots.get(name)
         if slot is None or slot.runner is None:
             return False
-        if slot.refs and not force:
+        if slot.busy and not force:
             raise ModelMoraError(
-                ErrorCode.MODEL_LOADED, f"model {name!r} has requests in flight", {"in_flight": slot.refs}
+                ErrorCode.MODEL_LOADED,
+                f"model {name!r} has requests in flight",
+                {"in_flight": slot.refs, "queued": slot.scheduler.queued if slot.scheduler else 0},
             )
         runner, scheduler = slot.runner, slot.scheduler
         slot.runner, slot.scheduler = None, None
@@ -263,8 +513,10 @@ class ModelManager:
         if scheduler is not None:
             await scheduler.stop(ModelMoraError(code, f"model {name!r} was unloaded: {reason}"))
         await runner.close(self.settings.lifecycle.unload_grace_seconds)
-        slot.loaded = None
+        slot.loaded, slot.keep_alive = None, None
+        self.counters["unloads"] += 1
         self._transition(slot, ModelState.UNLOADED, reason)
+        self._idle.set()
         return True
 
     def in_flight(self) -> int:
@@ -274,11 +526,55 @@ class ModelManager:
         now = self.clock()
         return [slot.status(now) for slot in self.slots.values()]
 
+    def memory_status(self) -> dict[str, Any]:
+        residents = self._residents()
+        return {
+            "budget_ram_bytes": self.budget.ram_bytes,
+            "budget_gpu_bytes": dict(self.budget.gpu_bytes) if self.budget.gpu_bytes else None,
+            "used_ram_bytes": sum(r.ram_bytes for r in residents),
+            "system_available_bytes": self.probe.system_available_bytes(),
+            "spare": {
+                "ready": self.spares.ready,
+                "pid": self.spares.pid,
+                "rss_bytes": self.spares.rss_bytes(),
+            },
+        }
+
     def forget(self, name: str) -> None:
         self.slots.pop(name, None)
 
     async def shutdown(self) -> None:
         self._closing = True
+        loads = [slot.load_task for slot in self.slots.values() if slot.load_task is not None]
+        for task in loads:
+            task.cancel()
+        await asyncio.gather(*loads, return_exceptions=True)
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
         for name in list(self.slots):
             with contextlib.suppress(Exception):
                 await self.unload(name, "server shutdown", force=True, code=ErrorCode.SHUTTING_DOWN)
+        await self.spares.close()
+
+
+def _backoff(base: float, failures: int) -> float:
+    return float(min(base * (2 ** max(0, failures - 1)), MAX_BACKOFF_SECONDS))
+
+
+def _insufficient(name: str, plan: Plan) -> ModelMoraError:
+    return ModelMoraError(
+        ErrorCode.INSUFFICIENT_MEMORY,
+        f"model {name!r} does not fit in memory: {plan.reason}",
+        {"model": name, **plan.details},
+        retry_after=5.0 if plan.action == "wait" else None,
+    )
+
+
+def _file_sizes(folder: Path, files: dict[str, str]) -> dict[str, int]:
+    sizes = {}
+    for rel in files:
+        with contextlib.suppress(OSError):
+            sizes[rel] = (folder / rel).stat().st_size
+    return sizes

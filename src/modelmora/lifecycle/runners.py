@@ -34,6 +34,8 @@ from modelmora.lifecycle.channel import (
     Loaded,
     LoadFailed,
     LoadSpec,
+    Prepare,
+    Prepared,
     WorkItem,
 )
 from modelmora.lifecycle.worker import WorkerCore
@@ -80,19 +82,21 @@ class _Pending:
         self.batches: dict[int, asyncio.Future[BatchDone]] = {}
         self.health: dict[int, asyncio.Future[Healthy]] = {}
         self.load: asyncio.Future[Loaded | LoadFailed] | None = None
+        self.prepare: asyncio.Future[Prepared] | None = None
         self.ids = itertools.count(1)
 
     def fail_all(self, error: Exception) -> None:
         futures: list[asyncio.Future[object]] = [*self.batches.values(), *self.health.values()]  # type: ignore[list-item]
-        if self.load is not None:
-            futures.append(self.load)  # type: ignore[arg-type]
+        for single in (self.load, self.prepare):
+            if single is not None:
+                futures.append(single)  # type: ignore[arg-type]
         for fut in futures:
             if not fut.done():
                 fut.set_exception(error)
                 fut.exception()  # mark retrieved: nobody may be waiting any more
         self.batches.clear()
         self.health.clear()
-        self.load = None
+        self.load = self.prepare = None
 
     def resolve(self, message: object) -> None:
         fut: asyncio.Future[Any] | None
@@ -102,6 +106,8 @@ class _Pending:
             fut = self.health.pop(message.nonce, None)
         elif isinstance(message, Loaded | LoadFailed):
             fut, self.load = self.load, None
+        elif isinstance(message, Prepared):
+            fut, self.prepare = self.prepare, None
         else:
             return
         reply: Any = message  # the future's type was matched by the branch above
@@ -145,7 +151,10 @@ class ProcessRunner:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    async def start(self, spec: LoadSpec, timeout: float) -> Loaded:
+    async def spawn(self) -> None:
+        """Start the process and its channel; no model yet (a spare stops here)."""
+        if self._proc is not None:
+            return
         parent, child = socket.socketpair()
         try:
             self._proc = await asyncio.create_subprocess_exec(
@@ -163,6 +172,21 @@ class ProcessRunner:
             child.close()
         reader, self._writer = await asyncio.open_unix_connection(sock=parent)
         self._reader_task = asyncio.create_task(self._read(reader), name=f"worker-reader-{self.name}")
+
+    async def prepare(self, modules: list[str], timeout: float) -> Prepared:
+        """Import the heavy libraries now, so a later load only reads weights."""
+        await self.spawn()
+        fut: asyncio.Future[Prepared] = asyncio.get_running_loop().create_future()
+        self._pending.prepare = fut
+        self._send(Prepare(modules))
+        return await asyncio.wait_for(fut, timeout)
+
+    def adopt(self, name: str, on_event: EventHandler, on_exit: ExitHandler) -> None:
+        """Hand a spare to a model: from now on its events and its exit are that model's."""
+        self.name, self._on_event, self._on_exit = name, on_event, on_exit
+
+    async def start(self, spec: LoadSpec, timeout: float) -> Loaded:
+        await self.spawn()
         fut: asyncio.Future[Loaded | LoadFailed] = asyncio.get_running_loop().create_future()
         self._pending.load = fut
         self._send(Load(spec))
@@ -319,7 +343,8 @@ class InProcessRunner:
             self._core.close()
 
     def rss_bytes(self) -> int:
-        return 0
+        adapter = self._core.adapter
+        return int(adapter.info().get("rss_bytes", 0)) if adapter is not None and self._alive else 0
 
     def kill(self, reason: str = "killed") -> None:
         """Simulate a crash: what a dead worker process looks like to the server."""

@@ -8,6 +8,7 @@ closes, so no worker outlives its server.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import queue
@@ -38,6 +39,8 @@ from modelmora.lifecycle.channel import (
     LoadFailed,
     LoadSpec,
     Outcome,
+    Prepare,
+    Prepared,
     WorkItem,
 )
 from modelmora.tasks.base import SAMPLE_INPUTS, TaskAdapter, adapter_for
@@ -136,6 +139,16 @@ class WorkerCore:
             return [bad for _ in items]
         return outcomes
 
+    def prepare(self, message: Prepare) -> Prepared:
+        started = time.perf_counter()
+        failed = []
+        for module in message.modules:
+            try:
+                importlib.import_module(module)
+            except Exception:
+                failed.append(module)
+        return Prepared(psutil.Process().memory_info().rss, time.perf_counter() - started, failed)
+
     def health(self, message: Health) -> Healthy:
         return Healthy(message.nonce, psutil.Process().memory_info().rss, _gpu_bytes())
 
@@ -184,6 +197,8 @@ def _serve(sock: socket.socket) -> None:
         message = inbox.get()
         if isinstance(message, Load):
             send(core.load(message.spec))
+        elif isinstance(message, Prepare):
+            send(core.prepare(message))
         elif isinstance(message, Infer):
             send(core.infer(message))
         elif isinstance(message, Close):

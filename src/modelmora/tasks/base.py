@@ -16,9 +16,11 @@ from modelmora.lifecycle.channel import Outcome, WorkItem
 # Emits a streamed event for one request: (request_id, kind, data).
 EmitFn = Callable[[str, str, dict[str, Any]], None]
 
+HEALTH_CHECK_ID = "health-check"
+
 # A built-in sample per task for the health check after load.
 SAMPLE_INPUTS: dict[str, WorkItem] = {
-    "txt2embed": WorkItem(request_id="health-check", inputs=["ModelMora health check."]),
+    "txt2embed": WorkItem(request_id=HEALTH_CHECK_ID, inputs=["ModelMora health check."]),
 }
 
 
@@ -44,6 +46,15 @@ _ADAPTERS: dict[tuple[str, str | None], str] = {
     ("txt2embed", None): "modelmora.tasks.txt2embed:SentenceEmbedder",
     ("txt2embed", "fake"): "modelmora.tasks.fake:FakeEmbedder",
 }
+
+
+# What a warm spare imports ahead of time: the libraries the real adapters load. A task whose
+# adapter needs none of them (the fake one) does not use the spare.
+SPARE_MODULES = ["torch", "sentence_transformers", "transformers", "modelmora.tasks.txt2embed"]
+
+
+def uses_spare(task_type: str, adapter: str | None) -> bool:
+    return adapter != "fake"
 
 
 def adapter_for(task_type: str, adapter: str | None) -> TaskAdapter:

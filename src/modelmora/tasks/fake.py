@@ -4,7 +4,9 @@ Installed like any model from a folder whose `modelmora.json` says
 `{"task_type": "txt2embed", "adapter": "fake", "dim": 8}`. Options (from that file or the
 model config): `dim`, `delay_ms` per batch, `per_item_ms`. Inputs steer it in tests: a text
 starting with `fail:` fails that item, `crash:` fails the whole batch, `exit:` ends the worker
-process abruptly (a crash), `sleep:<ms>` sleeps before the batch.
+process abruptly (a crash), `sleep:<ms>` sleeps before the batch. Options simulate loads:
+`ballast_mb` (real memory held, for budget tests), `fail_load`, `load_ms`, and `fail_health`
+or `fail_health_if_exists: PATH` (the health check after load fails).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from modelmora.lifecycle.channel import ItemError, ItemOk, Outcome, WorkItem
-from modelmora.tasks.base import EmitFn
+from modelmora.tasks.base import HEALTH_CHECK_ID, EmitFn
 
 
 def fake_vector(text: str, dim: int) -> list[float]:
@@ -35,6 +37,8 @@ class FakeEmbedder:
         self.delay_s = 0.0
         self.per_item_s = 0.0
         self.fail_load = False
+        self.ballast = bytearray()
+        self.fail_health = False
 
     def load(self, path: Path, device: str, dtype: str, options: dict[str, Any]) -> None:
         self.dim = int(options.get("dim", 8))
@@ -42,6 +46,14 @@ class FakeEmbedder:
         self.per_item_s = float(options.get("per_item_ms", 0)) / 1000
         if options.get("fail_load"):
             raise RuntimeError("fake adapter asked to fail its load")
+        marker = options.get("fail_health_if_exists")
+        self.fail_health = bool(options.get("fail_health")) or (bool(marker) and Path(str(marker)).exists())
+        # Real memory, touched page by page, so budgets can be tested with real processes.
+        ballast_mb = int(options.get("ballast_mb", 0))
+        if ballast_mb:
+            self.ballast = bytearray(ballast_mb << 20)
+            for i in range(0, len(self.ballast), 4096):
+                self.ballast[i] = 1
         load_ms = float(options.get("load_ms", 0))
         if load_ms:
             time.sleep(load_ms / 1000)
@@ -64,6 +76,9 @@ class FakeEmbedder:
     def postprocess(self, output: list[WorkItem], items: list[WorkItem]) -> list[Outcome]:
         outcomes: list[Outcome] = []
         for item in output:
+            if self.fail_health and item.request_id == HEALTH_CHECK_ID:
+                outcomes.append(ItemError("INFERENCE_FAILED", "fake adapter asked to fail its health check"))
+                continue
             bad = [t for t in item.inputs if t.startswith("fail:")]
             if bad:
                 outcomes.append(ItemError("INFERENCE_FAILED", f"fake failure on {bad[0]!r}"))
@@ -75,7 +90,8 @@ class FakeEmbedder:
         return outcomes
 
     def info(self) -> dict[str, Any]:
-        return {"dim": self.dim, "adapter": "fake"}
+        # rss_bytes: what the in-process runner reports for this "worker" (its ballast).
+        return {"dim": self.dim, "adapter": "fake", "rss_bytes": len(self.ballast)}
 
 
 def _unit(vector: list[float]) -> list[float]:

@@ -1,0 +1,107 @@
+"""One warm spare worker: a process with torch and the model libraries already imported, no
+model and no CUDA context, so that a lazy load only has to read weights.
+
+Measured here: a fresh worker spends ~3.3 s of a ~4.7 s cold start importing torch and
+sentence-transformers, and ~0.3 s reading MiniLM's weights. The spare moves the imports off
+the request path. It counts against the memory budget and is the first thing given up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from modelmora.lifecycle.channel import Prepared
+from modelmora.lifecycle.runners import EventHandler, ExitHandler, ProcessRunner
+from modelmora.tasks.base import SPARE_MODULES
+
+log = logging.getLogger("modelmora.spare")
+
+SPARE_NAME = "<spare>"
+
+
+class SparePool:
+    def __init__(self, enabled: bool, prepare_timeout: float = 300.0) -> None:
+        self.enabled = enabled
+        self.prepare_timeout = prepare_timeout
+        self._ready: ProcessRunner | None = None
+        self._prepared: Prepared | None = None
+        self._filling: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def ready(self) -> bool:
+        return self._ready is not None and self._ready.alive
+
+    @property
+    def pid(self) -> int | None:
+        return self._ready.pid if self._ready is not None else None
+
+    def rss_bytes(self) -> int:
+        return self._ready.rss_bytes() if self._ready is not None else 0
+
+    def fill(self) -> None:
+        """Start a spare in the background unless one is ready or coming."""
+        if not self.enabled or self._closed or self.ready or self._filling is not None:
+            return
+        self._filling = asyncio.create_task(self._fill(), name="spare-fill")
+
+    async def wait_filled(self) -> None:
+        if self._filling is not None:
+            await asyncio.gather(self._filling, return_exceptions=True)
+
+    async def _fill(self) -> None:
+        runner = ProcessRunner(SPARE_NAME, lambda _e: None, self._on_spare_exit)
+        try:
+            prepared = await runner.prepare(SPARE_MODULES, self.prepare_timeout)
+        except BaseException as exc:  # cancelled (discard) or failed: never leave the process
+            await runner.close(grace=0)
+            if not isinstance(exc, Exception):
+                raise
+            log.warning("warm spare failed to start", exc_info=True)
+            return
+        finally:
+            self._filling = None
+        if self._closed:
+            await runner.close(grace=0)
+            return
+        self._ready, self._prepared = runner, prepared
+        log.info(
+            "warm spare ready",
+            extra={
+                "pid": runner.pid,
+                "rss_mb": prepared.rss_bytes // 2**20,
+                "import_s": round(prepared.seconds, 2),
+            },
+        )
+
+    def _on_spare_exit(self, reason: str) -> None:
+        log.warning("warm spare exited", extra={"reason": reason})
+        self._ready = None
+
+    def take(self, name: str, on_event: EventHandler, on_exit: ExitHandler) -> ProcessRunner | None:
+        """The ready spare, now the model's; None when there is none (the caller spawns)."""
+        runner, self._ready = self._ready, None
+        if runner is None or not runner.alive:
+            return None
+        runner.adopt(name, on_event, on_exit)
+        return runner
+
+    async def discard(self) -> int:
+        """Give the spare up (memory pressure): returns the bytes freed."""
+        runner, self._ready = self._ready, None
+        if self._filling is not None:
+            self._filling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._filling
+            self._filling = None
+        if runner is None:
+            return 0
+        freed = runner.rss_bytes()
+        await runner.close(grace=2)
+        return freed
+
+    async def close(self) -> None:
+        self._closed = True
+        await self.discard()
