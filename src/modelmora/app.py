@@ -55,7 +55,7 @@ class ModelMora:
         await self.manager.start()
         for name in self.settings.lifecycle.preload:
             try:
-                await self.manager.load(name)
+                await self.manager.load(name, reason="preload")
             except Exception:
                 log.exception("preload failed", extra={"model": name})
         self.ready = True
@@ -117,7 +117,8 @@ class _DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._drain_task is not None or self.should_exit:
-            super().handle_exit(sig, frame)
+            log.warning("second signal: stopping without waiting for requests in flight")
+            self.should_exit = self.force_exit = True
             return
         log.info("signal received, draining", extra={"signal": signal.Signals(sig).name})
         loop = asyncio.get_event_loop()

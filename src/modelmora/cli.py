@@ -46,7 +46,12 @@ class _Ctx:
             merged["server"] = {"data_dir": str(self.data_dir)}
         for key, value in (overrides or {}).items():
             merged.setdefault(key, {}).update(value)
-        return load_settings(self.config, merged or None)
+        try:
+            return load_settings(self.config, merged or None)
+        except Exception as exc:  # a bad file, key or value: one line, not a traceback
+            message = str(exc).replace("\n", "; ")
+            err.print(f"[bold red]error[/]: invalid configuration: {message}", highlight=False)
+            raise typer.Exit(2) from None
 
     def server_url(self, settings: Settings) -> str:
         if self.url:
@@ -168,11 +173,7 @@ def serve(
 ) -> None:
     """Start the server (REST on 127.0.0.1:8000 by default)."""
     flags = {"host": host, "port": port, "log_level": log_level, "log_format": log_format}
-    try:
-        settings = _c(ctx).settings({"server": {k: v for k, v in flags.items() if v is not None}})
-    except Exception as exc:  # invalid configuration: one line, not a traceback
-        err.print(f"[bold red]error[/]: invalid configuration: {exc}")
-        raise typer.Exit(2) from exc
+    settings = _c(ctx).settings({"server": {k: v for k, v in flags.items() if v is not None}})
     from modelmora.app import serve as run_server
     from modelmora.observability.logging import configure_logging
 

@@ -48,7 +48,9 @@ class InferenceService:
         received = self.manager.clock()
         validate_name(name)  # also refuses NAME@VERSION: the active version serves
         record = await self.manager.record(name)
-        parsed = parse_input(record.task_type.value, input_data, parameters or {}, self.settings.limits)
+        defaults = record.config.get("parameters") or {}
+        params = {**defaults, **(parameters or {})}
+        parsed = parse_input(record.task_type.value, input_data, params, self.settings.limits)
         level = parse_priority(priority)
         timeout = timeout_seconds or float(
             record.config.get("default_timeout_seconds") or self.settings.timeout_for(record.task_type.value)

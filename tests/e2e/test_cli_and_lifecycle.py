@@ -35,6 +35,11 @@ def test_install_from_the_hub_lock_and_reinstall(tmp_path: Path, minilm_dir: Pat
         assert "installed (checksums verified)" in done.stdout
         again = cli(fresh, "install", cwd=tmp_path)
         assert "present" in again.stdout
+        # A file changed on disk after install is caught when the lock is applied again.
+        path = Path(json.loads(cli(fresh, "info", "all-MiniLM-L6-v2").stdout)["versions"][0]["path"])
+        (path / "config.json").resolve().write_text("{}")
+        tampered = cli(fresh, "install", cwd=tmp_path, check=False)
+        assert tampered.returncode == 1 and "CHECKSUM_MISMATCH" in tampered.stderr
 
         # A tampered lock refuses with CHECKSUM_MISMATCH and registers nothing.
         lock = json.loads((tmp_path / "modelmora.lock").read_text())
@@ -44,6 +49,16 @@ def test_install_from_the_hub_lock_and_reinstall(tmp_path: Path, minilm_dir: Pat
         refused = cli(other, "install", cwd=tmp_path, check=False)
         assert refused.returncode == 1 and "CHECKSUM_MISMATCH" in refused.stderr
         assert "all-MiniLM-L6-v2" not in cli(other | {"COLUMNS": "200"}, "list").stdout
+
+
+def test_bad_configuration_is_one_line(tmp_path: Path) -> None:
+    env = clean_env(tmp_path / "data")
+    missing = cli(env, "--config", str(tmp_path / "nope.yaml"), "list", check=False)
+    assert missing.returncode == 2 and "invalid configuration" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    (tmp_path / "bad.yaml").write_text("server:\n  prot: 9000\n")
+    typo = cli(env, "--config", str(tmp_path / "bad.yaml"), "serve", check=False)
+    assert typo.returncode == 2 and "prot" in typo.stderr and "Traceback" not in typo.stderr
 
 
 def test_unreachable_sources_fail_cleanly(tmp_path: Path) -> None:

@@ -133,6 +133,12 @@ BAD_CASES = [
     ("/api/v1/infer/all-MiniLM-L6-v2", {"input_data": {"text": "x" * 5001}}, 422, "INPUT_TOO_LONG"),
     ("/api/v1/infer/all-MiniLM-L6-v2", {"input_data": {"text": ["x"] * 65}}, 422, "TOO_MANY_INPUTS"),
     ("/api/v1/infer/all-MiniLM-L6-v2", {"input_data": {"text": "x" * 1_100_000}}, 413, "PAYLOAD_TOO_LARGE"),
+    (
+        "/api/v1/infer/all-MiniLM-L6-v2",
+        {"input_data": {"text": "x", "image": "aGk="}},
+        422,
+        "VALIDATION_ERROR",
+    ),
     ("/api/v1/infer/..%2F..%2Fetc%2Fpasswd", {"input_data": {"text": "x"}}, 422, "VALIDATION_ERROR"),
     ("/api/v1/infer/bad%20name%21", {"input_data": {"text": "x"}}, 422, "VALIDATION_ERROR"),
     ("/api/v1/infer/" + "a" * 200, {"input_data": {"text": "x"}}, 422, "VALIDATION_ERROR"),
@@ -164,6 +170,28 @@ def test_bad_input_gets_one_clear_error(
     assert err["error_code"] == code and err["message"] and len(err["trace_id"]) == 32
 
 
+def test_a_chunked_body_over_the_limit_gets_413(server: Server) -> None:
+    def chunks():  # type: ignore[no-untyped-def]
+        yield b'{"input_data": {"text": "'
+        for _ in range(40):
+            yield b"x" * 32_768
+        yield b'"}}'
+
+    r = server.client.post(
+        "/api/v1/infer/all-MiniLM-L6-v2", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 413 and r.json()["error_code"] == "PAYLOAD_TOO_LARGE"
+
+    def small():  # type: ignore[no-untyped-def]
+        yield b'{"text": "chunked '
+        yield b'but small"}'
+
+    ok = server.client.post(
+        "/infer/all-MiniLM-L6-v2", content=small(), headers={"content-type": "application/json"}
+    )
+    assert ok.status_code == 200 and len(ok.json()["result"]["embeddings"]) == 384
+
+
 def test_a_model_that_fails_to_load_does_not_stop_the_others(server: Server) -> None:
     r = server.client.post("/infer/broken", json={"text": "x"})
     assert r.status_code == 503 and r.json()["error_code"] == "MODEL_LOAD_FAILED"
@@ -191,6 +219,8 @@ def test_registry_over_rest(server: Server) -> None:
     assert updated.status_code == 200 and updated.json()["config"]["max_batch_size"] == 4
     bad = server.client.put("/api/v1/models/slow", json={"config": {"max_batch_size": "many"}})
     assert bad.status_code == 422 and bad.json()["error_code"] == "VALIDATION_ERROR"
+    typo = server.client.put("/api/v1/models/slow", json={"config": {"max_batch_sise": 4}})
+    assert typo.status_code == 422 and "max_batch_sise" in typo.json()["message"]
     again = server.client.post(
         "/api/v1/models",
         json={

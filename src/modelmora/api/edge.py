@@ -82,21 +82,20 @@ class EdgeMiddleware:
                 scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-type"] + [
                     (b"content-type", b"application/json")
                 ]
-            received = 0
-
-            async def limited_receive() -> Message:
-                nonlocal received
-                message: Message = await receive()
-                if message["type"] == "http.request":
-                    received += len(message.get("body", b""))
-                    if received > self.max_body:
-                        # A ModelMoraError, so the app's own handler answers 413.
-                        raise _too_large(received, self.max_body)
-                return message
+            app_receive = receive
+            if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
+                # A chunked body has no length to check up front: read it here, within the
+                # limit, and hand it on whole (the parsers downstream would turn an error
+                # raised mid-read into a generic 400).
+                body, size = await _read_limited(receive, self.max_body)
+                if body is None:
+                    await reject(_too_large(size, self.max_body))
+                    return
+                app_receive = _replay(body, receive)
 
             self.counter.inflight += 1
             try:
-                await self.app(scope, limited_receive, send_with_trace)
+                await self.app(scope, app_receive, send_with_trace)
             except ModelMoraError as exc:  # raised while no app handler was in place
                 if not started:
                     await reject(exc)
@@ -112,9 +111,40 @@ class EdgeMiddleware:
             current_trace_id.reset(token)
 
 
+async def _read_limited(receive: Receive, limit: int) -> tuple[bytes | None, int]:
+    """The whole body, or None once it passes `limit` (with the size read so far)."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message: Message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(chunks), size
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None, size
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks), size
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        message: Message = await receive()  # later: only the disconnect
+        return message
+
+    return replay
+
+
 def _too_large(size: int, limit: int) -> ModelMoraError:
     return ModelMoraError(
         ErrorCode.PAYLOAD_TOO_LARGE,
-        f"request body of {size} bytes exceeds the limit of {limit} bytes",
+        f"request body of {size} bytes or more exceeds the limit of {limit} bytes",
         {"limit_bytes": limit},
     )

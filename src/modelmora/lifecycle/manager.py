@@ -155,13 +155,17 @@ class ModelManager:
             self.release(slot, keep_alive)
 
     async def acquire(
-        self, name: str, record: ModelRecord | None = None, deadline: float | None = None
+        self,
+        name: str,
+        record: ModelRecord | None = None,
+        deadline: float | None = None,
+        reason: str = "first request",
     ) -> ModelSlot:
         if self._closing:
             raise ModelMoraError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
         slot = self.slots.get(name)
         if slot is None or not slot.is_ready():
-            slot = await self._ensure_loaded(name, record, deadline)
+            slot = await self._ensure_loaded(name, record, deadline, reason)
         slot.refs += 1
         slot.last_used = self.clock()
         return slot
@@ -177,7 +181,7 @@ class ModelManager:
                 self._reap_wake.set()
 
     async def _ensure_loaded(
-        self, name: str, record: ModelRecord | None, deadline: float | None
+        self, name: str, record: ModelRecord | None, deadline: float | None, reason: str
     ) -> ModelSlot:
         slot = self.slots.get(name)
         if slot is None:
@@ -190,7 +194,7 @@ class ModelManager:
                 now = self.clock()
                 if slot.error is not None and now < slot.retry_at:
                     raise self._load_failed(slot)
-                slot.load_task = asyncio.create_task(self._load(slot), name=f"load-{name}")
+                slot.load_task = asyncio.create_task(self._load(slot, reason), name=f"load-{name}")
             task = slot.load_task
             slot.waiters += 1
             try:
@@ -235,7 +239,7 @@ class ModelManager:
 
     # -- loading --------------------------------------------------------------------------
 
-    async def _load(self, slot: ModelSlot) -> None:
+    async def _load(self, slot: ModelSlot, reason: str) -> None:
         """Load with retries: each failure (including a failed health check) backs off
         exponentially; after the last one, requests get MODEL_LOAD_FAILED until `retry_at`."""
         lifecycle = self.settings.lifecycle
@@ -246,7 +250,7 @@ class ModelManager:
                     slot.error = "the server is shutting down"
                     return
                 try:
-                    await self._load_once(slot)
+                    await self._load_once(slot, reason if not attempt else f"retry {attempt}")
                     return
                 except ModelMoraError as exc:
                     if exc.code is ErrorCode.INSUFFICIENT_MEMORY:
@@ -271,10 +275,10 @@ class ModelManager:
         finally:
             slot.load_task = None
 
-    async def _load_once(self, slot: ModelSlot) -> None:
+    async def _load_once(self, slot: ModelSlot, reason: str) -> None:
         # Re-read: `use`, `update` or a reinstall may have changed the record since.
         slot.record = await asyncio.to_thread(self.store.get, slot.name)
-        self._transition(slot, ModelState.LOADING, "retry" if slot.failures else "first request")
+        self._transition(slot, ModelState.LOADING, reason)
         need = self._need(slot.record)
         while True:
             async with self._load_lock:
@@ -490,8 +494,8 @@ class ModelManager:
 
     # -- control --------------------------------------------------------------------------
 
-    async def load(self, name: str) -> ModelSlot:
-        slot = await self.acquire(name)
+    async def load(self, name: str, reason: str = "explicit load") -> ModelSlot:
+        slot = await self.acquire(name, reason=reason)
         self.release(slot)
         return slot
 

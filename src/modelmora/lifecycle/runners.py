@@ -167,6 +167,7 @@ class ProcessRunner:
                 self.name,
                 pass_fds=(child.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
+                env=_worker_env(),
             )
         finally:
             child.close()
@@ -283,6 +284,16 @@ class ProcessRunner:
             return int(psutil.Process(self._proc.pid).memory_info().rss)
         except psutil.Error:
             return 0
+
+
+def _worker_env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",  # the files are local: a load never reaches out
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # no progress bars in the server's log stream
+        "TQDM_DISABLE": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+    }
 
 
 def _describe_exit(returncode: int) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import structlog
 
 from modelmora.lifecycle import channel
 from modelmora.lifecycle.channel import (
@@ -111,6 +112,8 @@ class WorkerCore:
                 outcomes[item.request_id] = outcome
         for item in items:
             self.cancelled.discard(item.request_id)
+        if len(self.cancelled) > 4096:  # cancels that came after their batch: forget them
+            self.cancelled.clear()
         compute_ms = (time.perf_counter() - started) * 1000
         return BatchDone(message.batch_id, [outcomes[i.request_id] for i in items], compute_ms)
 
@@ -190,7 +193,9 @@ def _serve(sock: socket.socket) -> None:
                     inbox.put(message)
         except (OSError, ValueError):
             pass
-        inbox.put(Close())  # the server went away: end the worker
+        # The server went away: nobody waits for what runs now. Exit at once rather than
+        # after the batch in progress (the OS frees memory, GPU included).
+        os._exit(0)
 
     threading.Thread(target=reader, name="channel-reader", daemon=True).start()
     while True:
@@ -213,12 +218,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     # Ctrl-C in a terminal reaches the whole process group; the server ends us in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(
-        level=os.environ.get("MODELMORA_WORKER_LOG_LEVEL", "WARNING"),
-        format=f"%(asctime)s worker[{args.name}] %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # files are local; never reach out at load
+    # Same renderer as the server (JSON, or console on a terminal): one log stream.
+    from modelmora.observability.logging import configure_logging
+
+    configure_logging(os.environ.get("MODELMORA_WORKER_LOG_LEVEL", "warning"), "auto")
+    structlog.contextvars.bind_contextvars(worker_pid=os.getpid())
     sock = socket.socket(fileno=args.fd)
     try:
         _serve(sock)

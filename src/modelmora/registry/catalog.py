@@ -248,4 +248,6 @@ CONFIG_KEYS: dict[str, type] = {
     "keep_alive_seconds": float,
     "default_timeout_seconds": float,
     "adapter": str,
+    "options": dict,  # passed to the adapter's load (e.g. the fake adapter's dim)
+    "parameters": dict,  # default task parameters (e.g. {"normalize": true})
 }

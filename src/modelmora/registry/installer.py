@@ -58,8 +58,10 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     """Per-model settings: known keys with the right types (task defaults are free-form)."""
     out: dict[str, Any] = {}
     for key, value in config.items():
-        expected = CONFIG_KEYS.get(key)
-        if expected is None or value is None:
+        if key not in CONFIG_KEYS:
+            raise _bad(f"config.{key}", f"unknown setting; known: {', '.join(sorted(CONFIG_KEYS))}")
+        expected = CONFIG_KEYS[key]
+        if value is None:
             out[key] = value
             continue
         try:
@@ -185,12 +187,18 @@ def install_from_lock_entry(
     if existing is not None:
         for v in existing.versions:
             if v.version == entry.version:
-                if v.files != entry.files:
-                    raise ModelMoraError(
-                        ErrorCode.CHECKSUM_MISMATCH,
-                        f"{entry.name}@{entry.version} is installed with files that differ from the lock",
-                        {"model": entry.name},
-                    )
+                from modelmora.registry.lockfile import diff_files
+                from modelmora.registry.sources import hash_folder
+
+                on_disk = hash_folder(Path(v.path), progress=progress) if Path(v.path).is_dir() else {}
+                for what, files in (("registry", v.files), ("disk", on_disk)):
+                    diff = diff_files(entry.files, files)
+                    if any(diff.values()):
+                        raise ModelMoraError(
+                            ErrorCode.CHECKSUM_MISMATCH,
+                            f"{entry.name}@{entry.version}: the files on {what} differ from the lock",
+                            {"model": entry.name, "version": entry.version, **diff},
+                        )
                 return "present"
     source = None if entry.source_kind == "hub" else entry.origin
     install(

@@ -82,6 +82,8 @@ def parse_txt2embed(
 
 
 _PARSERS = {"txt2embed": parse_txt2embed}
+# What each task reads from `input_data`; anything else is refused, never silently dropped.
+_INPUT_FIELDS = {"txt2embed": {"text"}}
 
 
 def parse_input(
@@ -94,7 +96,7 @@ def parse_input(
             f"task {task_type!r} is registered but not served yet",
             {"task_type": task_type},
         )
-    unknown = sorted(set(input_data) - {"text", "image", "messages"})
+    unknown = sorted(set(input_data) - _INPUT_FIELDS[task_type])
     if unknown:
-        raise _invalid(f"input_data.{unknown[0]}", "unknown field")
+        raise _invalid(f"input_data.{unknown[0]}", f"not an input of {task_type}")
     return parser(input_data, params, limits)

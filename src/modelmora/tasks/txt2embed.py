@@ -1,8 +1,8 @@
 """Text embeddings through sentence-transformers, split into tokenize / forward / pool.
 
-`encode()` would do all three in one call; splitting them lets the worker tokenize the next
-batch while the model computes the current one, and lets one batch carry texts of several
-requests with different `normalize` settings.
+`encode()` would do all three in one call; splitting them lets one batch carry texts of several
+requests with different `normalize` settings, and is the seam where tokenizing the next batch
+can overlap the model's work on the current one (the scheduler does not pipeline yet).
 """
 
 from __future__ import annotations
