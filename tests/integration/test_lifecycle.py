@@ -197,3 +197,12 @@ async def test_the_warm_spare_becomes_the_worker(
     await spares.wait_filled()  # refilled in the background
     assert spares.pid is not None and spares.pid != spare_pid
     assert manager.memory_status()["spare"]["ready"] is True
+
+
+async def test_the_spare_only_takes_memory_no_model_needs(settings: Settings, make_manager) -> None:  # type: ignore[no-untyped-def]
+    settings.resources.max_memory_mb = 300  # less than a torch worker: no room for a spare
+    spares = SparePool(enabled=True)
+    manager, _svc = await make_manager(spares)
+    await spares.wait_filled()
+    assert not spares.ready and spares.pid is None
+    assert manager.memory_status()["spare"]["ready"] is False

@@ -26,6 +26,7 @@ from modelmora.inference.scheduler import Admission, ModelScheduler
 from modelmora.lifecycle.channel import Event, Loaded, LoadSpec
 from modelmora.lifecycle.eviction import SPARE, Budget, Need, Plan, Resident, expired, plan_load
 from modelmora.lifecycle.memory import (
+    TORCH_WORKER_BASE_BYTES,
     MemoryProbe,
     SystemProbe,
     budget_from_settings,
@@ -111,6 +112,7 @@ class ModelManager:
         self.clock = clock
         self.probe = probe or SystemProbe()
         self.spares = spares or SparePool(enabled=False)
+        self.spares.fits = self._spare_fits
         self.budget: Budget = budget_from_settings(settings.resources, self.probe)
         self.slots: dict[str, ModelSlot] = {}
         self.admission = Admission(settings.scheduler.queue_size, settings.scheduler.critical_reserve)
@@ -367,6 +369,12 @@ class ModelManager:
                 "over the memory budget after a load", extra={"model": slot.name, "reason": plan.reason}
             )
 
+    def _spare_fits(self) -> bool:
+        """A spare is a convenience: it may only take memory no model needs (no eviction)."""
+        size = self.spares.last_rss_bytes or TORCH_WORKER_BASE_BYTES
+        plan = plan_load(self._residents(spare=False), Need(SPARE, size, 0, "cpu"), self.budget)
+        return plan.action == "load"
+
     async def _evict(self, name: str, reason: str) -> None:
         if name == SPARE:
             freed = await self.spares.discard()
@@ -404,9 +412,10 @@ class ModelManager:
         started = time.perf_counter()
         try:
             loaded = await runner.start(spec, self.settings.lifecycle.load_timeout_seconds)
-        finally:
+        except BaseException:
             if from_spare:
-                self.spares.fill()  # the next spare imports while this model serves
+                self.spares.fill()
+            raise
         sched = self.settings.scheduler
         slot.runner, slot.loaded, slot.version = runner, loaded, version.version
         slot.scheduler = ModelScheduler(
@@ -435,6 +444,10 @@ class ModelManager:
         with contextlib.suppress(Exception):
             await asyncio.to_thread(self.store.set_memory, name, memory)
         slot.record.memory = memory
+        if from_spare:
+            # The next spare imports while this model serves; counted after this model,
+            # so that it only takes memory that is really free.
+            self.spares.fill()
 
     def _transition(self, slot: ModelSlot, state: ModelState, reason: str) -> None:
         previous, slot.state = slot.state, state

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from modelmora.lifecycle.channel import Prepared
 from modelmora.lifecycle.runners import EventHandler, ExitHandler, ProcessRunner
@@ -24,6 +25,8 @@ SPARE_NAME = "<spare>"
 class SparePool:
     def __init__(self, enabled: bool, prepare_timeout: float = 300.0) -> None:
         self.enabled = enabled
+        # Asked before each fill: the spare may only use memory the budget has free.
+        self.fits: Callable[[], bool] = lambda: True
         self.prepare_timeout = prepare_timeout
         self._ready: ProcessRunner | None = None
         self._prepared: Prepared | None = None
@@ -41,9 +44,17 @@ class SparePool:
     def rss_bytes(self) -> int:
         return self._ready.rss_bytes() if self._ready is not None else 0
 
+    @property
+    def last_rss_bytes(self) -> int:
+        """What the last spare measured after its imports (its size for budget planning)."""
+        return self._prepared.rss_bytes if self._prepared is not None else 0
+
     def fill(self) -> None:
         """Start a spare in the background unless one is ready or coming."""
         if not self.enabled or self._closed or self.ready or self._filling is not None:
+            return
+        if not self.fits():
+            log.info("warm spare not refilled: the memory budget has no room for it")
             return
         self._filling = asyncio.create_task(self._fill(), name="spare-fill")
 
