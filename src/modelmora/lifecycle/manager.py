@@ -26,6 +26,7 @@ from modelmora.inference.scheduler import Admission, ModelScheduler
 from modelmora.lifecycle.channel import Event, Loaded, LoadSpec
 from modelmora.lifecycle.eviction import SPARE, Budget, Need, Plan, Resident, expired, plan_load
 from modelmora.lifecycle.memory import (
+    CUDA_CONTEXT_BYTES,
     TORCH_WORKER_BASE_BYTES,
     MemoryProbe,
     SystemProbe,
@@ -329,8 +330,20 @@ class ModelManager:
             uses_torch=uses_spare(record.task_type.value, record.config.get("adapter")),
         )
 
+    def _gpu_bytes(self, slot: ModelSlot, by_pid: dict[int, int]) -> int:
+        """VRAM of a worker as NVML sees its process (CUDA context included); without NVML,
+        what torch reserved plus the context's usual size."""
+        if slot.loaded is None or not slot.loaded.device.startswith("cuda"):
+            return 0
+        pid = slot.runner.pid if slot.runner else None
+        if pid is not None and pid in by_pid:
+            return by_pid[pid]
+        return slot.loaded.gpu_bytes + CUDA_CONTEXT_BYTES
+
     def _residents(self, exclude: str | None = None, spare: bool = True) -> list[Resident]:
         residents = []
+        on_gpu = any(s.loaded and s.loaded.device.startswith("cuda") for s in self.slots.values())
+        by_pid = self.probe.gpu_bytes_by_pid() if on_gpu else {}
         for slot in self.slots.values():
             if slot.runner is None or slot.name == exclude:
                 continue
@@ -339,7 +352,7 @@ class ModelManager:
                 Resident(
                     name=slot.name,
                     ram_bytes=slot.runner.rss_bytes(),
-                    gpu_bytes=slot.loaded.gpu_bytes if slot.loaded else 0,
+                    gpu_bytes=self._gpu_bytes(slot, by_pid),
                     device=device,
                     busy=slot.busy,
                     last_used=slot.last_used,
@@ -440,7 +453,12 @@ class ModelManager:
             f"loaded in {time.perf_counter() - started:.2f} s on {loaded.device}"
             + (" (warm spare)" if from_spare else ""),
         )
-        memory = {"rss_bytes": runner.rss_bytes() or loaded.rss_bytes, "gpu_bytes": loaded.gpu_bytes}
+        by_pid = self.probe.gpu_bytes_by_pid() if loaded.device.startswith("cuda") else {}
+        memory = {
+            "rss_bytes": runner.rss_bytes() or loaded.rss_bytes,
+            "gpu_bytes": self._gpu_bytes(slot, by_pid),
+            "device": loaded.device,
+        }
         with contextlib.suppress(Exception):
             await asyncio.to_thread(self.store.set_memory, name, memory)
         slot.record.memory = memory
