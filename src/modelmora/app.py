@@ -100,10 +100,11 @@ class ModelMora:
         }
 
 
-def create_app(settings: Settings, runner_factory: RunnerFactory = process_runner_factory) -> FastAPI:
-    from modelmora.api.rest import create_rest_app
+def create_app(settings: Settings, runner_factory: RunnerFactory = process_runner_factory) -> Any:
+    """The ASGI application uvicorn serves (for embedding ModelMora in another server)."""
+    from modelmora.api.rest import asgi_app
 
-    return create_rest_app(ModelMora(settings, runner_factory))
+    return asgi_app(ModelMora(settings, runner_factory))
 
 
 class _DrainingServer(uvicorn.Server):
@@ -130,10 +131,10 @@ class _DrainingServer(uvicorn.Server):
 
 
 def serve(settings: Settings) -> None:
-    from modelmora.api.rest import create_rest_app
+    from modelmora.api.rest import asgi_app
 
     mm = ModelMora(settings)
-    app = create_rest_app(mm)
+    app = asgi_app(mm)
     config = uvicorn.Config(
         app,
         host=settings.server.host,

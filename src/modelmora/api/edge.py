@@ -6,11 +6,12 @@ A plain ASGI middleware (not BaseHTTPMiddleware): it adds no task or copy per re
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 
+from modelmora.api import fastpath
 from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.observability.tracing import current_trace_id, trace_id_from, traceparent_for
 
@@ -20,6 +21,8 @@ Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Any]
 Send = Callable[[Message], Any]
+# (model name, body schema, body, receive, send): the inference fast path.
+FastHandler = Callable[[str, Any, bytes, Receive, Send], Awaitable[None]]
 
 # Probes and metrics answer while draining: orchestrators need them to see the drain.
 _ALWAYS_OPEN = ("/health/", "/metrics")
@@ -37,8 +40,17 @@ def error_response_parts(
 
 
 class EdgeMiddleware:
-    def __init__(self, app: Any, *, max_body: int, is_draining: Callable[[], bool], counter: Any) -> None:
+    def __init__(
+        self,
+        app: Any,
+        *,
+        max_body: int,
+        is_draining: Callable[[], bool],
+        counter: Any,
+        fast: FastHandler | None = None,
+    ) -> None:
         self.app = app
+        self.fast = fast
         self.max_body = max_body
         self.is_draining = is_draining
         self.counter = counter  # has .inflight (int), read by the drain
@@ -83,10 +95,12 @@ class EdgeMiddleware:
                     (b"content-type", b"application/json")
                 ]
             app_receive = receive
-            if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
-                # A chunked body has no length to check up front: read it here, within the
-                # limit, and hand it on whole (the parsers downstream would turn an error
-                # raised mid-read into a generic 400).
+            route = fastpath.match(scope["method"], path) if self.fast is not None else None
+            body: bytes | None = None
+            if route is not None or (length is None and scope["method"] in ("POST", "PUT", "PATCH")):
+                # The inference fast path takes the body whole; a chunked body has no length
+                # to check up front, so it is read here within the limit too (the parsers
+                # downstream would turn an error raised mid-read into a generic 400).
                 body, size = await _read_limited(receive, self.max_body)
                 if body is None:
                     await reject(_too_large(size, self.max_body))
@@ -95,13 +109,16 @@ class EdgeMiddleware:
 
             self.counter.inflight += 1
             try:
-                await self.app(scope, app_receive, send_with_trace)
+                if route is not None and self.fast is not None:
+                    await self.fast(route[0], route[1], body or b"", receive, send_with_trace)
+                else:
+                    await self.app(scope, app_receive, send_with_trace)
             except ModelMoraError as exc:  # raised while no app handler was in place
                 if not started:
                     await reject(exc)
             except Exception as exc:  # a bug: answer in the one error shape, with the trace id
-                log.exception("unhandled error", extra={"path": path})
-                if not started:
+                if not started:  # else FastAPI's handler has answered and logged it
+                    log.exception("unhandled error", extra={"path": path})
                     await reject(
                         ModelMoraError(ErrorCode.INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
                     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -14,6 +15,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modelmora import __version__
+from modelmora.api import fastpath
 from modelmora.api.edge import EdgeMiddleware, error_response_parts
 from modelmora.api.schemas import (
     ErrorBody,
@@ -77,26 +79,12 @@ def build_router() -> APIRouter:
 
     # -- inference -------------------------------------------------------------------------
 
+    # The edge serves these two routes through api/fastpath.py; they stay here for the
+    # OpenAPI document and run the same code if the fast path is ever turned off.
     async def _infer(request: Request, name: str, body: InferRequest) -> Response:
-        if body.stream:
-            raise ModelMoraError(
-                ErrorCode.VALIDATION_ERROR,
-                "streaming is for generation tasks",
-                {"errors": [{"field": "stream", "message": "not supported for this task"}]},
-            )
-        mm = _mm(request)
         watch = _disconnect_watch(request)
         try:
-            result = await mm.inference.infer(
-                name,
-                body.input_data,
-                body.parameters,
-                priority=body.priority,
-                timeout_seconds=body.timeout_seconds,
-                keep_alive=body.keep_alive,
-                trace_id=current_trace_id.get(),
-                disconnected=watch,
-            )
+            result = await fastpath.run_infer(_mm(request), name, body, watch)
         finally:
             watch.cancel()
         return JSON(result)
@@ -114,16 +102,7 @@ def build_router() -> APIRouter:
     @r.post("/infer/{name:path}", response_model=InferResponse, responses=_ERRORS, tags=["inference"])
     async def infer_short(request: Request, name: str, body: ShortInferRequest) -> Response:
         """Short form: `{"text": ...}` or `{"image": ...}` at the top level."""
-        input_data = {k: v for k, v in (("text", body.text), ("image", body.image)) if v is not None}
-        full = InferRequest(
-            input_data=input_data,
-            parameters=body.parameters,
-            priority=body.priority,
-            timeout_seconds=body.timeout_seconds,
-            keep_alive=body.keep_alive,
-            stream=body.stream,
-        )
-        return await _infer(request, name, full)
+        return await _infer(request, name, fastpath.to_full(body))
 
     # -- registry --------------------------------------------------------------------------
 
@@ -259,6 +238,7 @@ def build_router() -> APIRouter:
 
 
 def create_rest_app(mm: ModelMora) -> FastAPI:
+    """The FastAPI application (routes, OpenAPI, handlers). Serve it wrapped by `asgi_app`."""
     app = FastAPI(
         title="ModelMora",
         version=__version__,
@@ -274,22 +254,7 @@ def create_rest_app(mm: ModelMora) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> Response:
-        errors = [
-            {
-                "field": "body"
-                if e.get("type") == "json_invalid"
-                else ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body",
-                "message": e.get("msg", ""),
-            }
-            for e in exc.errors()
-        ]
-        malformed = any(e.get("type") == "json_invalid" for e in exc.errors())
-        message = (
-            "malformed JSON body"
-            if malformed
-            else "invalid request: " + "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
-        )
-        return _error(ModelMoraError(ErrorCode.VALIDATION_ERROR, message, {"errors": errors}))
+        return _error(fastpath.validation_error(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> Response:
@@ -298,10 +263,25 @@ def create_rest_app(mm: ModelMora) -> FastAPI:
             code = ErrorCode.VALIDATION_ERROR if exc.status_code < 500 else ErrorCode.INTERNAL_ERROR
         return _error(ModelMoraError(code, str(exc.detail)))
 
-    app.add_middleware(
-        EdgeMiddleware,  # type: ignore[arg-type]
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> Response:
+        logging.getLogger("modelmora.api").exception("unhandled error")
+        return _error(ModelMoraError(ErrorCode.INTERNAL_ERROR, f"internal error: {type(exc).__name__}"))
+
+    return app
+
+
+def asgi_app(mm: ModelMora) -> EdgeMiddleware:
+    """What uvicorn runs: the edge first (trace ids, limits, drain, the inference fast path),
+    outside FastAPI's middleware stack so that none of it is paid twice."""
+
+    async def fast(name: str, schema: Any, body: bytes, receive: Any, send: Any) -> None:
+        await fastpath.handle(mm, name, schema, body, receive, send)
+
+    return EdgeMiddleware(
+        create_rest_app(mm),
         max_body=mm.settings.limits.max_request_bytes,
         is_draining=lambda: mm.draining,
         counter=mm,
+        fast=fast,
     )
-    return app

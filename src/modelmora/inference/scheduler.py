@@ -24,6 +24,9 @@ log = logging.getLogger("modelmora.scheduler")
 
 Clock = Callable[[], float]
 
+# Event-loop turns an idle worker waits for requests already received to reach the queue.
+SETTLE_TURNS = 4
+
 
 @dataclass(slots=True)
 class Completed:
@@ -74,7 +77,9 @@ class ModelScheduler:
     _queue: RequestQueue = field(init=False)
     _wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = field(init=False, default=None)
-    _inflight: list[Entry] = field(init=False, default_factory=list)
+    # Batches sent to the worker, in order: the one it computes and at most one waiting.
+    _batches: list[list[Entry]] = field(init=False, default_factory=list)
+    _batch_tasks: set[asyncio.Task[None]] = field(init=False, default_factory=set)
     _closed: ModelMoraError | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -86,11 +91,11 @@ class ModelScheduler:
 
     @property
     def inflight(self) -> int:
-        return len(self._inflight)
+        return sum(len(b) for b in self._batches)
 
     @property
     def busy(self) -> bool:
-        return bool(self._inflight) or len(self._queue) > 0
+        return bool(self._batches) or len(self._queue) > 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name=f"scheduler-{self.name}")
@@ -110,17 +115,27 @@ class ModelScheduler:
         """The caller gave up (timeout, client gone): drop it if queued, or tell the worker."""
         if self._queue.cancel(entry):
             self.admission.queued -= 1
-        elif entry in self._inflight:
+        elif any(entry in batch for batch in self._batches):
             pending: Pending = entry.payload
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().create_task(self.runner.cancel([pending.item.request_id]))
 
     async def _loop(self) -> None:
+        """Dispatch when idle; while the worker computes, the next batch gathers and is sent
+        ahead (so the worker starts it without a round trip) once it is full. At most one
+        batch waits in front of the worker."""
         while True:
-            if not self._queue:
+            computing = len(self._batches)
+            if (
+                not self._queue
+                or computing >= 2
+                or (computing == 1 and self._queue.items < self.limits.max_batch_size)
+            ):
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            if not computing:
+                await self._let_arrivals_land()
             now = self.clock()
             release = hold_until(self._queue, now, self.limits)
             if release is not None:
@@ -133,11 +148,24 @@ class ModelScheduler:
             for entry in expired:
                 _settle(entry, _timeout())
             if batch:
-                await self._dispatch(batch)
+                self._batches.append(batch)
+                task = asyncio.create_task(self._dispatch(batch))
+                self._batch_tasks.add(task)
+                task.add_done_callback(self._batch_tasks.discard)
+
+    async def _let_arrivals_land(self) -> None:
+        """Dispatch when idle means when this process is idle too: requests whose bytes have
+        already arrived are parsed in the next turns of the event loop, and cutting a batch
+        before they land would send a batch of one followed by a batch of the rest. Yield
+        until the queue stops growing (a few turns, microseconds when nothing else is due)."""
+        seen = -1
+        for _ in range(SETTLE_TURNS):
+            if len(self._queue) == seen or self._queue.items >= self.limits.max_batch_size:
+                return
+            seen = len(self._queue)
+            await asyncio.sleep(0)
 
     async def _dispatch(self, batch: list[Entry]) -> None:
-        self._inflight = batch
-        started = self.clock()
         items = [e.payload.item for e in batch]
         try:
             done = await self.runner.infer(items)
@@ -152,11 +180,15 @@ class ModelScheduler:
                 _settle(entry, error)
             return
         finally:
-            self._inflight = []
+            with contextlib.suppress(ValueError):
+                self._batches.remove(batch)
+            self._wake.set()
         inference_ms = done.compute_ms
         size = sum(e.size for e in batch)
+        finished = self.clock()
         for entry, outcome in zip(batch, done.outcomes, strict=True):
-            queue_ms = (started - entry.arrival) * 1000
+            # Everything but the worker's compute: waiting in the queue and in front of the worker.
+            queue_ms = max(0.0, (finished - entry.arrival) * 1000 - inference_ms)
             if isinstance(outcome, ItemOk):
                 _settle(entry, Completed(outcome.value, outcome.meta, size, queue_ms, inference_ms))
             else:
@@ -165,8 +197,9 @@ class ModelScheduler:
     def fail_all(self, error: ModelMoraError) -> None:
         """The worker is gone or the model is being unloaded: nothing may hang."""
         self._closed = error
-        for entry in self._inflight:
-            _settle(entry, error)
+        for batch in self._batches:
+            for entry in batch:
+                _settle(entry, error)
         while True:
             entry_or_none = self._queue.pop(self.clock())
             if entry_or_none is None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import random
 import re
 from contextvars import ContextVar
 
@@ -12,7 +12,8 @@ current_trace_id: ContextVar[str | None] = ContextVar("trace_id", default=None)
 
 
 def new_trace_id() -> str:
-    return os.urandom(16).hex()
+    # Not a secret, just unique: the PRNG is several times cheaper than os.urandom per request.
+    return f"{random.getrandbits(128):032x}"
 
 
 def trace_id_from(traceparent: str | None) -> str:
@@ -26,4 +27,4 @@ def trace_id_from(traceparent: str | None) -> str:
 
 def traceparent_for(trace_id: str) -> str:
     """A traceparent for the response, naming a fresh span of ours in the caller's trace."""
-    return f"00-{trace_id}-{os.urandom(8).hex()}-01"
+    return f"00-{trace_id}-{random.getrandbits(64):016x}-01"
