@@ -35,15 +35,52 @@ from typing import Any
 import httpx
 
 MODEL = "all-MiniLM-L6-v2"
-SUBJECTS = ["The cat", "A young engineer", "Our new model server", "The old library", "My neighbour",
-            "The research team", "A small startup", "The river", "This algorithm", "The orchestra"]
-VERBS = ["quickly explains", "carefully studies", "happily shares", "slowly rebuilds", "openly questions",
-         "rarely ignores", "often improves", "proudly presents", "gently moves", "clearly describes"]
-OBJECTS = ["the latest results", "a complicated puzzle", "its favourite song", "the morning news",
-           "a better approach", "the hidden garden", "an unusual idea", "the quarterly report",
-           "a long journey", "the city lights", "every small detail", "the final answer",
-           "a friendly message", "the broken window", "an old photograph", "the busy market",
-           "a strange noise", "the evening sky", "a simple recipe", "the winning team"]
+SUBJECTS = [
+    "The cat",
+    "A young engineer",
+    "Our new model server",
+    "The old library",
+    "My neighbour",
+    "The research team",
+    "A small startup",
+    "The river",
+    "This algorithm",
+    "The orchestra",
+]
+VERBS = [
+    "quickly explains",
+    "carefully studies",
+    "happily shares",
+    "slowly rebuilds",
+    "openly questions",
+    "rarely ignores",
+    "often improves",
+    "proudly presents",
+    "gently moves",
+    "clearly describes",
+]
+OBJECTS = [
+    "the latest results",
+    "a complicated puzzle",
+    "its favourite song",
+    "the morning news",
+    "a better approach",
+    "the hidden garden",
+    "an unusual idea",
+    "the quarterly report",
+    "a long journey",
+    "the city lights",
+    "every small detail",
+    "the final answer",
+    "a friendly message",
+    "the broken window",
+    "an old photograph",
+    "the busy market",
+    "a strange noise",
+    "the evening sky",
+    "a simple recipe",
+    "the winning team",
+]
 
 
 def sentences(n: int = 2000) -> list[str]:
@@ -85,7 +122,9 @@ class Served:
         )
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "modelmora", "serve", "--port", str(self.port)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         _wait_ready(self.url)
 
@@ -126,7 +165,9 @@ LUA = textwrap.dedent(
 )
 
 
-def wrk(url: str, concurrency: int, seconds: float, workdir: Path, priority: str | None = None) -> dict[str, Any]:
+def wrk(
+    url: str, concurrency: int, seconds: float, workdir: Path, priority: str | None = None
+) -> dict[str, Any]:
     script = workdir / "bench.lua"
     script.write_text(LUA)
     out = workdir / f"wrk-{concurrency}-{priority}.json"
@@ -134,8 +175,20 @@ def wrk(url: str, concurrency: int, seconds: float, workdir: Path, priority: str
     if priority:
         env["BENCH_PRIORITY"] = priority
     subprocess.run(
-        ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "30s", "-s", str(script), url],
-        env=env, check=True, capture_output=True,
+        [
+            "wrk",
+            "-t1",
+            f"-c{concurrency}",
+            f"-d{max(1, round(seconds))}s",
+            "--timeout",
+            "30s",
+            "-s",
+            str(script),
+            url,
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
     )
     result: dict[str, Any] = json.loads(out.read_text())
     result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
@@ -201,9 +254,20 @@ def bare_fastapi(workdir: Path, seconds: float) -> dict[str, Any]:
     (workdir / "bare_app.py").write_text(BARE_APP)
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "bare_app:app", "--port", str(port), "--log-level", "warning",
-         "--no-access-log"],
-        cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "bare_app:app",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -224,10 +288,10 @@ def queue_bench(n: int = 200_000) -> tuple[float, float]:
         q.push(Entry(p, float(i), 1e18, 1))
         q.pop(float(i))
     ours = n / (time.perf_counter() - t0)
-    h: list[tuple[int, int, object]] = []
+    h: list[tuple[int, int, Entry]] = []
     t0 = time.perf_counter()
-    for i, p in enumerate(prios):
-        heapq.heappush(h, (p, i, None))
+    for i, p in enumerate(prios):  # the same entries, keyed (priority, arrival order)
+        heapq.heappush(h, (p, i, Entry(p, float(i), 1e18, 1)))
         heapq.heappop(h)
     return ours, n / (time.perf_counter() - t0)
 
@@ -246,21 +310,41 @@ def main() -> None:
     texts = sentences()
     rows: list[tuple[str, str]] = []
     ours, plain = queue_bench()
-    rows.append(("queue push+pop per s: ours / heapq (target >= 0.5, >= 1e6)",
-                 f"{ours:,.0f} / {plain:,.0f} = {ours / plain:.2f}"))
+    rows.append(
+        (
+            "queue push+pop per s: ours / heapq (target >= 0.5, >= 1e6)",
+            f"{ours:,.0f} / {plain:,.0f} = {ours / plain:.2f}",
+        )
+    )
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         (work / "sentences.txt").write_text("\n".join(texts) + "\n")
         data = work / "data"
         env = {k: v for k, v in os.environ.items() if not k.startswith("MODELMORA_")}
         env["MODELMORA_SERVER__DATA_DIR"] = str(data)
-        subprocess.run([sys.executable, "-m", "modelmora", "install", f"sentence-transformers/{MODEL}",
-                        "--from", str(source)], env=env, check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "modelmora",
+                "install",
+                f"sentence-transformers/{MODEL}",
+                "--from",
+                str(source),
+            ],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
         null_dir = work / "null"
         null_dir.mkdir()
         (null_dir / "modelmora.json").write_text(json.dumps({"task_type": "txt2embed", "adapter": "fake"}))
-        subprocess.run([sys.executable, "-m", "modelmora", "install", str(null_dir)], env=env, check=True,
-                       capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "modelmora", "install", str(null_dir)],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
 
         raw = raw_encode(source, texts) if not args.skip_raw else None
         if raw:
@@ -278,24 +362,34 @@ def main() -> None:
         finally:
             server.stop()
         for c, r in runs.items():
-            rows.append((f"server c={c} (max_batch_size {args.max_batch_size}): req/s, p50 ms, p99 ms, errors",
-                         f"{r['rps']:.0f}, {r['p50_us'] / 1000:.2f}, {r['p99_us'] / 1000:.2f}, "
-                         f"{r['status_errors'] + r['socket_errors']}"))
+            rows.append(
+                (
+                    f"server c={c} (max_batch_size {args.max_batch_size}): req/s, p50 ms, p99 ms, errors",
+                    f"{r['rps']:.0f}, {r['p50_us'] / 1000:.2f}, {r['p99_us'] / 1000:.2f}, "
+                    f"{r['status_errors'] + r['socket_errors']}",
+                )
+            )
         if raw:
             rows += [
                 ("ratio c=64 / raw b=128 (target >= 0.90)", f"{runs[64]['rps'] / raw['b128_rps']:.2f}"),
                 ("ratio c=16 / raw b=16 (target >= 0.90)", f"{runs[16]['rps'] / raw['b16_rps']:.2f}"),
-                ("c=1 p50 - raw b=1 p50, ms (target <= 1.5)",
-                 f"{runs[1]['p50_us'] / 1000 - raw['b1_p50_ms']:+.2f}"),
+                (
+                    "c=1 p50 - raw b=1 p50, ms (target <= 1.5)",
+                    f"{runs[1]['p50_us'] / 1000 - raw['b1_p50_ms']:+.2f}",
+                ),
             ]
 
         server = Served(data, MODELMORA_SCHEDULER__MAX_BATCH_SIZE="32")
         try:
-            httpx.post(f"{server.url}/infer/{MODEL}", json={"text": "warm up"}, timeout=120).raise_for_status()
+            httpx.post(
+                f"{server.url}/infer/{MODEL}", json={"text": "warm up"}, timeout=120
+            ).raise_for_status()
             idle = trickle(server.url, args.seconds)
             flood: dict[str, Any] = {}
             flooder = threading.Thread(
-                target=lambda: flood.update(wrk(f"{server.url}/infer/{MODEL}", 64, args.seconds + 2, work, "low"))
+                target=lambda: flood.update(
+                    wrk(f"{server.url}/infer/{MODEL}", 64, args.seconds + 2, work, "low")
+                )
             )
             flooder.start()
             time.sleep(1.0)
@@ -305,12 +399,19 @@ def main() -> None:
             server.stop()
         batch_ms = 32 / (raw["b16_rps"] if raw else 300) * 1000
         rows += [
-            ("critical trickle, idle server: p50 / p99 ms", f"{pct(idle, 0.5) * 1000:.1f} / {pct(idle, 0.99) * 1000:.1f}"),
-            ("critical trickle under low flood: p50 / p99 ms",
-             f"{pct(loaded, 0.5) * 1000:.1f} / {pct(loaded, 0.99) * 1000:.1f}"),
+            (
+                "critical trickle, idle server: p50 / p99 ms",
+                f"{pct(idle, 0.5) * 1000:.1f} / {pct(idle, 0.99) * 1000:.1f}",
+            ),
+            (
+                "critical trickle under low flood: p50 / p99 ms",
+                f"{pct(loaded, 0.5) * 1000:.1f} / {pct(loaded, 0.99) * 1000:.1f}",
+            ),
             ("low flood meanwhile: req/s", f"{flood.get('rps', 0):.0f}"),
-            ("critical p99 - idle p99, in batch durations (~%.0f ms; target <= 2)" % batch_ms,
-             f"{(pct(loaded, 0.99) - pct(idle, 0.99)) * 1000 / batch_ms:.2f}"),
+            (
+                f"critical p99 - idle p99, in batch durations (~{batch_ms:.0f} ms; target <= 2)",
+                f"{(pct(loaded, 0.99) - pct(idle, 0.99)) * 1000 / batch_ms:.2f}",
+            ),
         ]
 
         server = Served(data, MODELMORA_SCHEDULER__MAX_BATCH_SIZE=str(args.max_batch_size))

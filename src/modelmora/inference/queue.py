@@ -6,9 +6,10 @@ entry, so aging only ever has to look at four heads. The clock is passed in.
 
 from __future__ import annotations
 
-from collections import deque
+import itertools
 from dataclasses import dataclass, field
 from enum import IntEnum
+from heapq import heappop, heappush
 from typing import Any
 
 from modelmora.errors import ErrorCode, ModelMoraError
@@ -59,13 +60,20 @@ class Entry:
     size: int
     payload: Any = None
     cancelled: bool = field(default=False)
+    queued: bool = field(default=False)  # pushed, neither popped nor cancelled
 
 
 class RequestQueue:
+    """Aging as a static key: an entry's effective level is `priority - waited / aging`, and
+    since `now` is common to every entry, ordering by that equals ordering by
+    `priority * aging + arrival`. So one binary heap keyed once at push gives priority order,
+    FIFO within a level and bounded waiting (a low entry waits at most 3 * aging behind fresh
+    critical ones), at the cost of plain heapq. `now` is accepted for the pure-function API."""
+
     def __init__(self, aging_seconds: float = 10.0) -> None:
-        self._levels: tuple[deque[Entry], ...] = tuple(deque() for _ in Priority)
+        self._heap: list[tuple[float, int, Entry]] = []
         self._aging = aging_seconds
-        self._queued: set[Entry] = set()  # pushed, neither popped nor cancelled
+        self._seq = itertools.count()
         self._live = 0  # entries neither popped nor cancelled
         self._items = 0  # inputs of live entries
 
@@ -77,58 +85,52 @@ class RequestQueue:
         return self._items
 
     def depth_by_priority(self) -> dict[Priority, int]:
-        return {p: sum(1 for e in self._levels[p - 1] if not e.cancelled) for p in Priority}
+        depth = dict.fromkeys(Priority, 0)
+        for _, _, entry in self._heap:
+            if entry.queued:
+                depth[entry.priority] += 1
+        return depth
 
     def push(self, entry: Entry) -> None:
-        self._levels[entry.priority - 1].append(entry)
-        self._queued.add(entry)
+        entry.queued = True
+        heappush(self._heap, (entry.priority * self._aging + entry.arrival, next(self._seq), entry))
         self._live += 1
         self._items += entry.size
 
     def cancel(self, entry: Entry) -> bool:
-        """Mark an entry dead; it is dropped when it reaches the head. False if already gone."""
-        # An entry already popped (in flight) or never pushed is not ours to count down.
-        if entry.cancelled or entry not in self._queued:
+        """Mark an entry dead; it is dropped when it reaches the head. False if already gone
+        (popped, in flight, cancelled, or never pushed): not ours to count down."""
+        if not entry.queued:
             return False
-        self._queued.discard(entry)
+        entry.queued = False
         entry.cancelled = True
         self._live -= 1
         self._items -= entry.size
         return True
 
-    def _effective(self, entry: Entry, now: float) -> float:
-        # Each `aging_seconds` of waiting lifts an entry one level; ties go to the older one.
-        return entry.priority - (now - entry.arrival) / self._aging
-
-    def _head_level(self, now: float) -> int | None:
-        best: int | None = None
-        best_key: tuple[float, float] | None = None
-        for index, level in enumerate(self._levels):
-            while level and level[0].cancelled:
-                level.popleft()
-            if not level:
-                continue
-            head = level[0]
-            key = (self._effective(head, now), head.arrival)
-            if best_key is None or key < best_key:
-                best, best_key = index, key
-        return best
+    def _skip_dead(self) -> None:
+        heap = self._heap
+        while heap and not heap[0][2].queued:
+            heappop(heap)
 
     def peek(self, now: float) -> Entry | None:
-        index = self._head_level(now)
-        return None if index is None else self._levels[index][0]
+        self._skip_dead()
+        return self._heap[0][2] if self._heap else None
 
     def pop(self, now: float) -> Entry | None:
-        index = self._head_level(now)
-        if index is None:
+        heap = self._heap
+        while heap:
+            entry = heappop(heap)[2]
+            if entry.queued:
+                break
+        else:
             return None
-        entry = self._levels[index].popleft()
-        self._queued.discard(entry)
+        entry.queued = False
         self._live -= 1
         self._items -= entry.size
         return entry
 
     def oldest_arrival(self) -> float | None:
-        arrivals = [next((e.arrival for e in level if not e.cancelled), None) for level in self._levels]
-        live = [a for a in arrivals if a is not None]
-        return min(live) if live else None
+        """O(n): only the batcher's `max_wait_ms` hold asks, once per scheduling decision."""
+        arrivals = [entry.arrival for _, _, entry in self._heap if entry.queued]
+        return min(arrivals) if arrivals else None
