@@ -210,3 +210,66 @@ async def test_process_worker_killed_mid_burst(
         assert (await svc.infer("p", {"text": "after"}))["result"]["embeddings"]
     finally:
         await manager.shutdown()
+
+
+async def test_batches_never_exceed_the_limit(
+    served: tuple[InferenceService, ModelManager, CountingFactory],
+) -> None:
+    svc, manager, _ = served
+    await svc.infer("fake", {"text": "warm"})
+    slot = manager.slots["fake"]
+    assert slot.scheduler is not None
+    slot.scheduler.limits = type(slot.scheduler.limits)(4, 0)
+    blocker = asyncio.ensure_future(svc.infer("fake", {"text": "sleep:200"}))
+    await asyncio.sleep(0.05)
+    results = await asyncio.gather(
+        *(svc.infer("fake", {"text": [f"a{i}", f"b{i}"] if i % 3 == 0 else f"c{i}"}) for i in range(20))
+    )
+    await blocker
+    sizes = [r["metadata"]["batch_size"] for r in results]
+    assert max(sizes) <= 4 and max(sizes) > 1  # batched, never over the limit (counted in inputs)
+
+
+async def test_a_full_queue_refuses_with_retry_after_but_critical_gets_in(
+    settings: Settings, store: RegistryStore, tmp_path: Path
+) -> None:
+    _install(settings, store, make_fake_model(tmp_path / "q"), "q")
+    settings.scheduler.queue_size_per_model = 10
+    settings.scheduler.critical_reserve = 4
+    manager = ModelManager(settings, store, CountingFactory())
+    svc = InferenceService(settings, manager)
+    try:
+        await svc.infer("q", {"text": "warm"})
+        blocker = asyncio.ensure_future(svc.infer("q", {"text": "sleep:400"}))
+        await asyncio.sleep(0.05)
+        normal = [asyncio.ensure_future(svc.infer("q", {"text": f"n{i}"})) for i in range(6)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(ModelMoraError) as exc:
+            await svc.infer("q", {"text": "one too many"})
+        assert exc.value.code is ErrorCode.QUEUE_FULL and exc.value.retry_after
+        critical = await svc.infer("q", {"text": "vip"}, priority="critical")
+        assert critical["result"]["embeddings"]
+        assert all(r["result"]["embeddings"] for r in await asyncio.gather(blocker, *normal))
+    finally:
+        await manager.shutdown()
+
+
+async def test_a_withdrawn_request_never_reaches_the_worker(
+    served: tuple[InferenceService, ModelManager, CountingFactory],
+) -> None:
+    svc, _, factory = served
+    await svc.infer("fake", {"text": "warm"})
+    blocker = asyncio.ensure_future(svc.infer("fake", {"text": "sleep:300"}))
+    await asyncio.sleep(0.05)
+    with pytest.raises(ModelMoraError):
+        await svc.infer("fake", {"text": "too late for me"}, timeout_seconds=0.05)
+    gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    call = asyncio.ensure_future(svc.infer("fake", {"text": "client left"}, disconnected=gone))
+    await asyncio.sleep(0.01)
+    gone.set_result(None)
+    with pytest.raises(ModelMoraError):
+        await call
+    await blocker
+    await svc.infer("fake", {"text": "after"})
+    seen = factory.runners[0]._core.adapter.seen  # type: ignore[union-attr]
+    assert "after" in seen and "too late for me" not in seen and "client left" not in seen

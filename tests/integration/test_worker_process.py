@@ -156,3 +156,24 @@ def test_worker_exits_when_its_server_is_killed(fake_model_dir: Path, tmp_path: 
         assert not _alive(worker_pid)
     finally:
         server.kill()
+
+
+async def test_a_waiting_critical_batch_runs_before_a_waiting_low_one(fake_model_dir: Path) -> None:
+    runner = _runner()
+    await runner.start(LoadSpec(str(fake_model_dir), "txt2embed", adapter="fake"), timeout=30)
+    finished: list[str] = []
+
+    async def run(name: str, text: str, priority: int) -> None:
+        await runner.infer([WorkItem(name, [text])], priority)
+        finished.append(name)
+
+    try:
+        busy = asyncio.ensure_future(run("busy", "sleep:300", 3))
+        await asyncio.sleep(0.1)
+        low = asyncio.ensure_future(run("low", "x", 4))
+        await asyncio.sleep(0.02)
+        critical = asyncio.ensure_future(run("critical", "y", 1))
+        await asyncio.gather(busy, low, critical)
+    finally:
+        await runner.close(grace=5)
+    assert finished == ["busy", "critical", "low"]

@@ -123,14 +123,11 @@ class ModelScheduler:
     async def _loop(self) -> None:
         """Dispatch when idle; while the worker computes, the next batch gathers and is sent
         ahead (so the worker starts it without a round trip) once it is full. At most one
-        batch waits in front of the worker."""
+        batch waits in front of the worker, except a batch led by a critical request, which
+        may join the line and is run first by the worker."""
         while True:
             computing = len(self._batches)
-            if (
-                not self._queue
-                or computing >= 2
-                or (computing == 1 and self._queue.items < self.limits.max_batch_size)
-            ):
+            if not self._queue or not self._may_send(computing):
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -153,6 +150,14 @@ class ModelScheduler:
                 self._batch_tasks.add(task)
                 task.add_done_callback(self._batch_tasks.discard)
 
+    def _may_send(self, computing: int) -> bool:
+        if computing == 0:
+            return True
+        head = self._queue.peek(self.clock())
+        if head is not None and head.priority is Priority.CRITICAL and computing < 3:
+            return True  # a critical batch may join the line: the worker runs it first
+        return computing == 1 and self._queue.items >= self.limits.max_batch_size
+
     async def _let_arrivals_land(self) -> None:
         """Dispatch when idle means when this process is idle too: requests whose bytes have
         already arrived are parsed in the next turns of the event loop, and cutting a batch
@@ -168,7 +173,7 @@ class ModelScheduler:
     async def _dispatch(self, batch: list[Entry]) -> None:
         items = [e.payload.item for e in batch]
         try:
-            done = await self.runner.infer(items)
+            done = await self.runner.infer(items, min(e.priority for e in batch))
         except ModelMoraError as exc:
             for entry in batch:
                 _settle(entry, exc)

@@ -62,6 +62,9 @@ class Load:
 class Infer:
     batch_id: int
     items: list[WorkItem]
+    # The most urgent priority in the batch (1 = critical): a worker with several batches
+    # waiting runs the most urgent first, so a critical batch overtakes one sent ahead.
+    priority: int = 3
 
 
 @dataclass(slots=True)

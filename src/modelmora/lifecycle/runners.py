@@ -57,7 +57,7 @@ class Runner(Protocol):
 
     async def start(self, spec: LoadSpec, timeout: float) -> Loaded: ...
 
-    async def infer(self, items: list[WorkItem]) -> BatchDone: ...
+    async def infer(self, items: list[WorkItem], priority: int = 3) -> BatchDone: ...
 
     async def cancel(self, request_ids: list[str]) -> None: ...
 
@@ -236,12 +236,12 @@ class ProcessRunner:
         if not self._closing:
             self._on_exit(reason)
 
-    async def infer(self, items: list[WorkItem]) -> BatchDone:
+    async def infer(self, items: list[WorkItem], priority: int = 3) -> BatchDone:
         batch_id = next(self._pending.ids)
         fut: asyncio.Future[BatchDone] = asyncio.get_running_loop().create_future()
         self._pending.batches[batch_id] = fut
         try:
-            self._send(Infer(batch_id, items))
+            self._send(Infer(batch_id, items, priority))
         except ModelMoraError:
             self._pending.batches.pop(batch_id, None)
             raise
@@ -334,7 +334,7 @@ class InProcessRunner:
         self._alive = True
         return reply
 
-    async def infer(self, items: list[WorkItem]) -> BatchDone:
+    async def infer(self, items: list[WorkItem], priority: int = 3) -> BatchDone:
         if not self._alive:
             raise _died("not running")
         async with self._lock:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import logging
 import os
 import queue
@@ -172,7 +173,13 @@ def _serve(sock: socket.socket) -> None:
             sock.sendall(data)
 
     core = WorkerCore(emit=send)
-    inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+    # Control messages first, then batches by priority, FIFO within one: (rank, seq, message).
+    inbox: queue.PriorityQueue[tuple[int, int, object]] = queue.PriorityQueue()
+    order = itertools.count()
+
+    def enqueue(message: object) -> None:
+        rank = message.priority if isinstance(message, Infer) else 0
+        inbox.put((rank, next(order), message))
 
     def reader() -> None:
         """Reads the channel; handles cancel and health at once so they never wait behind a
@@ -190,7 +197,7 @@ def _serve(sock: socket.socket) -> None:
                 elif isinstance(message, Health):
                     send(core.health(message))
                 else:
-                    inbox.put(message)
+                    enqueue(message)
         except (OSError, ValueError):
             pass
         # The server went away: nobody waits for what runs now. Exit at once rather than
@@ -199,7 +206,7 @@ def _serve(sock: socket.socket) -> None:
 
     threading.Thread(target=reader, name="channel-reader", daemon=True).start()
     while True:
-        message = inbox.get()
+        message = inbox.get()[2]
         if isinstance(message, Load):
             send(core.load(message.spec))
         elif isinstance(message, Prepare):

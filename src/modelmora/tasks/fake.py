@@ -15,6 +15,7 @@ import hashlib
 import math
 import os
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ class FakeEmbedder:
         self.fail_load = False
         self.ballast = bytearray()
         self.fail_health = False
+        self.seen: deque[str] = deque(maxlen=10_000)  # what reached the model, for tests
 
     def load(self, path: Path, device: str, dtype: str, options: dict[str, Any]) -> None:
         self.dim = int(options.get("dim", 8))
@@ -63,6 +65,7 @@ class FakeEmbedder:
 
     def forward(self, prepared: list[WorkItem], emit: EmitFn) -> list[WorkItem]:
         texts = [t for item in prepared for t in item.inputs]
+        self.seen.extend(texts)
         for text in texts:
             if isinstance(text, str) and text.startswith("exit:"):
                 os._exit(3)
