@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import itertools
 import shutil
-from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,7 @@ class InferenceService:
         timeout_seconds: float | None = None,
         keep_alive: float | None = None,
         trace_id: str | None = None,
-        disconnected: Awaitable[Any] | None = None,
+        disconnected: asyncio.Future[Any] | None = None,
     ) -> dict[str, Any]:
         """Validate, queue, wait; returns the common response (results may hold numpy
         arrays: the REST layer serialises them without a copy through orjson)."""
@@ -60,8 +59,7 @@ class InferenceService:
         )
         deadline = received + timeout
         item = WorkItem(f"r{next(_request_ids)}", parsed.inputs, parsed.params, trace_id)
-        # acquire/release rather than `async with manager.use(...)`: same effect, and the
-        # async context manager machinery is measurable on this path.
+        # The ref count keeps the model from being evicted or reaped while this runs.
         slot = await self.manager.acquire(name, record, deadline)
         try:
             scheduler = slot.scheduler
@@ -75,7 +73,7 @@ class InferenceService:
                 raise
             if done is None:
                 scheduler.withdraw(entry)
-                if disconnected is not None and _is_done(disconnected):
+                if disconnected is not None and disconnected.done():
                     raise ModelMoraError(ErrorCode.CANCELLED, "the client went away")
                 raise ModelMoraError(
                     ErrorCode.INFERENCE_TIMEOUT,
@@ -115,12 +113,8 @@ class InferenceService:
         return {"name": name, "warmed": True, "timing": response["timing"]}
 
 
-def _is_done(aw: Awaitable[Any]) -> bool:
-    return isinstance(aw, asyncio.Future) and aw.done()
-
-
 async def _wait(
-    future: asyncio.Future[Completed], timeout: float, disconnected: Awaitable[Any] | None
+    future: asyncio.Future[Completed], timeout: float, disconnected: asyncio.Future[Any] | None
 ) -> Completed | None:
     """The result, or None when the deadline passed or the client went away first."""
     if timeout <= 0:
@@ -132,7 +126,7 @@ async def _wait(
             return None
     # Whichever comes first: the result, the client leaving, the deadline. Plain callbacks
     # rather than asyncio.wait, which costs several times more per request.
-    watcher = asyncio.ensure_future(disconnected)
+    watcher = disconnected
     loop = asyncio.get_running_loop()
     waiter: asyncio.Future[None] = loop.create_future()
 

@@ -81,7 +81,7 @@ def to_full(body: BaseModel) -> InferRequest:
 
 
 async def run_infer(
-    mm: ModelMora, name: str, body: InferRequest, disconnected: Awaitable[Any]
+    mm: ModelMora, name: str, body: InferRequest, disconnected: asyncio.Future[Any]
 ) -> dict[str, Any]:
     if body.stream:
         raise ModelMoraError(

@@ -1,7 +1,7 @@
 """A pure priority queue: four levels, FIFO within a level, aging, and lazy removal.
 
-One deque per level keeps push and pop O(1); within a level the head is always the oldest
-entry, so aging only ever has to look at four heads. The clock is passed in.
+One binary heap with a static key (see RequestQueue): push and pop are O(log n) at about
+the cost of plain heapq; cancelled entries are dropped when they reach the top.
 """
 
 from __future__ import annotations

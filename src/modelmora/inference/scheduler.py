@@ -41,7 +41,6 @@ class Completed:
 class Pending:
     item: WorkItem
     future: asyncio.Future[Completed]
-    dispatched_at: float = 0.0
 
 
 class Admission:

@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,23 +139,6 @@ class ModelManager:
         return await asyncio.to_thread(self.store.get, name)
 
     # -- use ------------------------------------------------------------------------------
-
-    @contextlib.asynccontextmanager
-    async def use(
-        self,
-        name: str,
-        record: ModelRecord | None = None,
-        *,
-        deadline: float | None = None,
-        keep_alive: float | None = None,
-    ) -> AsyncIterator[ModelSlot]:
-        """Hold a model loaded for the duration of a request (its ref count keeps it from
-        being evicted or unloaded by keep-alive)."""
-        slot = await self.acquire(name, record, deadline)
-        try:
-            yield slot
-        finally:
-            self.release(slot, keep_alive)
 
     async def acquire(
         self,
