@@ -509,7 +509,9 @@ class ModelManager:
     # -- control --------------------------------------------------------------------------
 
     async def load(self, name: str, reason: str = "explicit load") -> ModelSlot:
-        slot = await self.acquire(name, reason=reason)
+        # Bounded like any request: a load waiting for memory gives up with INSUFFICIENT_MEMORY.
+        deadline = self.clock() + self.settings.lifecycle.load_timeout_seconds
+        slot = await self.acquire(name, deadline=deadline, reason=reason)
         self.release(slot)
         return slot
 
