@@ -177,3 +177,36 @@ async def test_a_waiting_critical_batch_runs_before_a_waiting_low_one(fake_model
     finally:
         await runner.close(grace=5)
     assert finished == ["busy", "critical", "low"]
+
+
+async def test_a_pipelined_worker_keeps_results_failures_and_priorities(tmp_path: Path) -> None:
+    """The GPU layout (preprocess in one thread, model in another), forced on the CPU."""
+    from tests.conftest import make_fake_model
+
+    folder = make_fake_model(tmp_path / "piped", pipeline=True)
+    runner = _runner()
+    await runner.start(LoadSpec(str(folder), "txt2embed", adapter="fake", options={"pipeline": True}), 30)
+    finished: list[str] = []
+
+    async def run(name: str, texts: list[str], priority: int = 3) -> object:
+        done = await runner.infer([WorkItem(name, texts)], priority)
+        finished.append(name)
+        return done.outcomes[0]
+
+    try:
+        busy = asyncio.ensure_future(run("busy", ["sleep:300"]))
+        await asyncio.sleep(0.1)
+        ahead = asyncio.ensure_future(run("ahead", ["a"]))  # prepared while busy computes
+        await asyncio.sleep(0.05)
+        low = asyncio.ensure_future(run("low", ["b"], 4))
+        await asyncio.sleep(0.02)
+        critical = asyncio.ensure_future(run("critical", ["c"], 1))
+        bad = asyncio.ensure_future(run("bad", ["fail:x"]))
+        outcomes = await asyncio.gather(busy, ahead, low, critical, bad)
+        assert [type(o).__name__ for o in outcomes] == ["ItemOk", "ItemOk", "ItemOk", "ItemOk", "ItemError"]
+        assert finished.index("critical") < finished.index("low")
+        many = await asyncio.gather(*(run(f"m{i}", [f"t{i}"]) for i in range(20)))
+        assert all(isinstance(o, ItemOk) for o in many)
+    finally:
+        await runner.close(grace=5)
+    assert not runner.alive

@@ -20,6 +20,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,17 @@ def _gpu_bytes() -> int:
     return gpu_bytes()
 
 
+@dataclass
+class Begun:
+    """A batch whose preprocessing is done (or failed), waiting for the model."""
+
+    message: Infer
+    live: list[WorkItem]
+    prepared: Any = None
+    failed: Exception | None = None
+    pre_ms: float = 0.0
+
+
 class WorkerCore:
     """Load a model, run batches, answer health checks. Every exception is turned into an
     outcome: bad input must never end the worker."""
@@ -99,26 +111,43 @@ class WorkerCore:
         )
 
     def infer(self, message: Infer) -> BatchDone:
+        return self.finish(self.begin(message))
+
+    def begin(self, message: Infer) -> Begun:
+        """The CPU part (drop cancelled items, preprocess): a pipelined worker runs it for
+        the next batch while `finish` runs the model on the current one."""
         started = time.perf_counter()
-        items = message.items
-        live = [i for i in items if i.request_id not in self.cancelled]
+        live = [i for i in message.items if i.request_id not in self.cancelled]
+        begun = Begun(message, live)
+        if self.adapter is not None and live:
+            try:
+                begun.prepared = self.adapter.preprocess(live)
+            except Exception as exc:
+                begun.failed = exc
+        begun.pre_ms = (time.perf_counter() - started) * 1000
+        return begun
+
+    def finish(self, begun: Begun) -> BatchDone:
+        started = time.perf_counter()
+        items = begun.message.items
         outcomes: dict[str, Outcome] = {
             i.request_id: ItemError("CANCELLED", "cancelled before it ran") for i in items
         }
         if self.adapter is None:
             err = ItemError("MODEL_LOAD_FAILED", "no model is loaded in this worker")
-            return BatchDone(message.batch_id, [err for _ in items], 0.0)
-        if live:
-            for item, outcome in zip(live, self._run(live), strict=True):
+            return BatchDone(begun.message.batch_id, [err for _ in items], 0.0)
+        if begun.live:
+            results = self._run(begun.live, begun)
+            for item, outcome in zip(begun.live, results, strict=True):
                 outcomes[item.request_id] = outcome
         for item in items:
             self.cancelled.discard(item.request_id)
         if len(self.cancelled) > 4096:  # cancels that came after their batch: forget them
             self.cancelled.clear()
-        compute_ms = (time.perf_counter() - started) * 1000
-        return BatchDone(message.batch_id, [outcomes[i.request_id] for i in items], compute_ms)
+        compute_ms = begun.pre_ms + (time.perf_counter() - started) * 1000
+        return BatchDone(begun.message.batch_id, [outcomes[i.request_id] for i in items], compute_ms)
 
-    def _run(self, items: list[WorkItem]) -> list[Outcome]:
+    def _run(self, items: list[WorkItem], begun: Begun | None = None) -> list[Outcome]:
         adapter = self.adapter
         assert adapter is not None
 
@@ -126,7 +155,9 @@ class WorkerCore:
             self._emit(Event(request_id, kind, data))
 
         try:
-            prepared = adapter.preprocess(items)
+            if begun is not None and begun.failed is not None:
+                raise begun.failed
+            prepared = begun.prepared if begun is not None else adapter.preprocess(items)
             output = adapter.forward(prepared, emit)
             outcomes = adapter.postprocess(output, items)
         except Exception as exc:
@@ -205,17 +236,71 @@ def _serve(sock: socket.socket) -> None:
         os._exit(0)
 
     threading.Thread(target=reader, name="channel-reader", daemon=True).start()
+    model: ModelThread | None = None
     while True:
+        if model is not None:
+            model.wait_for_room()  # hold a slot before choosing the next batch: choose late
         message = inbox.get()[2]
+        if model is not None:
+            if isinstance(message, Infer):
+                model.submit(core.begin(message))  # preprocess while the model computes
+                continue
+            model.room.release()  # not a batch: give the slot back
         if isinstance(message, Load):
-            send(core.load(message.spec))
+            loaded = core.load(message.spec)
+            # On a GPU the model runs in its own thread and this one tokenizes the next batch
+            # meanwhile; on a CPU both would share the same cores, so it stays sequential
+            # (the model option `pipeline` decides either way).
+            pipeline = message.spec.options.get("pipeline")
+            if pipeline is None:
+                pipeline = isinstance(loaded, Loaded) and loaded.device.startswith("cuda")
+            if isinstance(loaded, Loaded) and pipeline:
+                model = ModelThread(core, send)
+            send(loaded)
         elif isinstance(message, Prepare):
             send(core.prepare(message))
         elif isinstance(message, Infer):
             send(core.infer(message))
         elif isinstance(message, Close):
+            if model is not None:
+                model.stop()
             core.close()
             return
+
+
+class ModelThread:
+    """Runs `finish` (forward + postprocess) for batches that the main thread has begun.
+
+    One batch computes while at most one prepared batch waits for it: tokenizing overlaps the
+    GPU's work, and the next batch is picked from the inbox (by priority) as late as possible.
+    """
+
+    def __init__(self, core: WorkerCore, send: Callable[[object], None]) -> None:
+        self.core = core
+        self.send = send
+        self.handoff: queue.Queue[Begun | None] = queue.Queue(maxsize=1)
+        self.room = threading.Semaphore(1)
+        self.thread = threading.Thread(target=self._loop, name="model", daemon=True)
+        self.thread.start()
+
+    def wait_for_room(self) -> None:
+        self.room.acquire()
+
+    def submit(self, begun: Begun) -> None:
+        self.handoff.put(begun)
+
+    def _loop(self) -> None:
+        while True:
+            begun = self.handoff.get()
+            self.room.release()
+            if begun is None:
+                return
+            self.send(self.core.finish(begun))
+
+    def stop(self) -> None:
+        self.room.acquire()
+        self.handoff.put(None)
+        self.thread.join()
 
 
 def main(argv: list[str] | None = None) -> None:
