@@ -206,3 +206,23 @@ async def test_the_spare_only_takes_memory_no_model_needs(settings: Settings, ma
     await spares.wait_filled()
     assert not spares.ready and spares.pid is None
     assert manager.memory_status()["spare"]["ready"] is False
+
+
+async def test_a_spare_given_up_for_memory_comes_back(
+    settings: Settings, store: RegistryStore, tmp_path: Path, make_manager
+) -> None:  # type: ignore[no-untyped-def]
+    _install(settings, store, tmp_path, "big", memory_mb=300)
+    settings.resources.max_memory_mb = 600  # the spare (~410 MB) or the model, not both
+    spares = SparePool(enabled=True)
+    manager, svc = await make_manager(spares)
+    await spares.wait_filled()
+    assert spares.ready and spares.rss_bytes() > 300 << 20  # so the two cannot fit together
+    first_spare = spares.pid
+    await svc.infer("big", {"text": "x"}, keep_alive=0)  # evicts the spare, then unloads itself
+    assert _state(manager, "big") in ("ready", "unloading", "unloaded")
+    for _ in range(300):  # the reaper refills it once the budget has room again
+        if spares.ready:
+            break
+        await asyncio.sleep(0.1)
+    assert spares.ready and _state(manager, "big") == "unloaded"
+    assert spares.pid != first_spare  # a new spare, not the one given up

@@ -505,6 +505,9 @@ class ModelManager:
                 if slot is not None and slot.runner is not None and not slot.busy:
                     with contextlib.suppress(Exception):
                         await self.unload(name, f"keep-alive of {self._keep_alive_of(slot):g} s expired")
+            # A spare given up for memory comes back once the budget has room again.
+            if not self._load_lock.locked():
+                self.spares.fill(quiet=True)
 
     # -- control --------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 
 from modelmora.lifecycle.channel import Prepared
@@ -20,6 +21,8 @@ from modelmora.tasks.base import SPARE_MODULES
 log = logging.getLogger("modelmora.spare")
 
 SPARE_NAME = "<spare>"
+# A spare that failed to start or died is not retried sooner than this.
+RETRY_AFTER_FAILURE_SECONDS = 60.0
 
 
 class SparePool:
@@ -32,6 +35,7 @@ class SparePool:
         self._prepared: Prepared | None = None
         self._filling: asyncio.Task[None] | None = None
         self._closed = False
+        self._retry_after = 0.0  # monotonic time before which no new spare is started
 
     @property
     def ready(self) -> bool:
@@ -49,12 +53,16 @@ class SparePool:
         """What the last spare measured after its imports (its size for budget planning)."""
         return self._prepared.rss_bytes if self._prepared is not None else 0
 
-    def fill(self) -> None:
-        """Start a spare in the background unless one is ready or coming."""
+    def fill(self, quiet: bool = False) -> None:
+        """Start a spare in the background unless one is ready or coming, the budget has no
+        room for it, or a spare failed recently (`quiet`: the periodic retry, no log)."""
         if not self.enabled or self._closed or self.ready or self._filling is not None:
             return
+        if time.monotonic() < self._retry_after:
+            return
         if not self.fits():
-            log.info("warm spare not refilled: the memory budget has no room for it")
+            if not quiet:
+                log.info("warm spare not refilled: the memory budget has no room for it")
             return
         self._filling = asyncio.create_task(self._fill(), name="spare-fill")
 
@@ -71,6 +79,7 @@ class SparePool:
             if not isinstance(exc, Exception):
                 raise
             log.warning("warm spare failed to start", exc_info=True)
+            self._retry_after = time.monotonic() + RETRY_AFTER_FAILURE_SECONDS
             return
         finally:
             self._filling = None
@@ -90,6 +99,7 @@ class SparePool:
     def _on_spare_exit(self, reason: str) -> None:
         log.warning("warm spare exited", extra={"reason": reason})
         self._ready = None
+        self._retry_after = time.monotonic() + RETRY_AFTER_FAILURE_SECONDS
 
     def take(self, name: str, on_event: EventHandler, on_exit: ExitHandler) -> ProcessRunner | None:
         """The ready spare, now the model's; None when there is none (the caller spawns)."""
