@@ -47,7 +47,6 @@ class Server:
     proc: subprocess.Popen[bytes]
     url: str
     env: dict[str, str]
-    ready_seconds: float
     log: Path
     client: httpx.Client = field(init=False)
 
@@ -80,7 +79,7 @@ def start_server(data_dir: Path, log: Path, **env_extra: str) -> Server:
             raise AssertionError(f"server exited early:\n{log.read_text()}")
         try:
             if httpx.get(url + "/health/ready", timeout=1).status_code == 200:
-                return Server(proc, url, env, time.monotonic() - started, log)
+                return Server(proc, url, env, log)
         except httpx.HTTPError:
             pass
         time.sleep(0.05)

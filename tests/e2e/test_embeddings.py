@@ -49,8 +49,7 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
-def test_server_is_ready_fast_without_torch(server: Server) -> None:
-    assert server.ready_seconds < 30  # a sanity bound, not a benchmark: the figure is in bench/
+def test_the_server_process_never_loads_torch(server: Server) -> None:
     maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
     assert "libtorch" not in maps  # the server process never imports torch
 

@@ -4,7 +4,7 @@ crash loops and the warm spare."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -60,6 +60,15 @@ async def make_manager(settings: Settings, store: RegistryStore) -> AsyncIterato
     yield build
     for manager in managers:
         await manager.shutdown()
+
+
+async def _until(condition: Callable[[], bool], limit: float = 15.0) -> None:
+    """Poll instead of sleeping a guessed time: the machine may be slow, the test not flaky."""
+    for _ in range(int(limit / 0.05)):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not reached")
 
 
 def _state(manager: ModelManager, name: str) -> str:
@@ -126,17 +135,15 @@ async def test_keep_alive_global_per_request_and_forever(
 ) -> None:  # type: ignore[no-untyped-def]
     for name in ("short", "zero", "forever"):
         _install(settings, store, tmp_path, name)
-    settings.lifecycle.keep_alive_seconds = 0.5
+    settings.lifecycle.keep_alive_seconds = 3.0
     manager, svc = await make_manager()
-    await svc.infer("short", {"text": "x"})
     await svc.infer("zero", {"text": "x"}, keep_alive=0)
     await svc.infer("forever", {"text": "x"}, keep_alive=-1)
-    await asyncio.sleep(0.3)
-    assert _state(manager, "zero") == "unloaded"  # right after its request
-    assert _state(manager, "short") == "ready"
-    await asyncio.sleep(2.0)
-    assert _state(manager, "short") == "unloaded"
-    assert _state(manager, "forever") == "ready"
+    await svc.infer("short", {"text": "x"})
+    await _until(lambda: _state(manager, "zero") == "unloaded")  # right after its request
+    assert _state(manager, "short") == "ready"  # well inside its 3 s
+    await _until(lambda: _state(manager, "short") == "unloaded")
+    assert _state(manager, "forever") == "ready"  # -1: never by keep-alive
 
 
 async def test_failed_health_check_marks_unhealthy_retries_then_recovers(

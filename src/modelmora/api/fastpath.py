@@ -28,7 +28,7 @@ Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-_JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS  # numpy arrays without a copy
 _ROUTES: tuple[tuple[str, type[BaseModel]], ...] = (
     ("/api/v1/infer/", InferRequest),
     ("/infer/", ShortInferRequest),
@@ -122,7 +122,7 @@ async def handle(
         result = await run_infer(mm, name, to_full(parsed), watch)
     finally:
         watch.cancel()
-    payload = orjson.dumps(result, option=_JSON_OPTS)
+    payload = orjson.dumps(result, option=JSON_OPTIONS)
     await send(
         {
             "type": "http.response.start",

@@ -34,8 +34,6 @@ from modelmora.registry.lockfile import build_lock
 if TYPE_CHECKING:
     from modelmora.app import ModelMora
 
-_JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
-
 
 class JSON(Response):
     """orjson, with numpy arrays serialised directly (embeddings are never copied to lists)."""
@@ -43,7 +41,7 @@ class JSON(Response):
     media_type = "application/json"
 
     def render(self, content: Any) -> bytes:
-        return orjson.dumps(content, option=_JSON_OPTS)
+        return orjson.dumps(content, option=fastpath.JSON_OPTIONS)
 
 
 def _error(exc: ModelMoraError) -> Response:

@@ -52,10 +52,12 @@ class Admission:
         self.queued = 0
 
     def admit(self, priority: Priority, per_model_queued: int, per_model_limit: int) -> None:
-        reserve = 0 if priority is Priority.CRITICAL else self.critical_reserve
-        if self.queued >= self.queue_size - reserve or per_model_queued >= per_model_limit - (
-            0 if priority is Priority.CRITICAL else min(reserve, per_model_limit // 2)
-        ):
+        global_room, model_room = self.queue_size, per_model_limit
+        if priority is not Priority.CRITICAL:
+            # Non-critical requests stop short by the reserve (at most half a model's queue).
+            global_room -= self.critical_reserve
+            model_room -= min(self.critical_reserve, per_model_limit // 2)
+        if self.queued >= global_room or per_model_queued >= model_room:
             raise ModelMoraError(
                 ErrorCode.QUEUE_FULL,
                 "the queue is full; retry later",

@@ -295,7 +295,13 @@ class ModelThread:
             self.room.release()
             if begun is None:
                 return
-            self.send(self.core.finish(begun))
+            try:
+                self.send(self.core.finish(begun))
+            except BaseException:
+                # A bug here would leave the batch's futures waiting on the server: end the
+                # process instead, so they fail with WORKER_DIED (as in the sequential loop).
+                log.exception("model thread failed")
+                os._exit(1)
 
     def stop(self) -> None:
         self.room.acquire()
