@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 from modelmora import __version__
 from modelmora.config import Settings
+from modelmora.jobs.results import ResultStore, build_result_store
 from modelmora.lifecycle.manager import ModelManager
 from modelmora.lifecycle.runners import RunnerFactory, process_runner_factory
 from modelmora.lifecycle.spare import SparePool
@@ -34,7 +35,8 @@ class ModelMora:
         self.store = RegistryStore(settings.database_url)
         spares = SparePool(settings.resources.warm_spare and runner_factory is process_runner_factory)
         self.manager = ModelManager(settings, self.store, runner_factory, spares=spares)
-        self.inference = InferenceService(settings, self.manager)
+        self.results: ResultStore = build_result_store(settings)
+        self.inference = InferenceService(settings, self.manager, self.results)
         self.registry = RegistryService(settings, self.store, self.manager)
         self.ready = False
         self.draining = False
@@ -81,6 +83,7 @@ class ModelMora:
     async def stop(self) -> None:
         self.ready = False
         await self.manager.shutdown()
+        await self.results.close()
         await asyncio.to_thread(self.store.close)
         log.info("modelmora stopped")
 

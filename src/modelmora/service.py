@@ -17,6 +17,7 @@ from modelmora.config import Settings
 from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.inference.queue import parse_priority
 from modelmora.inference.scheduler import Completed
+from modelmora.jobs.results import ResultStore, build_result_store
 from modelmora.lifecycle.channel import WorkItem
 from modelmora.lifecycle.manager import ModelManager
 from modelmora.registry.catalog import ModelRecord, ModelState, validate_name
@@ -29,9 +30,11 @@ _request_ids = itertools.count(1)
 
 
 class InferenceService:
-    def __init__(self, settings: Settings, manager: ModelManager) -> None:
+    def __init__(self, settings: Settings, manager: ModelManager, results: ResultStore | None = None) -> None:
         self.settings = settings
         self.manager = manager
+        # Where large results (images) go; the response then carries a URL.
+        self.results = results or build_result_store(settings)
 
     async def infer(
         self,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modelmora import __version__
@@ -212,6 +212,19 @@ def build_router() -> APIRouter:
     @r.get("/api/v1/status", tags=["management"])
     async def status(request: Request) -> Response:
         return JSON(_mm(request).status())
+
+    # -- stored results --------------------------------------------------------------------
+
+    @r.get("/api/v1/results/{key}", tags=["jobs"], responses=_ERRORS)
+    async def get_result_file(request: Request, key: str) -> Response:
+        """A large result (an image, a big embedding batch) kept in the result store."""
+        store = _mm(request).results
+        obj = await store.stat(key)
+        return StreamingResponse(
+            store.chunks(key, 1 << 20),
+            media_type=obj.content_type,
+            headers={"content-length": str(obj.size), "cache-control": "private, max-age=3600"},
+        )
 
     # -- health ----------------------------------------------------------------------------
 
