@@ -230,10 +230,11 @@ def test_a_full_queue_is_resource_exhausted_with_retry_after(
 
 def test_infer_stream_answers_in_completion_order(infer: pb_grpc.InferenceServiceStub) -> None:
     infer.Infer(build_request("slow", {"text": "warm"}))
+    infer.Infer(build_request("fake", {"text": "warm"}))
     sent = threading.Event()
 
     def requests() -> Iterator[pb.InferRequest]:
-        yield build_request("slow", {"text": "sleep:800"}, request_id="slow-1")
+        yield build_request("slow", {"text": "sleep:1500"}, request_id="slow-1")
         yield build_request("fake", {"text": "quick"}, request_id="fast-2")
         yield build_request("fake", {"text": "fail: this one"}, request_id="bad-3")
         yield build_request("ghost", {"text": "x"}, request_id="missing-4")
