@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import itertools
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +48,11 @@ class InferenceService:
         keep_alive: float | None = None,
         trace_id: str | None = None,
         disconnected: asyncio.Future[Any] | None = None,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         """Validate, queue, wait; returns the common response (results may hold numpy
-        arrays: the REST layer serialises them without a copy through orjson)."""
+        arrays: the REST layer serialises them without a copy through orjson). `on_event`
+        receives the worker's events for this request (progress, tokens) on the loop."""
         received = self.manager.clock()
         validate_name(name)  # also refuses NAME@VERSION: the active version serves
         record = await self.manager.record(name)
@@ -68,6 +71,8 @@ class InferenceService:
             scheduler = slot.scheduler
             if scheduler is None:  # the worker died between load and use
                 raise ModelMoraError(ErrorCode.WORKER_DIED, f"the worker of {name!r} is gone")
+            if on_event is not None:
+                slot.event_handlers[item.request_id] = lambda ev: on_event(ev.kind, ev.data)
             entry = scheduler.submit(item, level, deadline)
             try:
                 done = await _wait(entry.payload.future, deadline - self.manager.clock(), disconnected)
@@ -85,6 +90,7 @@ class InferenceService:
                 )
             loaded = slot.loaded
         finally:
+            slot.event_handlers.pop(item.request_id, None)
             self.manager.release(slot, keep_alive)
         total_ms = (self.manager.clock() - received) * 1000
         return {

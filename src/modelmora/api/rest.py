@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from modelmora import __version__
 from modelmora.api import fastpath
 from modelmora.api.edge import EdgeMiddleware, error_response_parts
+from modelmora.api.jobs import build_jobs_router
 from modelmora.api.schemas import (
     ErrorBody,
     InferRequest,
@@ -257,6 +258,7 @@ def create_rest_app(mm: ModelMora) -> FastAPI:
         lifespan=mm.lifespan,
     )
     app.state.mm = mm
+    app.include_router(build_jobs_router())  # first: `/infer/{name}/async` before `/infer/{name:path}`
     app.include_router(build_router())
 
     @app.exception_handler(ModelMoraError)
