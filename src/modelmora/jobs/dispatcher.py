@@ -79,10 +79,10 @@ class JobDispatcher:
             if room > 0 and self._claiming:
                 now = self.clock()
                 limit = self._per_model_limit()
-                skip = {m for m, n in self._per_model.items() if n >= limit}
-                skip |= {m for m, until in self._backoff_until.items() if until > now}
+                share = {m: limit - n for m, n in self._per_model.items()}
+                share |= {m: 0 for m, until in self._backoff_until.items() if until > now}
                 try:
-                    jobs = await self.store.claim(min(room, limit), skip, now)
+                    jobs = await self.store.claim(room, share, limit, now)
                 except Exception:
                     log.exception("claiming jobs failed")
                     jobs = []

@@ -1,11 +1,13 @@
 """The job store for several replicas: Redis streams with a consumer group.
 
-Each job is a hash; its id also sits in one stream per priority level, read by the consumer
-group `workers` in which every replica is a consumer. Reading an entry puts it in the
-replica's pending list; the replica renews it (XCLAIM, which resets its idle time) while the
-job runs and acknowledges it when the job ends. A replica that dies stops renewing, and once
-its entries have been idle longer than `jobs.lease_seconds` any other replica takes them over
-with XAUTOCLAIM and runs the jobs again (at-least-once; `attempts` counts the runs).
+Each job is a hash; its id also sits in one stream per model and priority level, read by the
+consumer group `workers` in which every replica is a consumer. Streams per model let a replica
+leave the jobs of a model whose queue is already full to the others (`room`). Reading an
+entry puts it in the replica's pending list; the replica renews it (XCLAIM, which resets its
+idle time) while the job runs and acknowledges it when the job ends. A replica that dies
+stops renewing, and once its entries have been idle longer than `jobs.lease_seconds` any
+other replica takes them over with XAUTOCLAIM and runs the jobs again (at-least-once;
+`attempts` counts the runs).
 
 Every status change is one Lua script, so two replicas can never both move a job (for
 example, finish it and cancel it) and the per-status indexes stay in step with the hashes.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -172,22 +175,34 @@ class RedisJobStore:
         self._release = self._redis.register_script(_RELEASE)
         self._cancel = self._redis.register_script(_CANCEL)
         self._entries: dict[str, tuple[str, str]] = {}  # running job -> (stream, entry id)
+        self._ready_models: set[str] = set()
 
     def _job(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}"
 
-    def _stream(self, priority: int) -> str:
-        return f"{self.prefix}stream:{priority}"
+    def _stream(self, model: str, priority: int) -> str:
+        return f"{self.prefix}stream:{model}:{priority}"
 
-    async def open(self) -> None:
+    async def _ensure_streams(self, model: str) -> None:
+        """Every model gets its streams and their group once, recorded in `models`."""
         import redis.exceptions
 
+        if model in self._ready_models:
+            return
         for level in _LEVELS:
             try:
-                await self._redis.xgroup_create(self._stream(level), GROUP, id="0", mkstream=True)
+                await self._redis.xgroup_create(self._stream(model, level), GROUP, id="0", mkstream=True)
             except redis.exceptions.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
+        await self._redis.sadd(f"{self.prefix}models", model)
+        self._ready_models.add(model)
+
+    async def _models(self) -> list[str]:
+        return sorted(m.decode() for m in await self._redis.smembers(f"{self.prefix}models"))
+
+    async def open(self) -> None:
+        await self._redis.ping()
 
     async def close(self) -> None:
         # Leave this consumer's pending entries: whatever it did not finish is taken over.
@@ -206,6 +221,7 @@ class RedisJobStore:
                         raise idempotency_conflict(key, found.job_id)
                     return found, False
                 await self._redis.set(idem, job.job_id, ex=IDEMPOTENCY_TTL_SECONDS)  # its job expired
+        await self._ensure_streams(job.model)
         pending = int(await self._redis.zcard(f"{self.prefix}status:queued"))
         if pending >= max_pending:
             if idem is not None:
@@ -224,7 +240,7 @@ class RedisJobStore:
             "cancel_requested", "0",
         ]  # fmt: skip
         await self._create(
-            keys=[self._job(job.job_id), self._stream(job.priority)],
+            keys=[self._job(job.job_id), self._stream(job.model, job.priority)],
             args=[self.prefix, job.job_id, repr(job.created_at), *fields],
         )
         return job, True
@@ -267,37 +283,50 @@ class RedisJobStore:
         self._entries[job_id] = (stream, entry)
         return await self.get(job_id)
 
-    async def claim(self, limit: int, skip_models: set[str], now: float) -> list[JobRecord]:
+    async def claim(
+        self, limit: int, room: Mapping[str, int], default_room: int, now: float
+    ) -> list[JobRecord]:
         """Jobs of dead replicas first (their entries idle past the lease), then new ones by
-        priority. `skip_models` is not honoured here: an entry read is this replica's to
-        run, and the scheduler's own admission covers the rare overflow."""
+        priority, then age within a model. A job's age across models is not compared: each
+        model's streams are read in turn (name order) within a priority level."""
         claimed: list[JobRecord] = []
-        for level in _LEVELS:
-            if len(claimed) >= limit:
-                return claimed
-            stream = self._stream(level)
-            _next, entries, *_ = await self._redis.xautoclaim(
-                stream, GROUP, self.consumer, self.lease_ms, start_id="0-0", count=limit - len(claimed)
-            )
-            for entry_id, fields in entries:
-                if not fields:  # deleted while pending
-                    await self._redis.xack(stream, GROUP, entry_id)
-                    continue
-                job = await self._take(stream, entry_id.decode(), fields[b"job"].decode(), now, takeover=True)
-                if job is not None:
-                    claimed.append(job)
-        for level in _LEVELS:
+        left = {m: room.get(m, default_room) for m in await self._models()}
+        models = [m for m, n in left.items() if n > 0]
+
+        def want(model: str) -> int:
+            return min(limit - len(claimed), left[model])
+
+        for model in models:
+            for level in _LEVELS:
+                if want(model) <= 0:
+                    break
+                stream = self._stream(model, level)
+                _next, entries, *_ = await self._redis.xautoclaim(
+                    stream, GROUP, self.consumer, self.lease_ms, start_id="0-0", count=want(model)
+                )
+                for entry_id, fields in entries:
+                    if not fields:  # deleted while pending
+                        await self._redis.xack(stream, GROUP, entry_id)
+                        continue
+                    job_id = fields[b"job"].decode()
+                    job = await self._take(stream, entry_id.decode(), job_id, now, takeover=True)
+                    if job is not None:
+                        claimed.append(job)
+                        left[model] -= 1
+        for level, model in ((lv, m) for lv in _LEVELS for m in models):
             if len(claimed) >= limit:
                 break
-            stream = self._stream(level)
-            want = limit - len(claimed)
-            read = await self._redis.xreadgroup(GROUP, self.consumer, {stream: ">"}, count=want)
+            if want(model) <= 0:
+                continue
+            stream = self._stream(model, level)
+            read = await self._redis.xreadgroup(GROUP, self.consumer, {stream: ">"}, count=want(model))
             for _stream, entries in read or []:
                 for entry_id, fields in entries:
                     job_id = fields[b"job"].decode()
                     job = await self._take(stream, entry_id.decode(), job_id, now, takeover=False)
                     if job is not None:
                         claimed.append(job)
+                        left[model] -= 1
         return claimed
 
     async def heartbeat(self, job_ids: list[str], now: float) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -203,23 +203,32 @@ class SqliteJobStore:
 
         return await self._run(run)
 
-    async def claim(self, limit: int, skip_models: set[str], now: float) -> list[JobRecord]:
+    async def claim(
+        self, limit: int, room: Mapping[str, int], default_room: int, now: float
+    ) -> list[JobRecord]:
         if limit <= 0:
             return []
-        skip = sorted(skip_models)
-        clause = f"AND model NOT IN ({', '.join('?' * len(skip))})" if skip else ""
+        full = sorted(m for m, n in room.items() if n <= 0)
+        clause = f"AND model NOT IN ({', '.join('?' * len(full))})" if full else ""
 
         def claim(db: sqlite3.Connection) -> list[JobRecord]:
             db.execute("BEGIN IMMEDIATE")
             try:
-                ids = [
-                    r[0]
-                    for r in db.execute(
-                        f"SELECT job_id FROM jobs WHERE status = 'queued' {clause} "
-                        "ORDER BY priority, created_at LIMIT ?",
-                        [*skip, limit],
-                    )
-                ]
+                # Candidates in order; a model's share is capped here, not in SQL.
+                left = dict(room)
+                ids: list[str] = []
+                rows = db.execute(
+                    f"SELECT job_id, model FROM jobs WHERE status = 'queued' {clause} "
+                    "ORDER BY priority, created_at LIMIT ?",
+                    [*full, limit * 8],
+                )
+                for job_id, model in rows:
+                    share = left.get(model, default_room)
+                    if share > 0:
+                        ids.append(job_id)
+                        left[model] = share - 1
+                        if len(ids) >= limit:
+                            break
                 marks = ", ".join("?" * len(ids))
                 if ids:
                     db.execute(
@@ -228,13 +237,13 @@ class SqliteJobStore:
                         [now, *ids],
                     )
                 query = f"SELECT {_COLUMNS} FROM jobs WHERE job_id IN ({marks}) ORDER BY priority, created_at"
-                rows = db.execute(query, ids).fetchall()
+                found = db.execute(query, ids).fetchall()
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
-            return [_row_to_job(r) for r in rows]
+            return [_row_to_job(r) for r in found]
 
         return await self._run(claim)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -143,10 +144,13 @@ class JobStore(Protocol):
     ) -> tuple[list[JobRecord], int]:
         """Newest first."""
 
-    async def claim(self, limit: int, skip_models: set[str], now: float) -> list[JobRecord]:
+    async def claim(
+        self, limit: int, room: Mapping[str, int], default_room: int, now: float
+    ) -> list[JobRecord]:
         """Take up to `limit` queued jobs (priority, then age) for this replica: they become
-        `processing` with `attempts` + 1. Jobs of models in `skip_models` stay queued. Also
-        returns jobs whose lease ran out on a dead replica."""
+        `processing` with `attempts` + 1. At most `room.get(model, default_room)` jobs of a
+        model (0: leave that model's jobs to other replicas, or to later). Also returns jobs
+        whose lease ran out on a dead replica."""
 
     async def heartbeat(self, job_ids: list[str], now: float) -> None:
         """Renew this replica's leases on the jobs it runs."""
