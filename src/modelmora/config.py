@@ -64,6 +64,8 @@ class RegistrySettings(_Section):
     cache_dir: Path | None = None
     hub_endpoint: str | None = None
     hub_token: str | None = None
+    # s3:// sources; None: boto3's AWS_ENDPOINT_URL(_S3) or AWS itself.
+    s3_endpoint_url: str | None = None
 
 
 class ResourcesSettings(_Section):
