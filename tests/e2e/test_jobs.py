@@ -277,3 +277,31 @@ def test_redis_store_two_replicas_one_killed(tmp_path: Path) -> None:
         r = redis.Redis.from_url(REDIS_URL)
         for key in r.scan_iter(match=f"{prefix}*"):
             r.delete(key)
+
+
+def test_large_results_in_an_s3_bucket_come_back_by_presigned_url(tmp_path: Path, s3_endpoint: str) -> None:
+    from tests.conftest import new_bucket
+
+    bucket = new_bucket(s3_endpoint)
+    data = tmp_path / "data"
+    env = clean_env(data)
+    cli(env, "install", str(make_fake_model(tmp_path / "fake")), "--name", "fake")
+    srv = start_server(
+        data,
+        tmp_path / "server.log",
+        MODELMORA_RESULTS__BACKEND="s3",
+        MODELMORA_RESULTS__S3__ENDPOINT_URL=s3_endpoint,
+        MODELMORA_RESULTS__S3__BUCKET=bucket,
+        MODELMORA_RESULTS__INLINE_MAX_BYTES="1000",
+    )
+    try:
+        texts = [f"s3 text {i}" for i in range(40)]
+        job = submit(srv.client, "fake", texts).json()["job_id"]
+        assert wait_job(srv.client, job, {"completed", "failed"})["status"] == "completed"
+        ref = srv.client.get(f"/api/v1/jobs/{job}/result").json()["result"]
+        assert ref["url"].startswith(f"{s3_endpoint}/{bucket}/modelmora/") and "Signature=" in ref["url"]
+        fetched = httpx.get(ref["url"])
+        assert fetched.status_code == 200
+        assert fetched.json()["embeddings"] == [fake_vector(t, 8) for t in texts]
+    finally:
+        srv.stop()
