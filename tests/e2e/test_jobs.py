@@ -88,6 +88,19 @@ def test_idempotency_key_gives_the_same_job_and_refuses_another_body(jobs_server
     assert other.json()["details"]["job_id"] == first.json()["job_id"]
 
 
+def test_cli_lists_jobs(jobs_server: Server) -> None:
+    c = jobs_server.client
+    job = submit(c, "fake", "from the cli").json()["job_id"]
+    wait_job(c, job, {"completed"})
+    wide = {**jobs_server.env, "COLUMNS": "200"}
+    shown = cli(wide, "--url", jobs_server.url, "jobs", "--status", "completed", "--limit", "1000")
+    assert job in shown.stdout and "completed" in shown.stdout
+    none = cli(jobs_server.env, "--url", jobs_server.url, "jobs", "--status", "cancelled", "--model", "nope")
+    assert "0 in all" in none.stdout
+    bad = cli(jobs_server.env, "--url", jobs_server.url, "jobs", "--status", "sleeping", check=False)
+    assert bad.returncode != 0 and "VALIDATION_ERROR" in bad.stdout + bad.stderr
+
+
 def test_bad_requests_get_clear_errors(jobs_server: Server) -> None:
     c = jobs_server.client
     missing = c.get(f"/api/v1/jobs/{uuid.uuid4()}")
