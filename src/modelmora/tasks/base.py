@@ -13,8 +13,34 @@ from typing import Any, Protocol
 
 from modelmora.lifecycle.channel import Outcome, WorkItem
 
-# Emits a streamed event for one request: (request_id, kind, data).
-EmitFn = Callable[[str, str, dict[str, Any]], None]
+
+class EmitFn(Protocol):
+    """What `forward` gets: send a streamed event for one request, and ask whether a request
+    was cancelled meanwhile, so long work (generation, diffusion steps) can drop it between
+    steps and let its batch-mates continue."""
+
+    def __call__(self, request_id: str, kind: str, data: dict[str, Any]) -> None: ...
+
+    def cancelled(self, request_id: str) -> bool: ...
+
+
+class Emitter:
+    """The worker's EmitFn: events go out through `send`; cancellations are read from the set
+    that the worker's channel reader fills while the model computes (a membership test under
+    the GIL, no lock needed)."""
+
+    __slots__ = ("_cancelled", "_send")
+
+    def __init__(self, send: Callable[[str, str, dict[str, Any]], None], cancelled: set[str]) -> None:
+        self._send = send
+        self._cancelled = cancelled
+
+    def __call__(self, request_id: str, kind: str, data: dict[str, Any]) -> None:
+        self._send(request_id, kind, data)
+
+    def cancelled(self, request_id: str) -> bool:
+        return request_id in self._cancelled
+
 
 HEALTH_CHECK_ID = "health-check"
 
@@ -45,6 +71,11 @@ class TaskAdapter(Protocol):
 _ADAPTERS: dict[tuple[str, str | None], str] = {
     ("txt2embed", None): "modelmora.tasks.txt2embed:SentenceEmbedder",
     ("txt2embed", "fake"): "modelmora.tasks.fake:FakeEmbedder",
+    ("txt2txt", None): "modelmora.tasks.txt2txt:TextGenerator",
+    ("txt2txt", "fake"): "modelmora.tasks.fake:FakeGenerator",
+    ("img2embed", None): "modelmora.tasks.img2embed:ImageEmbedder",
+    ("img2txt", None): "modelmora.tasks.img2txt:ImageCaptioner",
+    ("txt2img", None): "modelmora.tasks.txt2img:ImageGenerator",
 }
 
 
