@@ -175,7 +175,10 @@ def _grouped(*specs: tuple[str, object]) -> RequestQueue:
         ([("a", "s1"), ("b", None), ("c", "s1"), ("d", "s2")], [["a", "c"], ["b"], ["d"]]),
         ([("a", None), ("b", "s1"), ("c", None), ("d", "s1")], [["a", "c"], ["b", "d"]]),
         # Equal keys batch together (seeded requests with identical parameters and seed).
-        ([("a", ("seeded", 1.0, 7)), ("b", ("seeded", 1.0, 7)), ("c", ("seeded", 1.0, 8))], [["a", "b"], ["c"]]),
+        (
+            [("a", ("seeded", 1.0, 7)), ("b", ("seeded", 1.0, 7)), ("c", ("seeded", 1.0, 8))],
+            [["a", "b"], ["c"]],
+        ),
     ],
 )
 def test_next_batch_keeps_groups_apart(specs: list[tuple[str, object]], batches: list[list[str]]) -> None:

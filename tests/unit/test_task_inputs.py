@@ -145,7 +145,9 @@ def test_txt2img_parameters() -> None:
     parsed = parse_input("txt2img", {"text": "a cat"}, {"width": 64, "height": 32, "steps": 2}, LIMITS)
     assert parsed.params["width"] == 64 and parsed.params["steps"] == 2
     assert parsed.params["response_format"] == "url" and parsed.params["num_images"] == 1
-    other = parse_input("txt2img", {"text": "a dog"}, {"width": 64, "height": 32, "steps": 2, "seed": 1}, LIMITS)
+    other = parse_input(
+        "txt2img", {"text": "a dog"}, {"width": 64, "height": 32, "steps": 2, "seed": 1}, LIMITS
+    )
     assert parsed.group == other.group  # seeds differ per image, sizes must not
     assert parsed.group != parse_input("txt2img", {"text": "x"}, {"width": 72}, LIMITS).group
 

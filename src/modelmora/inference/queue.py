@@ -7,9 +7,9 @@ the cost of plain heapq; cancelled entries are dropped when they reach the top.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from enum import IntEnum
-from collections.abc import Hashable
 from heapq import heappop, heappush
 from typing import Any
 

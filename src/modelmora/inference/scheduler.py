@@ -101,7 +101,9 @@ class ModelScheduler:
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name=f"scheduler-{self.name}")
 
-    def submit(self, item: WorkItem, priority: Priority, deadline: float, group: Hashable | None = None) -> Entry:
+    def submit(
+        self, item: WorkItem, priority: Priority, deadline: float, group: Hashable | None = None
+    ) -> Entry:
         if self._closed is not None:
             raise self._closed
         self.admission.admit(priority, len(self._queue), self.queue_size)

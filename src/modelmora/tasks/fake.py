@@ -91,6 +91,8 @@ class FakeEmbedder:
     def _step(self, items: list[WorkItem], emit: EmitFn) -> set[str]:
         """Stepping mode: the request ids dropped because they were cancelled between steps."""
         dropped: set[str] = set()
+        if any(i.request_id == HEALTH_CHECK_ID for i in items):
+            return dropped  # the check after load need not sit through the steps
         live = list(items)
         for step in range(1, self.steps + 1):
             dropped.update(i.request_id for i in live if emit.cancelled(i.request_id))
@@ -152,7 +154,8 @@ class FakeGenerator:
         # One row per prompt, all advanced in lockstep as a batched generate would be.
         rows = [(item, prompt_text(p)) for item in prepared for p in item.inputs]
         words: list[list[str]] = [[] for _ in rows]
-        finish: list[str | None] = [None] * len(rows)
+        # A "fail:" prompt fails before its first token (postprocess reports it).
+        finish: list[str | None] = ["error" if p.startswith("fail:") else None for _, p in rows]
         cancelled: set[str] = set()
         longest = max((int(item.params.get("max_tokens", 16)) for item, _ in rows), default=0)
         for step in range(longest):
