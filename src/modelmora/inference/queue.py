@@ -107,7 +107,6 @@ class RequestQueue:
         for entry in entries:
             self.push(entry)
 
-
     def cancel(self, entry: Entry) -> bool:
         """Mark an entry dead; it is dropped when it reaches the head. False if already gone
         (popped, in flight, cancelled, or never pushed): not ours to count down."""

@@ -6,6 +6,7 @@ needs it, and the server process (which imports this module for `SAMPLE_INPUTS`)
 
 from __future__ import annotations
 
+import base64
 import importlib
 from collections.abc import Callable
 from pathlib import Path
@@ -45,8 +46,21 @@ class Emitter:
 HEALTH_CHECK_ID = "health-check"
 
 # A built-in sample per task for the health check after load.
+# A 16x16 PNG: image tasks check themselves with it (no Pillow needed to build it here).
+SAMPLE_PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAACQkWg2AAAAGklEQVR42mOssDnBQApgYiARjGoY1TB0NAAAvMQBnP/YHNIAAAAASUVORK5CYII="
+)
+_GREEDY_ONE = {"max_tokens": 1, "temperature": 0.0}
+
 SAMPLE_INPUTS: dict[str, WorkItem] = {
     "txt2embed": WorkItem(request_id=HEALTH_CHECK_ID, inputs=["ModelMora health check."]),
+    "txt2txt": WorkItem(HEALTH_CHECK_ID, ["ModelMora health check."], dict(_GREEDY_ONE)),
+    "img2embed": WorkItem(HEALTH_CHECK_ID, [SAMPLE_PNG], {"normalize": False}),
+    "img2txt": WorkItem(HEALTH_CHECK_ID, [SAMPLE_PNG], dict(_GREEDY_ONE)),
+    # One small step: proves the whole pipeline runs without the cost of a real picture.
+    "txt2img": WorkItem(
+        HEALTH_CHECK_ID, ["health check"], {"steps": 1, "width": 64, "height": 64, "guidance_scale": 0.0}
+    ),
 }
 
 
@@ -81,7 +95,13 @@ _ADAPTERS: dict[tuple[str, str | None], str] = {
 
 # What a warm spare imports ahead of time: the libraries the real adapters load. A task whose
 # adapter needs none of them (the fake one) does not use the spare.
-SPARE_MODULES = ["torch", "sentence_transformers", "transformers", "modelmora.tasks.txt2embed"]
+SPARE_MODULES = [
+    "torch",
+    "sentence_transformers",
+    "transformers",
+    "modelmora.tasks.txt2embed",
+    "modelmora.tasks.txt2txt",
+]
 
 
 def uses_spare(task_type: str, adapter: str | None) -> bool:
