@@ -97,9 +97,9 @@ def make_tiny_captioner(folder: Path) -> Path:
     import torch
     from transformers import (
         GPT2LMHeadModel,
+        VisionEncoderDecoderModel,
         ViTImageProcessor,
         ViTModel,
-        VisionEncoderDecoderModel,
     )
 
     torch.manual_seed(0)
