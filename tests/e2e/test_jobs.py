@@ -318,3 +318,39 @@ def test_large_results_in_an_s3_bucket_come_back_by_presigned_url(tmp_path: Path
         assert fetched.json()["embeddings"] == [fake_vector(t, 8) for t in texts]
     finally:
         srv.stop()
+
+
+def test_progress_moves_and_a_running_job_cancelled_stops_between_steps(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    env = clean_env(data)
+    stepper = make_fake_model(tmp_path / "stepper", steps=20, step_ms=100)
+    cli(env, "install", str(stepper), "--name", "stepper")
+    srv = start_server(data, tmp_path / "server.log", MODELMORA_JOBS__POLL_SECONDS="0.1")
+    try:
+        c = srv.client
+        job = submit(c, "stepper", "progressing").json()["job_id"]
+        seen: list[float] = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            body = c.get(f"/api/v1/jobs/{job}").json()
+            if body["status"] == "completed":
+                break
+            if body["progress"] is not None:
+                seen.append(body["progress"])
+            time.sleep(0.1)
+        assert body["status"] == "completed" and body["progress"] == 1.0
+        assert len(set(seen)) >= 3 and seen == sorted(seen)  # it moved, forwards only
+        assert all(0 < p < 1 for p in seen)
+
+        # Cancel one mid-run: it ends cancelled where it was (the worker drops it between
+        # steps: tests/integration cover that at the worker), and the model serves on.
+        doomed = submit(c, "stepper", "doomed").json()["job_id"]
+        while (c.get(f"/api/v1/jobs/{doomed}").json()["progress"] or 0) < 0.2:
+            time.sleep(0.05)
+        assert c.delete(f"/api/v1/jobs/{doomed}").json()["status"] in {"processing", "cancelled"}
+        final = wait_job(c, doomed, {"cancelled", "completed"})
+        assert final["status"] == "cancelled" and final["progress"] < 1
+        after = submit(c, "stepper", "after").json()["job_id"]
+        assert wait_job(c, after, {"completed", "failed"})["status"] == "completed"
+    finally:
+        srv.stop()
