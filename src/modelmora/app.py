@@ -19,7 +19,9 @@ from fastapi import FastAPI
 
 from modelmora import __version__
 from modelmora.config import Settings
+from modelmora.jobs.dispatcher import JobDispatcher
 from modelmora.jobs.results import ResultStore, build_result_store
+from modelmora.jobs.service import JobService, build_job_store
 from modelmora.lifecycle.manager import ModelManager
 from modelmora.lifecycle.runners import RunnerFactory, process_runner_factory
 from modelmora.lifecycle.spare import SparePool
@@ -43,6 +45,9 @@ class ModelMora:
         self.results: ResultStore = build_result_store(settings)
         self.inference = InferenceService(settings, self.manager, self.results)
         self.registry = RegistryService(settings, self.store, self.manager)
+        self.job_store = build_job_store(settings)
+        self.dispatcher = JobDispatcher(settings, self.job_store, self.inference, self.results)
+        self.jobs = JobService(settings, self.job_store, self.dispatcher, self.results, self.manager)
         self.ready = False
         self.draining = False
         self.inflight = 0  # HTTP requests in progress, counted by the edge middleware
@@ -60,6 +65,9 @@ class ModelMora:
         self.settings.server.data_dir.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(self.store.create_schema)
         await self.manager.start()
+        # Jobs left queued or processing by a previous run are taken up again from here.
+        await self.job_store.open()
+        self.dispatcher.start()
         for name in self.settings.lifecycle.preload:
             try:
                 await self.manager.load(name, reason="preload")
@@ -82,12 +90,20 @@ class ModelMora:
         log.info("draining", extra={"in_flight": self.inflight})
         while self.inflight > 0 and time.monotonic() < deadline:  # noqa: ASYNC110 - a counter, polled briefly
             await asyncio.sleep(0.05)
-        if self.inflight:
-            log.warning("drain timed out", extra={"in_flight": self.inflight})
+        await self.dispatcher.drain(deadline)
+        if self.inflight or self.dispatcher.running:
+            log.warning(
+                "drain timed out",
+                extra={"in_flight": self.inflight, "jobs_running": len(self.dispatcher.running)},
+            )
 
     async def stop(self) -> None:
         self.ready = False
+        # Jobs first: a job still running goes back to the queue instead of failing with
+        # SHUTTING_DOWN when the workers stop.
+        await self.dispatcher.stop()
         await self.manager.shutdown()
+        await self.job_store.close()
         await self.results.close()
         await asyncio.to_thread(self.store.close)
         log.info("modelmora stopped")

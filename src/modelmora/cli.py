@@ -491,6 +491,39 @@ def unload(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Model n
 
 
 @app.command()
+def jobs(
+    ctx: typer.Context,
+    status: Annotated[
+        str | None, typer.Option("--status", help="queued|processing|completed|failed|cancelled")
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Only this model's jobs")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="How many, newest first")] = 50,
+) -> None:
+    """Async jobs of the running server, newest first."""
+    settings = _c(ctx).settings()
+    params = {k: v for k, v in (("status", status), ("model", model)) if v}
+    query = "&".join(f"{k}={v}" for k, v in params.items())
+    try:
+        body = _raise_for(
+            _require_server(ctx, settings, "GET", f"/api/v1/jobs?page_size={limit}&{query}".rstrip("&"))
+        )
+    except ModelMoraError as exc:
+        raise _fail(exc) from None
+    table = Table(title=f"jobs ({body['meta']['total']} in all)")
+    table.add_column("job id", no_wrap=True, min_width=36)  # ids are copied from here
+    for col in ("model", "status", "priority", "progress", "attempts", "created", "error"):
+        table.add_column(col)
+    for j in body["data"]:
+        progress = f"{j['progress'] * 100:.0f}%" if j["progress"] is not None else "-"
+        error = (j["error"] or {}).get("error_code", "")
+        table.add_row(
+            j["job_id"], j["model"], j["status"], str(j["priority"]), progress, str(j["attempts"]),
+            j["created_at"][:19], error,
+        )  # fmt: skip
+    out.print(table)
+
+
+@app.command()
 def status(ctx: typer.Context) -> None:
     """The running server's status."""
     settings = _c(ctx).settings()

@@ -72,6 +72,8 @@ class RegistrySettings(_Section):
     cache_dir: Path | None = None
     hub_endpoint: str | None = None
     hub_token: str | None = None
+    # s3:// sources; None: boto3's AWS_ENDPOINT_URL(_S3) or AWS itself.
+    s3_endpoint_url: str | None = None
 
 
 class ResourcesSettings(_Section):
@@ -122,9 +124,18 @@ class SchedulerSettings(_Section):
 class JobsSettings(_Section):
     backend: Literal["sqlite", "redis"] = "sqlite"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = Field("modelmora:", min_length=1, max_length=64)
     max_pending: int = Field(10_000, ge=1)
     queued_ttl_seconds: float = Field(24 * 3600, gt=0)
     result_ttl_seconds: float = Field(24 * 3600, gt=0)
+    # Jobs one replica runs at once (each model also stops at 2 * its max_batch_size).
+    max_running: int = Field(256, ge=1)
+    # Runs of one job that ended with its worker dying before the job is failed.
+    max_attempts: int = Field(3, ge=1)
+    # Redis: a replica silent this long has its jobs taken over by another.
+    lease_seconds: float = Field(30.0, gt=0)
+    poll_seconds: float = Field(0.5, gt=0)
+    expiry_interval_seconds: float = Field(60.0, gt=0)
 
 
 class S3Settings(_Section):

@@ -7,26 +7,50 @@ between interfaces.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import shutil
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from modelmora.config import Settings
 from modelmora.errors import ErrorCode, ModelMoraError
-from modelmora.inference.queue import parse_priority
+from modelmora.inference.queue import Priority, parse_priority
 from modelmora.inference.scheduler import Completed
-from modelmora.jobs.results import ResultStore, build_result_store
+from modelmora.jobs.results import ResultStore, build_result_store, new_key
 from modelmora.lifecycle.channel import WorkItem
 from modelmora.lifecycle.manager import ModelManager
 from modelmora.registry.catalog import ModelRecord, ModelState, validate_name
 from modelmora.registry.store import RegistryStore
 from modelmora.tasks.base import SAMPLE_INPUTS
-from modelmora.tasks.inputs import parse_input
+from modelmora.tasks.image_urls import IMAGE_INPUT_TASKS, fetch_image_urls
+from modelmora.tasks.inputs import STREAMING_TASKS, ParsedInput, parse_input
 
 # Request ids only need to be unique within this server (they name work items to its workers).
 _request_ids = itertools.count(1)
+
+
+@dataclass(slots=True)
+class _Call:
+    """One validated request, ready to queue."""
+
+    name: str
+    record: ModelRecord
+    parsed: ParsedInput
+    item: WorkItem
+    level: Priority
+    timeout: float
+    received: float
+
+    @property
+    def deadline(self) -> float:
+        return self.received + self.timeout
+
+
+EventCallback = Callable[[str, dict[str, Any]], None]
 
 
 class InferenceService:
@@ -47,28 +71,114 @@ class InferenceService:
         keep_alive: float | None = None,
         trace_id: str | None = None,
         disconnected: asyncio.Future[Any] | None = None,
+        on_event: EventCallback | None = None,
     ) -> dict[str, Any]:
         """Validate, queue, wait; returns the common response (results may hold numpy
-        arrays: the REST layer serialises them without a copy through orjson)."""
+        arrays: the REST layer serialises them without a copy through orjson).
+
+        `on_event(kind, data)` is called on the event loop for each event the worker emits
+        for this request (`token`, `progress`), in order, all before this call returns."""
+        call = await self._prepare(name, input_data, parameters, priority, timeout_seconds, trace_id)
+        return await self._run(call, keep_alive, disconnected, on_event)
+
+    async def stream(
+        self,
+        name: str,
+        input_data: dict[str, Any],
+        parameters: dict[str, Any] | None = None,
+        *,
+        priority: str | int | None = None,
+        timeout_seconds: float | None = None,
+        keep_alive: float | None = None,
+        trace_id: str | None = None,
+        disconnected: asyncio.Future[Any] | None = None,
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """The request's events as `{"event": "token"|"progress", "data": ...}`, then
+        `{"event": "done", "data": <the common response>}` or `{"event": "error", "data":
+        <error body>}`. An error before the first event (unknown model, bad input, queue full,
+        load failure) is raised as ModelMoraError instead, so a door can still answer it with
+        a plain status. Closing the iterator early cancels the request, in the worker too."""
+        call = await self._prepare(name, input_data, parameters, priority, timeout_seconds, trace_id)
+        task_type = call.record.task_type.value
+        if task_type not in STREAMING_TASKS:
+            raise ModelMoraError(
+                ErrorCode.VALIDATION_ERROR,
+                "streaming is for generation tasks",
+                {"errors": [{"field": "stream", "message": f"not supported for {task_type}"}]},
+            )
+        call.item.params["stream"] = True  # the adapter emits per-token events only when asked
+        events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+        def on_event(kind: str, data: dict[str, Any]) -> None:
+            events.put_nowait({"event": kind, "data": data})
+
+        task = asyncio.ensure_future(self._run(call, keep_alive, disconnected, on_event))
+        # Every event reaches the queue before the result does (one ordered channel), so the
+        # sentinel put when the call ends comes after the last event.
+        task.add_done_callback(lambda _t: events.put_nowait(None))
+        sent = 0
+        try:
+            while (event := await events.get()) is not None:
+                sent += 1
+                yield event
+            try:
+                response = task.result()
+            except ModelMoraError as exc:
+                if not sent:
+                    raise
+                yield {"event": "error", "data": exc.to_body(trace_id)}
+                return
+            yield {"event": "done", "data": response}
+        finally:
+            if not task.done():  # the consumer left early: withdraw the work, in the worker too
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ModelMoraError):
+                    await task
+
+    async def _prepare(
+        self,
+        name: str,
+        input_data: dict[str, Any],
+        parameters: dict[str, Any] | None,
+        priority: str | int | None,
+        timeout_seconds: float | None,
+        trace_id: str | None,
+    ) -> _Call:
         received = self.manager.clock()
         validate_name(name)  # also refuses NAME@VERSION: the active version serves
         record = await self.manager.record(name)
         defaults = record.config.get("parameters") or {}
         params = {**defaults, **(parameters or {})}
-        parsed = parse_input(record.task_type.value, input_data, params, self.settings.limits)
+        task = record.task_type.value
+        if task in IMAGE_INPUT_TASKS:
+            input_data = await fetch_image_urls(input_data, self.settings.limits)
+        parsed = parse_input(task, input_data, params, self.settings.limits)
         level = parse_priority(priority)
         timeout = timeout_seconds or float(
-            record.config.get("default_timeout_seconds") or self.settings.timeout_for(record.task_type.value)
+            record.config.get("default_timeout_seconds") or self.settings.timeout_for(task)
         )
-        deadline = received + timeout
-        item = WorkItem(f"r{next(_request_ids)}", parsed.inputs, parsed.params, trace_id)
+        item = WorkItem(f"r{next(_request_ids)}", parsed.inputs, dict(parsed.params), trace_id)
+        return _Call(name, record, parsed, item, level, timeout, received)
+
+    async def _run(
+        self,
+        call: _Call,
+        keep_alive: float | None,
+        disconnected: asyncio.Future[Any] | None,
+        on_event: EventCallback | None,
+    ) -> dict[str, Any]:
+        name, record, item, deadline = call.name, call.record, call.item, call.deadline
         # The ref count keeps the model from being evicted or reaped while this runs.
         slot = await self.manager.acquire(name, record, deadline)
+        if on_event is not None:
+            callback = on_event
+            # Registered before the work is queued, so no event can arrive unrouted.
+            slot.event_handlers[item.request_id] = lambda ev: callback(ev.kind, ev.data)
         try:
             scheduler = slot.scheduler
             if scheduler is None:  # the worker died between load and use
                 raise ModelMoraError(ErrorCode.WORKER_DIED, f"the worker of {name!r} is gone")
-            entry = scheduler.submit(item, level, deadline)
+            entry = scheduler.submit(item, call.level, deadline, call.parsed.group)
             try:
                 done = await _wait(entry.payload.future, deadline - self.manager.clock(), disconnected)
             except asyncio.CancelledError:  # the handler itself was cancelled: drop the work
@@ -80,15 +190,17 @@ class InferenceService:
                     raise ModelMoraError(ErrorCode.CANCELLED, "the client went away")
                 raise ModelMoraError(
                     ErrorCode.INFERENCE_TIMEOUT,
-                    f"no result within {timeout:g} s",
-                    {"timeout_seconds": timeout},
+                    f"no result within {call.timeout:g} s",
+                    {"timeout_seconds": call.timeout},
                 )
             loaded = slot.loaded
         finally:
+            slot.event_handlers.pop(item.request_id, None)
             self.manager.release(slot, keep_alive)
-        total_ms = (self.manager.clock() - received) * 1000
+        result = await self._result(record, done, call.parsed)
+        total_ms = (self.manager.clock() - call.received) * 1000
         return {
-            "result": _result(record, done, parsed.single),
+            "result": result,
             "metadata": {
                 "model": name,
                 "version": slot.version,
@@ -104,16 +216,54 @@ class InferenceService:
             },
         }
 
+    async def _result(self, record: ModelRecord, done: Completed, parsed: ParsedInput) -> dict[str, Any]:
+        task = record.task_type.value
+        value: Any = done.value
+        if task == "txt2img":
+            return await self._images(value, parsed.params)
+        if task in ("txt2txt", "img2txt"):
+            return generation_result(value, parsed.single)
+        if parsed.single:
+            value = value[0]
+        return {"embeddings": value}
+
+    async def _images(self, value: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+        """PNGs inline (`b64_json`, when small enough) or in the result store (a URL)."""
+        inline_max = self.settings.results.inline_max_bytes
+        images: list[dict[str, str]] = []
+        for png in value["images"]:
+            if params.get("response_format") == "b64_json" and len(png) * 4 // 3 <= inline_max:
+                images.append({"b64_json": base64.b64encode(png).decode("ascii")})
+            else:
+                images.append({"url": await self.results.put(new_key(".png"), png)})
+        return {"images": images, "seed": value["seed"]}
+
     async def warmup(self, name: str) -> dict[str, Any]:
         """Load the model and run the task's built-in sample through the real path (queue,
         batcher, worker), so the first user request meets warm caches."""
         record = await self.manager.record(validate_name(name))
         sample = SAMPLE_INPUTS.get(record.task_type.value)
-        if sample is None:
+        if sample is None or record.task_type.value != "txt2embed":
+            # Other tasks' samples are not REST inputs (image bytes); the load runs them.
             await self.manager.load(name)
             return {"name": name, "warmed": False}
         response = await self.infer(name, {"text": sample.inputs}, dict(sample.params))
         return {"name": name, "warmed": True, "timing": response["timing"]}
+
+
+def generation_result(rows: list[dict[str, Any]], single: bool) -> dict[str, Any]:
+    """txt2txt and img2txt: `text` and `finish_reason` (one, or a list), `usage` summed."""
+    usage = {
+        "prompt_tokens": sum(int(r.get("prompt_tokens", 0)) for r in rows),
+        "completion_tokens": sum(int(r.get("completion_tokens", 0)) for r in rows),
+    }
+    texts = [r["text"] for r in rows]
+    reasons = [r["finish_reason"] for r in rows]
+    return {
+        "text": texts[0] if single else texts,
+        "finish_reason": reasons[0] if single else reasons,
+        "usage": usage,
+    }
 
 
 async def _wait(
@@ -149,13 +299,6 @@ async def _wait(
     if future.done():
         return future.result()
     return None
-
-
-def _result(record: ModelRecord, done: Completed, single: bool) -> dict[str, Any]:
-    value: Any = done.value
-    if single:
-        value = value[0]
-    return {"embeddings": value}
 
 
 class RegistryService:

@@ -444,13 +444,6 @@ def test_progress_bar_does_not_disturb_the_fetch(
     assert capsys.readouterr().out == ""  # bars go to stderr, never stdout
 
 
-def test_s3_is_not_there_yet(staging: Path, cache: Path) -> None:
-    with pytest.raises(ModelMoraError) as info:
-        fetch("x", "s3://bucket/x", staging_dir=staging, cache_dir=cache, progress=False)
-    assert info.value.code is ErrorCode.SOURCE_UNAVAILABLE
-    assert info.value.message == "S3 sources arrive with issue 5"
-
-
 # ------------------------------------------------------------------------------------------
 # http(s) URLs and archives
 

@@ -157,3 +157,44 @@ def test_hold_until_uses_the_oldest_live_entry_of_any_priority() -> None:
     assert hold_until(q, 1.5, limits) is None  # the oldest waited long enough
     q.cancel(first)  # the oldest gone: the next oldest decides
     assert hold_until(q, 2.05, limits) == pytest.approx(2.1)
+
+
+def _grouped(*specs: tuple[str, object]) -> RequestQueue:
+    q = RequestQueue(NO_AGING)
+    for i, (name, group) in enumerate(specs):
+        q.push(Entry(Priority.NORMAL, float(i), 100.0, 1, name, group))
+    return q
+
+
+@pytest.mark.parametrize(
+    ("specs", "batches"),
+    [
+        # No groups: one batch, as before.
+        ([("a", None), ("b", None), ("c", None)], [["a", "b", "c"]]),
+        # The head's group decides; other groups stay queued in their order.
+        ([("a", "s1"), ("b", None), ("c", "s1"), ("d", "s2")], [["a", "c"], ["b"], ["d"]]),
+        ([("a", None), ("b", "s1"), ("c", None), ("d", "s1")], [["a", "c"], ["b", "d"]]),
+        # Equal keys batch together (seeded requests with identical parameters and seed).
+        (
+            [("a", ("seeded", 1.0, 7)), ("b", ("seeded", 1.0, 7)), ("c", ("seeded", 1.0, 8))],
+            [["a", "b"], ["c"]],
+        ),
+    ],
+)
+def test_next_batch_keeps_groups_apart(specs: list[tuple[str, object]], batches: list[list[str]]) -> None:
+    q = _grouped(*specs)
+    got = []
+    while len(q):
+        batch, expired = next_batch(q, 0.0, BatchLimits(max_batch_size=8))
+        assert not expired
+        got.append(names(batch))
+    assert got == batches
+
+
+def test_skipped_entries_keep_their_counts_and_the_batch_limit_holds() -> None:
+    q = _grouped(*[(f"x{i}", i % 2) for i in range(10)])
+    batch, _ = next_batch(q, 0.0, BatchLimits(max_batch_size=3))
+    assert names(batch) == ["x0", "x2", "x4"]
+    assert len(q) == 7 and q.items == 7
+    batch, _ = next_batch(q, 0.0, BatchLimits(max_batch_size=8))
+    assert names(batch) == ["x1", "x3", "x5", "x7", "x9"]

@@ -37,8 +37,9 @@ API_TABLE: dict[str, tuple[int, str, bool]] = {
     "SHUTTING_DOWN": (503, "UNAVAILABLE", True),
 }
 
-# Codes the server needs beyond API.md's table (unexpected failures, unknown routes).
-EXTRA_CODES = {"INTERNAL_ERROR", "NOT_FOUND", "METHOD_NOT_ALLOWED"}
+# Codes the server needs beyond API.md's table (unexpected failures, unknown routes,
+# cancelling a job that already finished).
+EXTRA_CODES = {"INTERNAL_ERROR", "NOT_FOUND", "METHOD_NOT_ALLOWED", "JOB_FINISHED"}
 
 GRPC_STATUS_NAMES = {
     "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",

@@ -95,7 +95,7 @@ class EdgeMiddleware:
                     (b"content-type", b"application/json")
                 ]
             app_receive = receive
-            route = fastpath.match(scope["method"], path) if self.fast is not None else None
+            route = fastpath.match(scope["method"], path, ctype) if self.fast is not None else None
             body: bytes | None = None
             if route is not None or (length is None and scope["method"] in ("POST", "PUT", "PATCH")):
                 # The inference fast path takes the body whole; a chunked body has no length

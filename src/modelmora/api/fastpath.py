@@ -11,7 +11,9 @@ same service call and the same error shape.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import email.parser
+import email.policy
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -35,16 +37,67 @@ _ROUTES: tuple[tuple[str, type[BaseModel]], ...] = (
 )
 
 
-def match(method: str, path: str) -> tuple[str, type[BaseModel]] | None:
-    """(model name, body schema) when this request is a synchronous inference."""
+def match(method: str, path: str, content_type: bytes = b"") -> tuple[str, Any] | None:
+    """(model name, body schema) when this request is a synchronous inference. A multipart
+    body (image uploads) gets a `MultipartForm` in place of the JSON schema."""
     if method != "POST":
         return None
     for prefix, schema in _ROUTES:
         if path.startswith(prefix):
             name = path[len(prefix) :]
             if name and not name.endswith("/async"):
+                if content_type.lower().startswith(b"multipart/form-data"):
+                    return name, MultipartForm(content_type)
                 return name, schema
     return None
+
+
+class MultipartForm:
+    """`multipart/form-data` for image tasks: one or more `image` file parts, and the other
+    request fields as plain parts (`parameters` as JSON text). Parsed by the standard
+    library's MIME parser: the body is already whole and within the size limit here."""
+
+    _SCALARS = ("priority", "timeout_seconds", "keep_alive", "stream")
+
+    def __init__(self, content_type: bytes) -> None:
+        self.content_type = content_type
+
+    def model_validate_json(self, body: bytes) -> InferRequest:
+        head = b"Content-Type: " + self.content_type + b"\r\nMIME-Version: 1.0\r\n\r\n"
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+        if not message.is_multipart():
+            raise _form_error("body", "not a multipart/form-data body")
+        images: list[bytes] = []
+        fields: dict[str, Any] = {}
+        for part in message.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            payload = part.get_payload(decode=True)
+            data = payload if isinstance(payload, bytes) else b""
+            if name == "image":
+                images.append(data)
+            elif name == "parameters":
+                try:
+                    fields["parameters"] = orjson.loads(data or b"{}")
+                except orjson.JSONDecodeError:
+                    raise _form_error("parameters", "must be a JSON object") from None
+            elif name in self._SCALARS:
+                text = data.decode("utf-8", "replace").strip()
+                fields[str(name)] = text.lower() in ("1", "true", "yes") if name == "stream" else text
+            else:
+                raise _form_error(str(name), "not a field of an inference form")
+        if not images:
+            raise _form_error("image", "at least one image file part is required")
+        input_data: dict[str, Any] = {"image": images[0] if len(images) == 1 else images}
+        try:
+            return InferRequest.model_validate({"input_data": input_data, **fields})
+        except ValidationError as exc:
+            raise validation_error(exc.errors(include_url=False)) from None  # type: ignore[arg-type]
+
+
+def _form_error(field: str, message: str) -> ModelMoraError:
+    return ModelMoraError(
+        ErrorCode.VALIDATION_ERROR, f"{field}: {message}", {"errors": [{"field": field, "message": message}]}
+    )
 
 
 def validation_error(errors: list[dict[str, Any]]) -> ModelMoraError:
@@ -80,15 +133,52 @@ def to_full(body: BaseModel) -> InferRequest:
     )
 
 
+def open_stream(
+    mm: ModelMora, name: str, body: InferRequest, disconnected: asyncio.Future[Any]
+) -> AsyncGenerator[dict[str, Any], None]:
+    return mm.inference.stream(
+        name,
+        body.input_data,
+        body.parameters,
+        priority=body.priority,
+        timeout_seconds=body.timeout_seconds,
+        keep_alive=body.keep_alive,
+        trace_id=current_trace_id.get(),
+        disconnected=disconnected,
+    )
+
+
+def sse(event: dict[str, Any]) -> bytes:
+    """One server-sent event: `event: <kind>` and `data: <json>`, then a blank line."""
+    data = orjson.dumps(event["data"], option=JSON_OPTIONS)
+    kind: str = event["event"]
+    return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
+
+
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),  # proxies must not hold tokens back
+]
+
+
+async def send_stream(events: AsyncGenerator[dict[str, Any], None], send: Send) -> None:
+    """The first event is awaited before the status line: an error before it (bad input,
+    queue full, load failure) still gets its own status and JSON body."""
+    try:
+        first = await anext(events)
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        await send({"type": "http.response.body", "body": sse(first), "more_body": True})
+        async for event in events:
+            await send({"type": "http.response.body", "body": sse(event), "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    finally:
+        await events.aclose()  # a client gone mid-stream: this cancels the work
+
+
 async def run_infer(
     mm: ModelMora, name: str, body: InferRequest, disconnected: asyncio.Future[Any]
 ) -> dict[str, Any]:
-    if body.stream:
-        raise ModelMoraError(
-            ErrorCode.VALIDATION_ERROR,
-            "streaming is for generation tasks",
-            {"errors": [{"field": "stream", "message": "not supported for this task"}]},
-        )
     return await mm.inference.infer(
         name,
         body.input_data,
@@ -109,17 +199,19 @@ def _disconnect(receive: Receive) -> asyncio.Future[None]:
     return asyncio.ensure_future(wait())
 
 
-async def handle(
-    mm: ModelMora, name: str, schema: type[BaseModel], body: bytes, receive: Receive, send: Send
-) -> None:
+async def handle(mm: ModelMora, name: str, schema: Any, body: bytes, receive: Receive, send: Send) -> None:
     """Answer one inference request; errors are raised as ModelMoraError for the edge."""
     try:
         parsed = schema.model_validate_json(body or b"null")
     except ValidationError as exc:
         raise validation_error(exc.errors(include_url=False)) from None  # type: ignore[arg-type]
+    full = to_full(parsed)
     watch = _disconnect(receive)
     try:
-        result = await run_infer(mm, name, to_full(parsed), watch)
+        if full.stream:
+            await send_stream(open_stream(mm, name, full, watch), send)
+            return
+        result = await run_infer(mm, name, full, watch)
     finally:
         watch.cancel()
     payload = orjson.dumps(result, option=JSON_OPTIONS)

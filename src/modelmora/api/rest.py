@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from modelmora import __version__
 from modelmora.api import fastpath
 from modelmora.api.edge import EdgeMiddleware, error_response_parts
+from modelmora.api.jobs import build_jobs_router
 from modelmora.api.schemas import (
     ErrorBody,
     InferRequest,
@@ -81,6 +83,27 @@ def build_router() -> APIRouter:
     # OpenAPI document and run the same code if the fast path is ever turned off.
     async def _infer(request: Request, name: str, body: InferRequest) -> Response:
         watch = _disconnect_watch(request)
+        if body.stream:
+            events = fastpath.open_stream(_mm(request), name, body, watch)
+            try:
+                first = await anext(events)  # an error before it is a plain error response
+            except BaseException:
+                watch.cancel()
+                await events.aclose()
+                raise
+
+            async def chunks() -> AsyncIterator[bytes]:
+                try:
+                    yield fastpath.sse(first)
+                    async for event in events:
+                        yield fastpath.sse(event)
+                finally:
+                    watch.cancel()
+                    await events.aclose()
+
+            return StreamingResponse(
+                chunks(), headers={k.decode(): v.decode() for k, v in fastpath.SSE_HEADERS}
+            )
         try:
             result = await fastpath.run_infer(_mm(request), name, body, watch)
         finally:
@@ -257,6 +280,7 @@ def create_rest_app(mm: ModelMora) -> FastAPI:
         lifespan=mm.lifespan,
     )
     app.state.mm = mm
+    app.include_router(build_jobs_router())  # first: `/infer/{name}/async` before `/infer/{name:path}`
     app.include_router(build_router())
 
     @app.exception_handler(ModelMoraError)

@@ -78,3 +78,34 @@ class ErrorBody(BaseModel):
     message: str
     details: dict[str, Any]
     trace_id: str | None
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    status: str
+    created_at: str
+
+
+class JobStatusBody(BaseModel):
+    job_id: str
+    model: str
+    status: str = Field(description="queued|processing|completed|failed|cancelled")
+    priority: int
+    progress: float | None = Field(None, description="0..1 where the task reports steps")
+    created_at: str
+    started_at: str | None
+    completed_at: str | None
+    attempts: int = Field(description="runs so far; more than 1 after a crash or restart (at-least-once)")
+    error: ErrorBody | None
+
+
+class ListMeta(BaseModel):
+    total: int
+    page: int
+    page_size: int
+    total_pages: int
+
+
+class JobList(BaseModel):
+    data: list[JobStatusBody]
+    meta: ListMeta

@@ -7,6 +7,7 @@ the cost of plain heapq; cancelled entries are dropped when they reach the top.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from heapq import heappop, heappush
@@ -59,6 +60,9 @@ class Entry:
     deadline: float
     size: int
     payload: Any = None
+    # Entries share a batch only when their groups are equal (the parameters one forward pass
+    # must share, e.g. a seed or an image size); None is the task's common group.
+    group: Hashable | None = None
     cancelled: bool = field(default=False)
     queued: bool = field(default=False)  # pushed, neither popped nor cancelled
 
@@ -96,6 +100,12 @@ class RequestQueue:
         heappush(self._heap, (entry.priority * self._aging + entry.arrival, next(self._seq), entry))
         self._live += 1
         self._items += entry.size
+
+    def put_back(self, entries: list[Entry]) -> None:
+        """Return popped entries in their old places (the key is static; the sequence number
+        only breaks ties, and these keep their relative order)."""
+        for entry in entries:
+            self.push(entry)
 
     def cancel(self, entry: Entry) -> bool:
         """Mark an entry dead; it is dropped when it reaches the head. False if already gone

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from modelmora.errors import ErrorCode, ModelMoraError
@@ -101,12 +101,16 @@ class ModelScheduler:
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name=f"scheduler-{self.name}")
 
-    def submit(self, item: WorkItem, priority: Priority, deadline: float) -> Entry:
+    def submit(
+        self, item: WorkItem, priority: Priority, deadline: float, group: Hashable | None = None
+    ) -> Entry:
         if self._closed is not None:
             raise self._closed
         self.admission.admit(priority, len(self._queue), self.queue_size)
         future: asyncio.Future[Completed] = asyncio.get_running_loop().create_future()
-        entry = Entry(priority, self.clock(), deadline, max(1, len(item.inputs)), Pending(item, future))
+        entry = Entry(
+            priority, self.clock(), deadline, max(1, len(item.inputs)), Pending(item, future), group
+        )
         self._queue.push(entry)
         self.admission.queued += 1
         self._wake.set()

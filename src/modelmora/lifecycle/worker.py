@@ -46,7 +46,7 @@ from modelmora.lifecycle.channel import (
     Prepared,
     WorkItem,
 )
-from modelmora.tasks.base import SAMPLE_INPUTS, TaskAdapter, adapter_for
+from modelmora.tasks.base import SAMPLE_INPUTS, Emitter, TaskAdapter, adapter_for
 
 log = logging.getLogger("modelmora.worker")
 
@@ -151,9 +151,10 @@ class WorkerCore:
         adapter = self.adapter
         assert adapter is not None
 
-        def emit(request_id: str, kind: str, data: dict[str, Any]) -> None:
+        def send(request_id: str, kind: str, data: dict[str, Any]) -> None:
             self._emit(Event(request_id, kind, data))
 
+        emit = Emitter(send, self.cancelled)
         try:
             if begun is not None and begun.failed is not None:
                 raise begun.failed

@@ -106,6 +106,7 @@ def install(
         revision=req.revision,
         hub_endpoint=settings.registry.hub_endpoint,
         hub_token=settings.registry.hub_token,
+        s3_endpoint_url=settings.registry.s3_endpoint_url,
         progress=progress,
         expected_files=req.expected_files,
     )

@@ -1,5 +1,5 @@
 """Fetch a model's files from where they live: the Hugging Face Hub, a local folder or file, an
-http(s) URL (a single file or an archive), or S3 (not yet).
+http(s) URL (a single file or an archive), or an S3-compatible bucket (registry/s3source.py).
 
 Every fetch ends in one of two ways: a `FetchResult` that names a folder holding the files and
 the sha256 of every one of them, or a `ModelMoraError`. Nothing else escapes, and a failed fetch
@@ -155,6 +155,7 @@ def fetch(
     revision: str | None = None,
     hub_endpoint: str | None = None,
     hub_token: str | None = None,
+    s3_endpoint_url: str | None = None,
     progress: bool = True,
     expected_files: dict[str, str] | None = None,
 ) -> FetchResult:
@@ -165,12 +166,6 @@ def fetch(
     reach or read the source raise SOURCE_UNAVAILABLE; nothing is left in `staging_dir`.
     """
     kind = classify_source(model_id, source)
-    if kind == "s3":
-        raise ModelMoraError(
-            ErrorCode.SOURCE_UNAVAILABLE,
-            "S3 sources arrive with issue 5",
-            {"source": source, "source_kind": "s3"},
-        )
     if kind == "hub":
         repo_id = source[5:].strip("/") if source else model_id
         assert repo_id is not None  # classify_source checked it
@@ -201,6 +196,10 @@ def fetch(
     try:
         if kind == "local":
             origin, files, sizes = _fetch_local(source, fetch_dir, staging_dir, progress)
+        elif kind == "s3":
+            from modelmora.registry.s3source import fetch_s3
+
+            origin, files, sizes = fetch_s3(source, fetch_dir, s3_endpoint_url, progress)
         else:
             origin, files, sizes = _fetch_url(source, fetch_dir, staging_dir, progress)
         if expected_files is not None:

@@ -6,6 +6,7 @@ needs it, and the server process (which imports this module for `SAMPLE_INPUTS`)
 
 from __future__ import annotations
 
+import base64
 import importlib
 from collections.abc import Callable
 from pathlib import Path
@@ -13,14 +14,53 @@ from typing import Any, Protocol
 
 from modelmora.lifecycle.channel import Outcome, WorkItem
 
-# Emits a streamed event for one request: (request_id, kind, data).
-EmitFn = Callable[[str, str, dict[str, Any]], None]
+
+class EmitFn(Protocol):
+    """What `forward` gets: send a streamed event for one request, and ask whether a request
+    was cancelled meanwhile, so long work (generation, diffusion steps) can drop it between
+    steps and let its batch-mates continue."""
+
+    def __call__(self, request_id: str, kind: str, data: dict[str, Any]) -> None: ...
+
+    def cancelled(self, request_id: str) -> bool: ...
+
+
+class Emitter:
+    """The worker's EmitFn: events go out through `send`; cancellations are read from the set
+    that the worker's channel reader fills while the model computes (a membership test under
+    the GIL, no lock needed)."""
+
+    __slots__ = ("_cancelled", "_send")
+
+    def __init__(self, send: Callable[[str, str, dict[str, Any]], None], cancelled: set[str]) -> None:
+        self._send = send
+        self._cancelled = cancelled
+
+    def __call__(self, request_id: str, kind: str, data: dict[str, Any]) -> None:
+        self._send(request_id, kind, data)
+
+    def cancelled(self, request_id: str) -> bool:
+        return request_id in self._cancelled
+
 
 HEALTH_CHECK_ID = "health-check"
 
 # A built-in sample per task for the health check after load.
+# A 16x16 PNG: image tasks check themselves with it (no Pillow needed to build it here).
+SAMPLE_PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAACQkWg2AAAAGklEQVR42mOssDnBQApgYiARjGoY1TB0NAAAvMQBnP/YHNIAAAAASUVORK5CYII="
+)
+_GREEDY_ONE = {"max_tokens": 1, "temperature": 0.0}
+
 SAMPLE_INPUTS: dict[str, WorkItem] = {
     "txt2embed": WorkItem(request_id=HEALTH_CHECK_ID, inputs=["ModelMora health check."]),
+    "txt2txt": WorkItem(HEALTH_CHECK_ID, ["ModelMora health check."], dict(_GREEDY_ONE)),
+    "img2embed": WorkItem(HEALTH_CHECK_ID, [SAMPLE_PNG], {"normalize": False}),
+    "img2txt": WorkItem(HEALTH_CHECK_ID, [SAMPLE_PNG], dict(_GREEDY_ONE)),
+    # One small step: proves the whole pipeline runs without the cost of a real picture.
+    "txt2img": WorkItem(
+        HEALTH_CHECK_ID, ["health check"], {"steps": 1, "width": 64, "height": 64, "guidance_scale": 0.0}
+    ),
 }
 
 
@@ -45,12 +85,23 @@ class TaskAdapter(Protocol):
 _ADAPTERS: dict[tuple[str, str | None], str] = {
     ("txt2embed", None): "modelmora.tasks.txt2embed:SentenceEmbedder",
     ("txt2embed", "fake"): "modelmora.tasks.fake:FakeEmbedder",
+    ("txt2txt", None): "modelmora.tasks.txt2txt:TextGenerator",
+    ("txt2txt", "fake"): "modelmora.tasks.fake:FakeGenerator",
+    ("img2embed", None): "modelmora.tasks.img2embed:ImageEmbedder",
+    ("img2txt", None): "modelmora.tasks.img2txt:ImageCaptioner",
+    ("txt2img", None): "modelmora.tasks.txt2img:ImageGenerator",
 }
 
 
 # What a warm spare imports ahead of time: the libraries the real adapters load. A task whose
 # adapter needs none of them (the fake one) does not use the spare.
-SPARE_MODULES = ["torch", "sentence_transformers", "transformers", "modelmora.tasks.txt2embed"]
+SPARE_MODULES = [
+    "torch",
+    "sentence_transformers",
+    "transformers",
+    "modelmora.tasks.txt2embed",
+    "modelmora.tasks.txt2txt",
+]
 
 
 def uses_spare(task_type: str, adapter: str | None) -> bool:

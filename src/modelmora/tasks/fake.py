@@ -7,6 +7,14 @@ starting with `fail:` fails that item, `crash:` fails the whole batch, `exit:` e
 process abruptly (a crash), `sleep:<ms>` sleeps before the batch. Options simulate loads:
 `ballast_mb` (real memory held, for budget tests), `fail_load`, `load_ms`, and `fail_health`
 or `fail_health_if_exists: PATH` (the health check after load fails).
+
+Stepping mode (for progress and cancellation tests): `steps` and `step_ms` make `forward` run
+that many steps per batch, sleeping `step_ms` each, emit `progress` {"step": i, "total": n}
+for every live request after each step, and drop a request cancelled meanwhile (it ends with
+CANCELLED while its batch-mates go on).
+
+`FakeGenerator` is the txt2txt twin: deterministic words, one `token` event per word for a
+request that streams, `step_ms` per token, cancellation between tokens.
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ class FakeEmbedder:
 
     def __init__(self) -> None:
         self.dim = 8
+        self.steps = 0
+        self.step_s = 0.0
         self.delay_s = 0.0
         self.per_item_s = 0.0
         self.fail_load = False
@@ -46,6 +56,8 @@ class FakeEmbedder:
         self.dim = int(options.get("dim", 8))
         self.delay_s = float(options.get("delay_ms", 0)) / 1000
         self.per_item_s = float(options.get("per_item_ms", 0)) / 1000
+        self.steps = int(options.get("steps", 0))
+        self.step_s = float(options.get("step_ms", 0)) / 1000
         if options.get("fail_load"):
             raise RuntimeError("fake adapter asked to fail its load")
         marker = options.get("fail_health_if_exists")
@@ -63,7 +75,7 @@ class FakeEmbedder:
     def preprocess(self, items: list[WorkItem]) -> list[WorkItem]:
         return items
 
-    def forward(self, prepared: list[WorkItem], emit: EmitFn) -> list[WorkItem]:
+    def forward(self, prepared: list[WorkItem], emit: EmitFn) -> tuple[list[WorkItem], set[str]]:
         texts = [t for item in prepared for t in item.inputs]
         self.seen.extend(texts)
         for text in texts:
@@ -74,11 +86,31 @@ class FakeEmbedder:
             if isinstance(text, str) and text.startswith("sleep:"):
                 time.sleep(float(text.split(":", 1)[1].split()[0]) / 1000)
         time.sleep(self.delay_s + self.per_item_s * len(texts))
-        return prepared
+        return prepared, self._step(prepared, emit)
 
-    def postprocess(self, output: list[WorkItem], items: list[WorkItem]) -> list[Outcome]:
+    def _step(self, items: list[WorkItem], emit: EmitFn) -> set[str]:
+        """Stepping mode: the request ids dropped because they were cancelled between steps."""
+        dropped: set[str] = set()
+        if any(i.request_id == HEALTH_CHECK_ID for i in items):
+            return dropped  # the check after load need not sit through the steps
+        live = list(items)
+        for step in range(1, self.steps + 1):
+            dropped.update(i.request_id for i in live if emit.cancelled(i.request_id))
+            live = [i for i in live if i.request_id not in dropped]
+            if not live:
+                break
+            time.sleep(self.step_s)
+            for item in live:
+                emit(item.request_id, "progress", {"step": step, "total": self.steps})
+        return dropped
+
+    def postprocess(self, output: tuple[list[WorkItem], set[str]], items: list[WorkItem]) -> list[Outcome]:
         outcomes: list[Outcome] = []
-        for item in output:
+        prepared, dropped = output
+        for item in prepared:
+            if item.request_id in dropped:
+                outcomes.append(ItemError("CANCELLED", "cancelled while it ran"))
+                continue
             if self.fail_health and item.request_id == HEALTH_CHECK_ID:
                 outcomes.append(ItemError("INFERENCE_FAILED", "fake adapter asked to fail its health check"))
                 continue
@@ -100,3 +132,92 @@ class FakeEmbedder:
 def _unit(vector: list[float]) -> list[float]:
     norm = math.sqrt(sum(x * x for x in vector)) or 1.0
     return [x / norm for x in vector]
+
+
+class FakeGenerator:
+    """txt2txt without torch: the same result shape as tasks/txt2txt.py, deterministic words
+    (a function of the prompt and the seed), streamed one `token` event per word."""
+
+    device = "cpu"
+    dtype = "float32"
+
+    def __init__(self) -> None:
+        self.step_s = 0.0
+
+    def load(self, path: Path, device: str, dtype: str, options: dict[str, Any]) -> None:
+        self.step_s = float(options.get("step_ms", 0)) / 1000
+
+    def preprocess(self, items: list[WorkItem]) -> list[WorkItem]:
+        return items
+
+    def forward(self, prepared: list[WorkItem], emit: EmitFn) -> dict[str, Any]:
+        # One row per prompt, all advanced in lockstep as a batched generate would be.
+        rows = [(item, prompt_text(p)) for item in prepared for p in item.inputs]
+        words: list[list[str]] = [[] for _ in rows]
+        # A "fail:" prompt fails before its first token (postprocess reports it).
+        finish: list[str | None] = ["error" if p.startswith("fail:") else None for _, p in rows]
+        cancelled: set[str] = set()
+        longest = max((int(item.params.get("max_tokens", 16)) for item, _ in rows), default=0)
+        for step in range(longest):
+            cancelled.update(i.request_id for i in prepared if emit.cancelled(i.request_id))
+            live = [
+                r
+                for r, (item, _) in enumerate(rows)
+                if finish[r] is None and item.request_id not in cancelled
+            ]
+            if not live:
+                break
+            time.sleep(self.step_s)
+            for r in live:
+                item, prompt = rows[r]
+                word = fake_word(prompt, item.params.get("seed"), step)
+                words[r].append(word)
+                if item.params.get("stream"):
+                    emit(item.request_id, "token", {"text": word, "index": step})
+                stops = item.params.get("stop") or []
+                if any(s in "".join(words[r]) for s in stops):
+                    finish[r] = "stop"
+                elif len(words[r]) >= int(item.params.get("max_tokens", 16)):
+                    finish[r] = "length"
+        return {"rows": rows, "words": words, "finish": finish, "cancelled": cancelled}
+
+    def postprocess(self, output: dict[str, Any], items: list[WorkItem]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        r = 0
+        for item in items:
+            n = len(item.inputs)
+            if item.request_id in output["cancelled"]:
+                outcomes.append(ItemError("CANCELLED", "cancelled while it ran"))
+            elif any(prompt_text(p).startswith("fail:") for p in item.inputs):
+                outcomes.append(ItemError("INFERENCE_FAILED", "fake failure"))
+            else:
+                outcomes.append(
+                    ItemOk(
+                        [
+                            {
+                                "text": "".join(output["words"][r + k]),
+                                "finish_reason": output["finish"][r + k] or "length",
+                                "prompt_tokens": len(prompt_text(item.inputs[k]).split()),
+                                "completion_tokens": len(output["words"][r + k]),
+                            }
+                            for k in range(n)
+                        ]
+                    )
+                )
+            r += n
+        return outcomes
+
+    def info(self) -> dict[str, Any]:
+        return {"adapter": "fake"}
+
+
+def prompt_text(prompt: Any) -> str:
+    """A prompt string, or a chat (`{"messages": [...]}`) flattened for the fake."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt["messages"])
+
+
+def fake_word(prompt: str, seed: object, step: int) -> str:
+    digest = hashlib.sha256(f"{prompt}|{seed}|{step}".encode()).hexdigest()
+    return f" w{int(digest[:4], 16) % 1000}"

@@ -1,0 +1,239 @@
+"""Runs async jobs: pulls them from the job store when the model's queue has room.
+
+Jobs wait in the store, not in the request queue, so a burst of jobs is never refused with
+429 while the store has room; a replica keeps at most `2 * max_batch_size` jobs of one model
+in the scheduler (enough to fill a batch and the one gathering behind it) and `max_running`
+in all. Once pulled, a job is an ordinary request: same priorities, same batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from modelmora.config import Settings
+from modelmora.errors import ErrorCode, ModelMoraError
+from modelmora.jobs.results import ResultStore
+from modelmora.jobs.store import JobRecord, JobStatus, JobStore
+
+if TYPE_CHECKING:
+    from modelmora.service import InferenceService
+
+log = logging.getLogger("modelmora.jobs")
+
+JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+# Errors after which a job goes back to the queue instead of failing: the job itself was
+# fine, the replica could not run it now. Bounded by `max_attempts`.
+_REQUEUE = {ErrorCode.WORKER_DIED, ErrorCode.INSUFFICIENT_MEMORY, ErrorCode.SHUTTING_DOWN}
+_PROGRESS_EVERY_S = 0.25  # store writes for progress, at most this often per job
+
+
+class JobDispatcher:
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        inference: InferenceService,
+        results: ResultStore,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.inference = inference
+        self.results = results
+        self.clock = clock
+        self.running: dict[str, asyncio.Task[None]] = {}
+        self._model_of: dict[str, str] = {}
+        self._per_model: Counter[str] = Counter()
+        self._backoff_until: dict[str, float] = {}  # model -> time its queue was found full
+        self._cancelled: set[str] = set()  # running jobs a client cancelled
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._claiming = True
+        self.counters: Counter[str] = Counter()
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._claim_loop(), name="jobs-claim"),
+            asyncio.create_task(self._housekeeping_loop(), name="jobs-housekeeping"),
+        ]
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def _per_model_limit(self) -> int:
+        return 2 * self.settings.scheduler.max_batch_size
+
+    async def _claim_loop(self) -> None:
+        cfg = self.settings.jobs
+        while True:
+            room = cfg.max_running - len(self.running)
+            claimed = 0
+            if room > 0 and self._claiming:
+                now = self.clock()
+                limit = self._per_model_limit()
+                share = {m: limit - n for m, n in self._per_model.items()}
+                share |= {m: 0 for m, until in self._backoff_until.items() if until > now}
+                try:
+                    jobs = await self.store.claim(room, share, limit, now)
+                except Exception:
+                    log.exception("claiming jobs failed")
+                    jobs = []
+                for job in jobs:
+                    self._start(job)
+                claimed = len(jobs)
+            if claimed and len(self.running) < cfg.max_running:
+                continue  # more may be waiting for other models
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), cfg.poll_seconds)
+
+    def _start(self, job: JobRecord) -> None:
+        self._per_model[job.model] += 1
+        self._model_of[job.job_id] = job.model
+        task = asyncio.create_task(self._run(job), name=f"job-{job.job_id}")
+        self.running[job.job_id] = task
+
+    def _done(self, job: JobRecord) -> None:
+        self.running.pop(job.job_id, None)
+        self._model_of.pop(job.job_id, None)
+        self._cancelled.discard(job.job_id)
+        self._per_model[job.model] -= 1
+        if self._per_model[job.model] <= 0:
+            del self._per_model[job.model]
+        self._wake.set()
+
+    async def _run(self, job: JobRecord) -> None:
+        request = job.request
+        last_write = 0.0
+
+        def on_event(kind: str, data: dict[str, Any]) -> None:
+            nonlocal last_write
+            total = data.get("total")
+            if kind != "progress" or not total:
+                return
+            now = time.monotonic()
+            if now - last_write < _PROGRESS_EVERY_S and data.get("step") != total:
+                return
+            last_write = now
+            value = min(1.0, max(0.0, float(data.get("step", 0)) / float(total)))
+            task = asyncio.ensure_future(self.store.set_progress(job.job_id, value))
+            task.add_done_callback(_quiet)
+
+        try:
+            response = await self.inference.infer(
+                job.model,
+                request.get("input_data") or {},
+                request.get("parameters"),
+                priority=request.get("priority"),
+                timeout_seconds=request.get("timeout_seconds"),
+                keep_alive=request.get("keep_alive"),
+                trace_id=job.trace_id,
+                on_event=on_event,
+            )
+            stored, key = await self._store_result(job, response)
+            now = self.clock()
+            await self.store.finish(job.job_id, JobStatus.COMPLETED, now, response=stored, result_key=key)
+            self.counters["completed"] += 1
+        except asyncio.CancelledError:
+            if job.job_id in self._cancelled:
+                error = ModelMoraError(ErrorCode.CANCELLED, "the job was cancelled while it ran")
+                await asyncio.shield(self._fail(job, JobStatus.CANCELLED, error))
+            else:  # this replica is stopping: the job runs again on the next start
+                await asyncio.shield(self.store.release(job.job_id, count_attempt=False))
+            raise
+        except ModelMoraError as exc:
+            await self._failed_run(job, exc)
+        except Exception as exc:
+            log.exception("job failed unexpectedly", extra={"job_id": job.job_id})
+            await self._fail(job, JobStatus.FAILED, ModelMoraError(ErrorCode.INTERNAL_ERROR, str(exc)))
+        finally:
+            self._done(job)
+
+    async def _failed_run(self, job: JobRecord, exc: ModelMoraError) -> None:
+        if exc.code is ErrorCode.QUEUE_FULL:
+            # Synchronous traffic filled the model's queue: wait for room, do not fail.
+            self._backoff_until[job.model] = self.clock() + (exc.retry_after or 1.0)
+            await self.store.release(job.job_id, count_attempt=False)
+            return
+        if exc.code in _REQUEUE and job.attempts < self.settings.jobs.max_attempts:
+            await self.store.release(job.job_id, count_attempt=True)
+            self.counters["requeued"] += 1
+            return
+        await self._fail(job, JobStatus.FAILED, exc)
+
+    async def _fail(self, job: JobRecord, status: JobStatus, exc: ModelMoraError) -> None:
+        self.counters[status.value] += 1
+        await self.store.finish(job.job_id, status, self.clock(), error=exc.to_body(job.trace_id))
+
+    async def _store_result(self, job: JobRecord, response: dict[str, Any]) -> tuple[bytes, str | None]:
+        """The response inline when small; else its `result` goes to the result store and
+        the job keeps a reference (metadata and timing stay inline)."""
+        body = orjson.dumps(response, option=JSON_OPTIONS)
+        if len(body) <= self.settings.results.inline_max_bytes:
+            return body, None
+        part = orjson.dumps(response["result"], option=JSON_OPTIONS)
+        key = job.job_id + ".json"
+        await self.results.put(key, part)  # raises a clear INTERNAL_ERROR when it cannot
+        ref = {**response, "result": {"content_type": "application/json", "size_bytes": len(part)}}
+        return orjson.dumps(ref, option=JSON_OPTIONS), key
+
+    def cancel_running(self, job_id: str) -> bool:
+        task = self.running.get(job_id)
+        if task is None:
+            return False
+        self._cancelled.add(job_id)
+        task.cancel()
+        return True
+
+    async def _housekeeping_loop(self) -> None:
+        """Leases, cancels asked on other replicas, expiry."""
+        cfg = self.settings.jobs
+        last_expiry = 0.0
+        while True:
+            await asyncio.sleep(cfg.poll_seconds)
+            try:
+                ids = list(self.running)
+                await self.store.heartbeat(ids, self.clock())
+                for job_id in await self.store.cancel_requested(ids):
+                    self.cancel_running(job_id)
+                now = self.clock()
+                if now - last_expiry >= cfg.expiry_interval_seconds:
+                    last_expiry = now
+                    keys = await self.store.expire(now, cfg.queued_ttl_seconds, cfg.result_ttl_seconds)
+                    for key in keys:
+                        with contextlib.suppress(Exception):
+                            await self.results.delete(key)
+                    await self.results.sweep()
+            except Exception:
+                log.exception("job housekeeping failed")
+
+    async def drain(self, deadline: float) -> None:
+        """Stop taking jobs; let running ones finish until the deadline (monotonic)."""
+        self._claiming = False
+        while self.running and time.monotonic() < deadline:  # noqa: ASYNC110 - polled briefly
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        """Running jobs go back to the queue (not counted as an attempt)."""
+        self._claiming = False
+        for task in self._tasks:
+            task.cancel()
+        running = list(self.running.values())
+        for task in running:
+            task.cancel()
+        for task in [*self._tasks, *running]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+def _quiet(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("could not record job progress", extra={"error": str(task.exception())})
