@@ -7,10 +7,12 @@ import contextlib
 import logging
 import os
 import signal
+import socket
+import sys
 import time
 from collections.abc import AsyncIterator
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -25,6 +27,9 @@ from modelmora.lifecycle.runners import RunnerFactory, process_runner_factory
 from modelmora.lifecycle.spare import SparePool
 from modelmora.registry.store import RegistryStore
 from modelmora.service import InferenceService, RegistryService
+
+if TYPE_CHECKING:
+    from modelmora.api.grpc_server import GrpcServer
 
 log = logging.getLogger("modelmora.app")
 
@@ -128,12 +133,29 @@ def create_app(settings: Settings, runner_factory: RunnerFactory = process_runne
 
 class _DrainingServer(uvicorn.Server):
     """The first SIGTERM/SIGINT drains (ready=false, 503 for new requests, in-flight ones
-    finish) before uvicorn stops; a second one stops at once."""
+    finish) before uvicorn stops; a second one stops at once. The gRPC server, when enabled,
+    starts once the lifespan has started ModelMora, drains with REST and stops before it."""
 
-    def __init__(self, config: uvicorn.Config, mm: ModelMora) -> None:
+    def __init__(self, config: uvicorn.Config, mm: ModelMora, grpc_server: GrpcServer | None = None) -> None:
         super().__init__(config)
         self.mm = mm
+        self.grpc = grpc_server
         self._drain_task: asyncio.Task[None] | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.grpc is not None and not self.should_exit:
+            try:
+                await self.grpc.start()
+            except OSError as exc:  # as uvicorn does for a busy REST port
+                log.error(str(exc))
+                await self.lifespan.shutdown()
+                sys.exit(3)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.grpc is not None:
+            await self.grpc.stop(1.0)  # in-flight calls were drained already
+        await super().shutdown(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._drain_task is not None or self.should_exit:
@@ -145,6 +167,8 @@ class _DrainingServer(uvicorn.Server):
         self._drain_task = loop.create_task(self._drain_then_exit())
 
     async def _drain_then_exit(self) -> None:
+        if self.grpc is not None:
+            await self.grpc.drain()
         await self.mm.drain()
         self.should_exit = True
 
@@ -153,6 +177,14 @@ def serve(settings: Settings) -> None:
     from modelmora.api.rest import asgi_app
 
     mm = ModelMora(settings)
+    grpc_server = None
+    if settings.server.grpc_enabled:
+        from modelmora.api.grpc_server import GrpcServer, run_grpc_only
+
+        if not settings.server.rest_enabled:
+            run_grpc_only(mm)
+            return
+        grpc_server = GrpcServer(mm)
     app = asgi_app(mm)
     config = uvicorn.Config(
         app,
@@ -164,4 +196,4 @@ def serve(settings: Settings) -> None:
         http="auto",
         timeout_graceful_shutdown=max(1, int(settings.server.drain_seconds)),
     )
-    _DrainingServer(config, mm).run()
+    _DrainingServer(config, mm, grpc_server).run()

@@ -125,6 +125,8 @@ _INIT_TEMPLATE = """\
 server:
   host: 127.0.0.1
   port: 8000
+  grpc_port: 50051
+  # grpc_enabled: true            # rest_enabled: true; either can be turned off
   # data_dir: ~/.modelmora        # registry database, model copies, results
   # log_format: auto              # json | console | auto (console on a terminal)
   # drain_seconds: 30
@@ -168,11 +170,22 @@ def serve(
     ctx: typer.Context,
     host: Annotated[str | None, typer.Option(help="Bind address")] = None,
     port: Annotated[int | None, typer.Option(help="REST port")] = None,
+    grpc_port: Annotated[int | None, typer.Option(help="gRPC port (0: any free one)")] = None,
+    grpc: Annotated[bool | None, typer.Option("--grpc/--no-grpc", help="Serve gRPC (default: on)")] = None,
+    rest: Annotated[bool | None, typer.Option("--rest/--no-rest", help="Serve REST (default: on)")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug|info|warning|error")] = None,
     log_format: Annotated[str | None, typer.Option(help="json|console|auto")] = None,
 ) -> None:
-    """Start the server (REST on 127.0.0.1:8000 by default)."""
-    flags = {"host": host, "port": port, "log_level": log_level, "log_format": log_format}
+    """Start the server (REST on 127.0.0.1:8000 and gRPC on 127.0.0.1:50051 by default)."""
+    flags = {
+        "host": host,
+        "port": port,
+        "grpc_port": grpc_port,
+        "grpc_enabled": grpc,
+        "rest_enabled": rest,
+        "log_level": log_level,
+        "log_format": log_format,
+    }
     settings = _c(ctx).settings({"server": {k: v for k, v in flags.items() if v is not None}})
     from modelmora.app import serve as run_server
     from modelmora.observability.logging import configure_logging

@@ -46,8 +46,12 @@ class _Section(BaseModel):
 class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    grpc_port: int = Field(50051, ge=0, le=65535)
-    grpc_enabled: bool = False
+    rest_enabled: bool = True
+    grpc_port: int = Field(50051, ge=0, le=65535)  # 0: any free port (logged at start)
+    grpc_enabled: bool = True
+    grpc_max_receive_message_bytes: int = Field(64 << 20, ge=1024)
+    grpc_max_send_message_bytes: int = Field(64 << 20, ge=1024)
+    grpc_result_chunk_bytes: int = Field(1 << 20, ge=1024)  # GetJobResult chunks when none asked
     data_dir: Path = Path("~/.modelmora")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console", "auto"] = "auto"
@@ -56,6 +60,10 @@ class ServerSettings(_Section):
     @model_validator(mode="after")
     def _expand(self) -> ServerSettings:
         self.data_dir = self.data_dir.expanduser().absolute()
+        if not (self.rest_enabled or self.grpc_enabled):
+            raise ValueError("rest_enabled and grpc_enabled are both false: nothing would be served")
+        if self.grpc_result_chunk_bytes > self.grpc_max_send_message_bytes - 1024:
+            raise ValueError("grpc_result_chunk_bytes must leave 1 KiB under grpc_max_send_message_bytes")
         return self
 
 

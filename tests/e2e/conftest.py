@@ -48,6 +48,7 @@ class Server:
     url: str
     env: dict[str, str]
     log: Path
+    grpc_port: int = 0
     client: httpx.Client = field(init=False)
 
     def __post_init__(self) -> None:
@@ -64,13 +65,22 @@ class Server:
                 self.proc.wait()
 
 
+def _listening(port: int) -> bool:
+    """gRPC starts right after REST is bound: wait for both."""
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def start_server(data_dir: Path, log: Path, **env_extra: str) -> Server:
-    port = free_port()
+    port, grpc_port = free_port(), free_port()  # gRPC is on by default: never the shared 50051
     env = clean_env(data_dir, **env_extra)
     started = time.monotonic()
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [*CLI, "serve", "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT
+            [*CLI, "serve", "--port", str(port), "--grpc-port", str(grpc_port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
     deadline = started + 60
@@ -78,8 +88,8 @@ def start_server(data_dir: Path, log: Path, **env_extra: str) -> Server:
         if proc.poll() is not None:
             raise AssertionError(f"server exited early:\n{log.read_text()}")
         try:
-            if httpx.get(url + "/health/ready", timeout=1).status_code == 200:
-                return Server(proc, url, env, log)
+            if httpx.get(url + "/health/ready", timeout=1).status_code == 200 and _listening(grpc_port):
+                return Server(proc, url, env, log, grpc_port)
         except httpx.HTTPError:
             pass
         time.sleep(0.05)

@@ -1,0 +1,487 @@
+"""gRPC servicers: translate `modelmora.v1` messages to the service layer and back, nothing more.
+
+Each RPC does what the REST route of the same operation does (api/rest.py), through the same
+service calls; errors take the gRPC status of the shared error table, with `error_code`,
+`trace_id`, `retry-after` and the JSON `details` in trailing metadata. A call's deadline caps
+the request's timeout; a cancelled call cancels its handler, which withdraws queued work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import grpc
+import orjson
+
+from modelmora.api.fastpath import JSON_OPTIONS
+from modelmora.api.grpc_convert import (
+    error_body_to_proto,
+    error_to_proto,
+    from_dict,
+    request_fields,
+    response_to_proto,
+    struct_to_dict,
+)
+from modelmora.errors import ErrorCode, ModelMoraError
+from modelmora.observability.tracing import current_trace_id, trace_id_from
+from modelmora.registry.catalog import parse_ref, validate_name
+from modelmora.registry.installer import InstallRequest, install, lock_entries, validate_config
+from modelmora.registry.lockfile import build_lock
+from modelmora.v1 import modelmora_pb2 as pb
+from modelmora.v1 import modelmora_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from modelmora.app import ModelMora
+
+log = logging.getLogger("modelmora.api.grpc")
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+def error_metadata(error: ModelMoraError, trace_id: str) -> tuple[tuple[str, str | bytes], ...]:
+    md: list[tuple[str, str | bytes]] = [("error_code", error.code.value), ("trace_id", trace_id)]
+    if error.retry_after is not None:
+        md.append(("retry-after", str(max(1, round(error.retry_after)))))
+    if error.details:
+        md.append(("error-details-bin", orjson.dumps(error.details, option=JSON_OPTIONS)))
+    return tuple(md)
+
+
+async def abort(context: Ctx, error: ModelMoraError, trace_id: str) -> NoReturn:
+    """End the call with the table's status for this error code."""
+    await context.abort(
+        grpc.StatusCode[error.code.grpc_status],
+        error.message,
+        trailing_metadata=error_metadata(error, trace_id),
+    )
+    raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+
+def _unavailable(what: str) -> ModelMoraError:
+    # NOT_FOUND ("no such route") maps to UNIMPLEMENTED: this server lacks the feature.
+    return ModelMoraError(ErrorCode.NOT_FOUND, f"{what} is not available on this server")
+
+
+def deadline_timeout(requested: float | None, context: Ctx) -> float | None:
+    """The request's timeout, capped by the call's deadline (the smaller one wins)."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return requested
+    remaining = max(remaining, 0.001)
+    return remaining if requested is None else min(requested, remaining)
+
+
+class Door:
+    """What every RPC shares with the REST edge: trace ids, drain refusal, the in-flight count
+    the drain waits for, and one error mapping."""
+
+    def __init__(self, mm: ModelMora) -> None:
+        self.mm = mm
+
+    @contextlib.asynccontextmanager
+    async def call(self, context: Ctx) -> AsyncIterator[str]:
+        traceparent = next(
+            (str(v) for k, v in context.invocation_metadata() or () if k == "traceparent"), None
+        )
+        trace_id = trace_id_from(traceparent)
+        token = current_trace_id.set(trace_id)
+        try:
+            if self.mm.draining:
+                await abort(
+                    context,
+                    ModelMoraError(ErrorCode.SHUTTING_DOWN, "the server is shutting down", retry_after=5),
+                    trace_id,
+                )
+            self.mm.inflight += 1
+            try:
+                yield trace_id
+                context.set_trailing_metadata((("trace_id", trace_id),))
+            except ModelMoraError as exc:
+                await abort(context, exc, trace_id)
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:
+                log.exception("unhandled error")
+                await abort(
+                    context,
+                    ModelMoraError(ErrorCode.INTERNAL_ERROR, f"internal error: {type(exc).__name__}"),
+                    trace_id,
+                )
+            finally:
+                self.mm.inflight -= 1
+        finally:
+            with contextlib.suppress(ValueError):  # reset from another context (a closed stream)
+                current_trace_id.reset(token)
+
+    def check_size(self, message: pb.InferRequest) -> None:
+        limit = self.mm.settings.limits.max_request_bytes
+        size = message.ByteSize()
+        if size > limit:
+            raise ModelMoraError(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"request of {size} bytes exceeds the limit of {limit} bytes",
+                {"limit_bytes": limit},
+            )
+
+
+# -- inference ----------------------------------------------------------------------------------
+
+
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
+    def __init__(self, door: Door) -> None:
+        self.door = door
+        self.mm = door.mm
+
+    async def _infer(self, request: pb.InferRequest, context: Ctx, trace_id: str) -> pb.InferResponse:
+        self.door.check_size(request)
+        f = request_fields(request)
+        response = await self.mm.inference.infer(
+            request.model,
+            f["input_data"],
+            f["parameters"],
+            priority=f["priority"],
+            timeout_seconds=deadline_timeout(f["timeout_seconds"], context),
+            keep_alive=f["keep_alive"],
+            trace_id=trace_id,
+        )
+        return response_to_proto(response)
+
+    async def Infer(self, request: pb.InferRequest, context: Ctx) -> pb.InferResponse:
+        async with self.door.call(context) as trace_id:
+            return await self._infer(request, context, trace_id)
+        raise AssertionError("unreachable")  # pragma: no cover - the guard re-raises as abort
+
+    async def InferStream(
+        self, request_iterator: AsyncIterator[pb.InferRequest], context: Ctx
+    ) -> AsyncIterator[pb.InferStreamResponse]:
+        """Every request runs as soon as it arrives; answers go out as they complete."""
+        async with self.door.call(context) as trace_id:
+            answers: asyncio.Queue[pb.InferStreamResponse | None] = asyncio.Queue()
+            tasks: set[asyncio.Task[None]] = set()
+            pending = 0
+
+            async def one(request: pb.InferRequest) -> None:
+                nonlocal pending
+                try:
+                    response = await self._infer(request, context, trace_id)
+                    answer = pb.InferStreamResponse(request_id=request.request_id, response=response)
+                except ModelMoraError as exc:
+                    answer = pb.InferStreamResponse(
+                        request_id=request.request_id, error=error_to_proto(exc, trace_id)
+                    )
+                except Exception as exc:  # a bug: this request fails, the stream goes on
+                    log.exception("unhandled error in InferStream")
+                    error = ModelMoraError(ErrorCode.INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
+                    answer = pb.InferStreamResponse(
+                        request_id=request.request_id, error=error_to_proto(error, trace_id)
+                    )
+                pending -= 1
+                answers.put_nowait(answer)
+
+            async def read() -> None:
+                nonlocal pending
+                try:
+                    async for request in request_iterator:
+                        if not request.request_id:
+                            error = ModelMoraError(
+                                ErrorCode.VALIDATION_ERROR,
+                                "request_id: every InferStream message needs one",
+                                {"errors": [{"field": "request_id", "message": "is required"}]},
+                            )
+                            answers.put_nowait(pb.InferStreamResponse(error=error_to_proto(error, trace_id)))
+                            continue
+                        pending += 1
+                        task = asyncio.create_task(one(request))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+                finally:
+                    answers.put_nowait(None)  # no more requests
+
+            reader = asyncio.create_task(read())
+            try:
+                reading = True
+                while reading or pending or not answers.empty():
+                    answer = await answers.get()
+                    if answer is None:
+                        reading = False
+                        continue
+                    yield answer
+                await reader  # surfaces a broken request stream
+            finally:
+                reader.cancel()
+                for task in list(tasks):
+                    task.cancel()  # a cancelled call drops its queued work
+
+    async def Generate(self, request: pb.InferRequest, context: Ctx) -> AsyncIterator[pb.GenerateEvent]:
+        async with self.door.call(context) as trace_id:
+            stream_fn = getattr(self.mm.inference, "stream", None)
+            if stream_fn is None:
+                raise _unavailable("Generate (streaming inference)")
+            self.door.check_size(request)
+            f = request_fields(request)
+            events: AsyncIterator[dict[str, Any]] = stream_fn(
+                request.model,
+                f["input_data"],
+                f["parameters"],
+                priority=f["priority"],
+                timeout_seconds=deadline_timeout(f["timeout_seconds"], context),
+                keep_alive=f["keep_alive"],
+                trace_id=trace_id,
+            )
+            try:
+                async for event in events:
+                    yield generate_event(event)
+            finally:
+                aclose = getattr(events, "aclose", None)
+                if aclose is not None:
+                    await aclose()  # a cancelled call stops the generation
+
+    # -- async jobs -------------------------------------------------------------------------
+
+    def _jobs(self) -> Any:
+        jobs = getattr(self.mm, "jobs", None)
+        if jobs is None:
+            raise _unavailable("async jobs")
+        return jobs
+
+    async def InferAsync(self, request: pb.InferAsyncRequest, context: Ctx) -> pb.Job:
+        async with self.door.call(context) as trace_id:
+            self.door.check_size(request.request)
+            body = request_fields(request.request)
+            status, created = await self._jobs().submit(
+                request.request.model,
+                body,
+                idempotency_key=request.idempotency_key or None,
+                trace_id=trace_id,
+            )
+            job = job_to_proto(status)
+            job.created = created
+            return job
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def GetJobStatus(self, request: pb.JobRef, context: Ctx) -> pb.Job:
+        async with self.door.call(context):
+            return job_to_proto(await self._jobs().status(request.job_id))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def ListJobs(self, request: pb.ListJobsRequest, context: Ctx) -> pb.ListJobsResponse:
+        async with self.door.call(context):
+            page = await self._jobs().list(
+                request.status or None, request.model or None, request.page or 1, request.page_size or 50
+            )
+            return pb.ListJobsResponse(
+                data=[job_to_proto(j) for j in page["data"]], meta=from_dict(page["meta"], pb.PageMeta())
+            )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def GetJobResult(
+        self, request: pb.GetJobResultRequest, context: Ctx
+    ) -> AsyncIterator[pb.JobResultChunk]:
+        """The common response as JSON bytes in chunks: results far over one message's limit
+        (a big embedding batch, images) stream without being held whole in a message."""
+        async with self.door.call(context):
+            server = self.mm.settings.server
+            size = request.chunk_size or server.grpc_result_chunk_bytes
+            size = max(1024, min(size, server.grpc_max_send_message_bytes - 1024))
+            total, chunks = await self._jobs().result_chunks(request.job_id, size)
+            offset = 0
+            async for data in chunks:
+                yield pb.JobResultChunk(
+                    total_bytes=total,
+                    offset=offset,
+                    data=data,
+                    content_type="application/json" if offset == 0 else "",
+                )
+                offset += len(data)
+            if offset == 0:  # an empty result still answers once
+                yield pb.JobResultChunk(total_bytes=total, content_type="application/json")
+
+    async def CancelJob(self, request: pb.JobRef, context: Ctx) -> pb.Job:
+        async with self.door.call(context):
+            return job_to_proto(await self._jobs().cancel(request.job_id))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def generate_event(event: dict[str, Any]) -> pb.GenerateEvent:
+    name = event.get("event")
+    data = event.get("data") or {}
+    if name == "token":
+        return pb.GenerateEvent(
+            token=pb.TokenEvent(text=str(data.get("text", "")), index=int(data.get("index", 0)))
+        )
+    if name == "progress":
+        return pb.GenerateEvent(
+            progress=pb.ProgressEvent(step=int(data.get("step", 0)), total=int(data.get("total", 0)))
+        )
+    if name == "done":
+        return pb.GenerateEvent(done=response_to_proto(data))
+    if name == "error":
+        return pb.GenerateEvent(error=error_body_to_proto(data))
+    return pb.GenerateEvent(chunk=pb.ChunkEvent(name=str(name), data=orjson.dumps(data, option=JSON_OPTIONS)))
+
+
+def job_to_proto(status: dict[str, Any]) -> pb.Job:
+    error = status.get("error")
+    job = from_dict({k: v for k, v in status.items() if k != "error"}, pb.Job())
+    if error:
+        job.error.CopyFrom(error_body_to_proto(error))
+    return job
+
+
+# -- registry -----------------------------------------------------------------------------------
+
+
+def _page(page: int, page_size: int, limit: int = 500) -> tuple[int, int]:
+    page, page_size = page or 1, page_size or 50
+    if page_size > limit:
+        raise ModelMoraError(
+            ErrorCode.VALIDATION_ERROR,
+            f"page_size: at most {limit}",
+            {"errors": [{"field": "page_size", "message": f"at most {limit}"}]},
+        )
+    return page, page_size
+
+
+class RegistryServicer(pb_grpc.RegistryServiceServicer):
+    def __init__(self, door: Door) -> None:
+        self.door = door
+        self.mm = door.mm
+
+    def _model(self, record: Any) -> pb.Model:
+        return from_dict(self.mm.registry.describe(record), pb.Model())
+
+    async def RegisterModel(self, request: pb.RegisterModelRequest, context: Ctx) -> pb.Model:
+        async with self.door.call(context):
+            req = InstallRequest(
+                model_id=request.model_id or None,
+                source=request.source or None,
+                name=request.name or None,
+                version=request.version or None,
+                revision=request.revision or None,
+                task_type=request.task_type or None,
+                display_name=request.display_name or None,
+                description=request.description or None,
+                config=struct_to_dict(request.config),
+                resource_requirements=struct_to_dict(request.resource_requirements),
+            )
+            record = await asyncio.to_thread(install, self.mm.settings, self.mm.store, req, False)
+            return self._model(record)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: Ctx) -> pb.ListModelsResponse:
+        async with self.door.call(context):
+            mm = self.mm
+            page, page_size = _page(request.page, request.page_size)
+            task_type = request.task_type or None
+            if not request.status:
+                records, total = await asyncio.to_thread(mm.store.list, task_type, page, page_size)
+                data = [mm.registry.describe(rec) for rec in records]
+            else:  # state is live, not stored: filter in memory, then page (as REST does)
+                records, _ = await asyncio.to_thread(mm.store.list, task_type, 1, 1_000_000)
+                everything = [d for d in map(mm.registry.describe, records) if d["state"] == request.status]
+                total = len(everything)
+                data = everything[(page - 1) * page_size : page * page_size]
+            meta = {
+                "total": total,
+                "page": page,
+                "page_size": page_size,
+                "total_pages": math.ceil(total / page_size),
+            }
+            return pb.ListModelsResponse(
+                data=[from_dict(d, pb.Model()) for d in data], meta=from_dict(meta, pb.PageMeta())
+            )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def GetModel(self, request: pb.ModelRef, context: Ctx) -> pb.Model:
+        async with self.door.call(context):
+            record = await asyncio.to_thread(self.mm.store.get, validate_name(request.name))
+            return self._model(record)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def UpdateModel(self, request: pb.UpdateModelRequest, context: Ctx) -> pb.Model:
+        async with self.door.call(context):
+            changes: dict[str, Any] = validate_config(struct_to_dict(request.config))
+            if request.HasField("display_name"):
+                changes["display_name"] = request.display_name
+            if request.HasField("description"):
+                changes["description"] = request.description
+            if request.HasField("resource_requirements"):
+                changes["resource_requirements"] = struct_to_dict(request.resource_requirements)
+            record = await asyncio.to_thread(self.mm.store.update, validate_name(request.name), changes)
+            return self._model(record)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def DeleteModel(self, request: pb.DeleteModelRequest, context: Ctx) -> pb.DeleteModelResponse:
+        async with self.door.call(context):
+            model, version = parse_ref(request.name)
+            deleted = await self.mm.registry.delete(model, version, request.force)
+            return pb.DeleteModelResponse(
+                deleted=deleted.name, versions=[v.version for v in deleted.versions]
+            )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def DownloadModel(self, request: pb.DownloadModelRequest, context: Ctx) -> pb.DownloadModelResponse:
+        async with self.door.call(context):
+            verified = await asyncio.to_thread(
+                self.mm.registry.verify, validate_name(request.name), request.version or None
+            )
+            return from_dict(verified, pb.DownloadModelResponse())
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def SetActiveVersion(self, request: pb.SetActiveVersionRequest, context: Ctx) -> pb.Model:
+        async with self.door.call(context):
+            model, _ = parse_ref(f"{request.name}@{request.version}")
+            record = await asyncio.to_thread(self.mm.store.set_active, model, request.version)
+            return self._model(record)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def GenerateLock(self, request: pb.GenerateLockRequest, context: Ctx) -> pb.Lock:
+        async with self.door.call(context):
+            records, _ = await asyncio.to_thread(self.mm.store.list, None, 1, 1_000_000)
+            lock = build_lock(lock_entries(records), datetime.now(UTC))
+            return from_dict({"lock": lock}, pb.Lock())
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+# -- management ---------------------------------------------------------------------------------
+
+
+class ManagementServicer(pb_grpc.ManagementServiceServicer):
+    def __init__(self, door: Door) -> None:
+        self.door = door
+        self.mm = door.mm
+
+    async def LoadModel(self, request: pb.ModelRef, context: Ctx) -> pb.ModelStatus:
+        async with self.door.call(context):
+            slot = await self.mm.manager.load(validate_name(request.name))
+            return from_dict(slot.status(self.mm.manager.clock()), pb.ModelStatus())
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def UnloadModel(self, request: pb.UnloadModelRequest, context: Ctx) -> pb.UnloadModelResponse:
+        async with self.door.call(context):
+            name = validate_name(request.name)
+            await asyncio.to_thread(self.mm.store.get, name)  # MODEL_NOT_FOUND for an unknown model
+            unloaded = await self.mm.manager.unload(name, "requested", force=request.force)
+            return pb.UnloadModelResponse(name=name, unloaded=unloaded)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def WarmupModel(self, request: pb.ModelRef, context: Ctx) -> pb.WarmupResponse:
+        async with self.door.call(context):
+            return from_dict(await self.mm.inference.warmup(request.name), pb.WarmupResponse())
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def GetSystemStatus(self, request: pb.GetSystemStatusRequest, context: Ctx) -> pb.SystemStatus:
+        async with self.door.call(context):
+            return from_dict(self.mm.status(), pb.SystemStatus())
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def GetModelHealth(self, request: pb.GetModelHealthRequest, context: Ctx) -> pb.ModelHealth:
+        async with self.door.call(context):
+            return from_dict({"models": self.mm.manager.statuses()}, pb.ModelHealth())
+        raise AssertionError("unreachable")  # pragma: no cover
