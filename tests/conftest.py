@@ -96,3 +96,17 @@ def new_bucket(endpoint: str) -> str:
     name = f"mm-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random-weight models of the four torch tasks (built once per session, ~10 s)."""
+    from tests import tiny_models as tm
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {
+        "tiny-gpt2": tm.make_tiny_gpt2(root / "tiny-gpt2"),
+        "tiny-clip": tm.make_tiny_clip(root / "tiny-clip"),
+        "tiny-captioner": tm.make_tiny_captioner(root / "tiny-captioner"),
+        "tiny-sd": tm.make_tiny_diffusion(root / "tiny-sd"),
+    }
