@@ -140,7 +140,7 @@ def request_fields(request: pb.InferRequest) -> dict[str, Any]:
         priority = int(priority)
     return {
         "input_data": input_to_dict(request.input),
-        "parameters": struct_to_dict(request.parameters),
+        "parameters": struct_to_dict(request.parameters) if request.HasField("parameters") else {},
         "priority": priority,
         "timeout_seconds": request.timeout_seconds if request.HasField("timeout_seconds") else None,
         "keep_alive": request.keep_alive if request.HasField("keep_alive") else None,
