@@ -92,7 +92,10 @@ def serve(model_dir: Path, data: Path) -> tuple[subprocess.Popen[bytes], str]:
     )
     port = free_port()
     proc = subprocess.Popen(
-        [*cli, "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [*cli, "serve", "--port", str(port), "--no-grpc"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60

@@ -52,7 +52,7 @@ class Server:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "modelmora", "serve", "--port", str(self.port)],
+            [sys.executable, "-m", "modelmora", "serve", "--port", str(self.port), "--no-grpc"],
             env=_env(data, **extra),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -44,7 +44,7 @@ def _serve_once(data_dir: Path, with_request: bool) -> tuple[float, int, int]:
     port = _free_port()
     started = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "modelmora", "serve", "--port", str(port)],
+        [sys.executable, "-m", "modelmora", "serve", "--port", str(port), "--no-grpc"],
         env=_env(data_dir),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -121,7 +121,7 @@ class Served:
             **env_extra,
         )
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "modelmora", "serve", "--port", str(self.port)],
+            [sys.executable, "-m", "modelmora", "serve", "--port", str(self.port), "--no-grpc"],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
