@@ -65,6 +65,7 @@ def serve_and_load(path: str, seconds: float) -> tuple[float, dict[str, object]]
         MODELMORA_SERVER__LOG_LEVEL="warning",
         MODELMORA_RESOURCES__WARM_SPARE="false",
         MODELMORA_SCHEDULER__MAX_BATCH_SIZE="512",
+        MODELMORA_SERVER__GRPC_ENABLED="false",
     )
     code = (
         "from modelmora.config import load_settings; from modelmora.app import serve; serve(load_settings())"
