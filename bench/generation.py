@@ -1,6 +1,6 @@
 """Text generation throughput: the server against raw `generate`, in one run.
 
-    python bench/generation.py [--tokens 64] [--rounds 4] [--model PATH]
+    python bench/generation.py [--tokens 64] [--rounds 5] [--prompts 32] [--model PATH]
 
 Builds the tiny random-weight GPT-2 of the tests (or takes `--model`, any causal LM folder),
 then measures generated tokens per second, greedy decoding, `max_tokens` new tokens per prompt:
@@ -18,6 +18,7 @@ import argparse
 import concurrent.futures
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,37 +47,39 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def raw_generate(model_dir: Path, tokens: int, rounds: int) -> dict[int, float]:
-    """Tokens/s of plain `generate` in this process at batch 1 and 8."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class RawGenerate:
+    """Plain `generate` in this process (left padding, greedy), the baseline."""
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
-    out: dict[int, float] = {}
-    for batch in (1, 8):
+    def __init__(self, model_dir: Path, tokens: int) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        def run(prompts: list[str]) -> int:
-            enc = tok(prompts, return_tensors="pt", padding=True)
-            with torch.inference_mode():
-                gen = model.generate(
-                    **enc, max_new_tokens=tokens, do_sample=False, pad_token_id=tok.pad_token_id
-                )
-            new = gen[:, enc["input_ids"].shape[1] :]
-            return int((new != tok.pad_token_id).sum())
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        self.torch = torch
+        self.tokens = tokens
+        self.tok = AutoTokenizer.from_pretrained(str(model_dir))
+        self.tok.padding_side = "left"
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+        self.run(PROMPTS[:8])  # warm-up
 
-        run(PROMPTS[:batch])  # warm-up
+    def run(self, prompts: list[str]) -> int:
+        enc = self.tok(prompts, return_tensors="pt", padding=True)
+        with self.torch.inference_mode():
+            gen = self.model.generate(
+                **enc, max_new_tokens=self.tokens, do_sample=False, pad_token_id=self.tok.pad_token_id
+            )
+        new = gen[:, enc["input_ids"].shape[1] :]
+        return int((new != self.tok.pad_token_id).sum())
+
+    def rate(self, batch: int, prompts_total: int) -> float:
+        """Tokens/s generating `prompts_total` prompts, `batch` at a time."""
         count = 0
         started = time.perf_counter()
-        for r in range(rounds * (8 // batch)):
-            prompts = PROMPTS[:batch] if batch == 8 else [PROMPTS[r % len(PROMPTS)]]
-            count += run(prompts)
-        out[batch] = count / (time.perf_counter() - started)
-    return out
+        for r in range(prompts_total // batch):
+            count += self.run([PROMPTS[(r * batch + i) % len(PROMPTS)] for i in range(batch)])
+        return count / (time.perf_counter() - started)
 
 
 def serve(model_dir: Path, data: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -110,14 +113,14 @@ def serve(model_dir: Path, data: Path) -> tuple[subprocess.Popen[bytes], str]:
     raise RuntimeError("server not ready")
 
 
-def server_rate(url: str, concurrency: int, tokens: int, rounds: int) -> tuple[float, float]:
-    """(tokens/s, mean batch size) with `concurrency` clients, each sending `rounds * 8 /
-    concurrency` requests of one prompt."""
+def server_rate(url: str, concurrency: int, tokens: int, prompts_total: int) -> tuple[float, float]:
+    """(tokens/s, mean batch size) with `concurrency` clients sending `prompts_total`
+    one-prompt requests in all."""
 
     def client(index: int) -> tuple[int, list[int]]:
         count, sizes = 0, []
         with httpx.Client(base_url=url, timeout=300) as http:
-            for r in range(rounds * 8 // concurrency):
+            for r in range(prompts_total // concurrency):
                 body = {
                     "input_data": {"text": PROMPTS[(index + r) % len(PROMPTS)]},
                     "parameters": {"max_tokens": tokens, "temperature": 0},
@@ -138,14 +141,21 @@ def server_rate(url: str, concurrency: int, tokens: int, rounds: int) -> tuple[f
     return total / elapsed, sum(sizes) / len(sizes)
 
 
+def _median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are reported")
+    parser.add_argument("--prompts", type=int, default=32, help="prompts per cell per round")
     parser.add_argument("--model", type=Path, default=None)
     args = parser.parse_args()
+    cells: dict[str, list[float]] = {k: [] for k in ("raw1", "raw8", "srv1", "srv8", "batch1", "batch8")}
+    ratios: dict[str, list[float]] = {"c8/raw8": [], "c8/c1": [], "c1/raw1": []}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
         if model_dir is None:
@@ -153,26 +163,40 @@ def main() -> None:
             from tests.tiny_models import make_tiny_gpt2
 
             model_dir = make_tiny_gpt2(Path(tmp) / "tiny-gpt2")
-        raw = raw_generate(model_dir, args.tokens, args.rounds)
+        raw = RawGenerate(model_dir, args.tokens)
         proc, url = serve(model_dir, Path(tmp) / "data")
         try:
             httpx.post(url + "/api/v1/models/gen/load", timeout=120).raise_for_status()
-            server_rate(url, 1, args.tokens, 1)  # warm-up
-            c1, b1 = server_rate(url, 1, args.tokens, args.rounds)
-            c8, b8 = server_rate(url, 8, args.tokens, args.rounds)
+            server_rate(url, 8, args.tokens, 8)  # warm-up
+            # Interleaved, so that load from elsewhere on a shared machine hits every cell of a
+            # round alike; each round's ratios are computed within the round.
+            for _ in range(args.rounds):
+                r1, r8 = raw.rate(1, args.prompts), raw.rate(8, args.prompts)
+                s1, b1 = server_rate(url, 1, args.tokens, args.prompts)
+                s8, b8 = server_rate(url, 8, args.tokens, args.prompts)
+                for key, value in zip(cells, (r1, r8, s1, s8, b1, b8), strict=True):
+                    cells[key].append(value)
+                ratios["c8/raw8"].append(s8 / r8)
+                ratios["c8/c1"].append(s8 / s1)
+                ratios["c1/raw1"].append(s1 / r1)
         finally:
             proc.terminate()
             proc.wait(60)
-    print(f"\ntext generation, greedy, {args.tokens} new tokens per prompt, model {model_dir.name}\n")
-    print(f"{'path':<28}{'tokens/s':>12}{'mean batch':>12}")
-    print(f"{'raw generate, batch 1':<28}{raw[1]:>12.0f}{1:>12}")
-    print(f"{'raw generate, batch 8':<28}{raw[8]:>12.0f}{8:>12}")
-    print(f"{'server, concurrency 1':<28}{c1:>12.0f}{b1:>12.1f}")
-    print(f"{'server, concurrency 8':<28}{c8:>12.0f}{b8:>12.1f}")
+    print(f"\ntext generation, greedy, {args.tokens} new tokens per prompt, model {model_dir.name}")
+    print(f"{args.rounds} interleaved rounds of {args.prompts} prompts per cell; median [min-max]\n")
+
+    def cell(values: list[float], fmt: str = ".0f") -> str:
+        return f"{_median(values):{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]"
+
+    print(f"{'path':<26}{'tokens/s':>22}{'mean batch':>20}")
+    print(f"{'raw generate, batch 1':<26}{cell(cells['raw1']):>22}{'1':>20}")
+    print(f"{'raw generate, batch 8':<26}{cell(cells['raw8']):>22}{'8':>20}")
+    print(f"{'server, concurrency 1':<26}{cell(cells['srv1']):>22}{cell(cells['batch1'], '.1f'):>20}")
+    print(f"{'server, concurrency 8':<26}{cell(cells['srv8']):>22}{cell(cells['batch8'], '.1f'):>20}")
     print()
-    print(f"server c=8 / raw b=8:   {c8 / raw[8]:.2f}   (target >= 0.80)")
-    print(f"server c=8 / server c=1: {c8 / c1:.2f}   (target >= 3)")
-    print(f"server c=1 / raw b=1:   {c1 / raw[1]:.2f}")
+    print(f"server c=8 / raw b=8:    {cell(ratios['c8/raw8'], '.2f')}   (target >= 0.80)")
+    print(f"server c=8 / server c=1: {cell(ratios['c8/c1'], '.2f')}   (target >= 3)")
+    print(f"server c=1 / raw b=1:    {cell(ratios['c1/raw1'], '.2f')}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from modelmora.errors import ErrorCode, ModelMoraError
-from modelmora.inference.batcher import BatchLimits, hold_until, next_batch
+from modelmora.inference.batcher import BatchLimits, Returning, hold_until, next_batch
 from modelmora.inference.queue import Entry, Priority, RequestQueue
 from modelmora.lifecycle.channel import ItemError, ItemOk, WorkItem
 from modelmora.lifecycle.runners import Runner
@@ -82,6 +82,8 @@ class ModelScheduler:
     _batches: list[list[Entry]] = field(init=False, default_factory=list)
     _batch_tasks: set[asyncio.Task[None]] = field(init=False, default_factory=set)
     _closed: ModelMoraError | None = field(init=False, default=None)
+    _returning: Returning | None = field(init=False, default=None)
+    _last_arrival: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
         self._queue = RequestQueue(self.aging_seconds)
@@ -112,6 +114,7 @@ class ModelScheduler:
             priority, self.clock(), deadline, max(1, len(item.inputs)), Pending(item, future), group
         )
         self._queue.push(entry)
+        self._last_arrival = entry.arrival
         self.admission.queued += 1
         self._wake.set()
         return entry
@@ -139,7 +142,8 @@ class ModelScheduler:
             if not computing:
                 await self._let_arrivals_land()
             now = self.clock()
-            release = hold_until(self._queue, now, self.limits)
+            returning = None if computing else self._returning
+            release = hold_until(self._queue, now, self.limits, returning, self._last_arrival)
             if release is not None:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -196,6 +200,8 @@ class ModelScheduler:
         inference_ms = done.compute_ms
         size = sum(e.size for e in batch)
         finished = self.clock()
+        if not self._batches:  # the worker is idle now: its clients are about to come back
+            self._returning = Returning.after(len(batch), finished, inference_ms / 1000)
         for entry, outcome in zip(batch, done.outcomes, strict=True):
             # Everything but the worker's compute: waiting in the queue and in front of the worker.
             queue_ms = max(0.0, (finished - entry.arrival) * 1000 - inference_ms)
