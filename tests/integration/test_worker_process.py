@@ -102,7 +102,12 @@ async def test_sigkill_of_the_worker_is_noticed(fake_model_dir: Path) -> None:
 
 @pytest.mark.parametrize(
     ("options", "path", "fragment"),
-    [({"fail_load": True}, None, "asked to fail"), ({}, "/nonexistent/model", "nonexistent")],
+    [
+        ({"fail_load": True}, None, "asked to fail"),
+        ({}, "/nonexistent/model", "nonexistent"),
+        ({"threads": "all of them"}, None, "options.threads must be a whole number"),
+        ({"threads": 0}, None, "options.threads must be a whole number"),
+    ],
 )
 async def test_load_failures_are_reported(
     fake_model_dir: Path, minilm_path: Path, options: dict[str, object], path: str | None, fragment: str
@@ -114,6 +119,16 @@ async def test_load_failures_are_reported(
         await runner.start(spec, timeout=120)
     assert exc.value.code is ErrorCode.MODEL_LOAD_FAILED and fragment in exc.value.message
     assert not runner.alive
+
+
+async def test_options_threads_caps_the_workers_torch_threads(fake_model_dir: Path) -> None:
+    runner = _runner()
+    spec = LoadSpec(str(fake_model_dir), "txt2embed", adapter="fake", options={"threads": 1})
+    loaded = await runner.start(spec, 60)
+    try:
+        assert loaded.info["threads"] == 1  # torch.get_num_threads() in the worker
+    finally:
+        await runner.close(5)
 
 
 def _alive(pid: int) -> bool:

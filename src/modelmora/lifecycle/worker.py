@@ -62,6 +62,21 @@ def _gpu_bytes() -> int:
     return gpu_bytes()
 
 
+def _apply_threads(threads: object) -> int | None:
+    """`options.threads`: the CPU threads this model's torch may use. By default torch takes
+    every core, and several models on one CPU then fight over the same cores (spinning
+    OpenMP threads can burn several times the CPU of the work itself); giving each its share
+    avoids that."""
+    if threads is None:
+        return None
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ValueError(f"options.threads must be a whole number >= 1, not {threads!r}")
+    import torch
+
+    torch.set_num_threads(threads)
+    return int(torch.get_num_threads())
+
+
 @dataclass
 class Begun:
     """A batch whose preprocessing is done (or failed), waiting for the model."""
@@ -87,6 +102,7 @@ class WorkerCore:
         started = time.perf_counter()
         try:
             adapter = adapter_for(spec.task_type, spec.adapter)
+            threads = _apply_threads(spec.options.get("threads"))
             adapter.load(Path(spec.path), spec.device, spec.dtype, spec.options)
             self.adapter, self.spec = adapter, spec
             if spec.health_check and spec.task_type in SAMPLE_INPUTS:
@@ -107,7 +123,7 @@ class WorkerCore:
             rss_bytes=psutil.Process().memory_info().rss,
             gpu_bytes=_gpu_bytes(),
             load_seconds=time.perf_counter() - started,
-            info=adapter.info(),
+            info={**adapter.info(), **({"threads": threads} if threads else {})},
         )
 
     def infer(self, message: Infer) -> BatchDone:
