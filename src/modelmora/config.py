@@ -128,7 +128,7 @@ class JobsSettings(_Section):
     max_pending: int = Field(10_000, ge=1)
     queued_ttl_seconds: float = Field(24 * 3600, gt=0)
     result_ttl_seconds: float = Field(24 * 3600, gt=0)
-    # Jobs one replica runs at once (each model also stops at 2 * its max_batch_size).
+    # Jobs one replica runs at once (each model also stops at 2 * its max_batch_size, or half its queue).
     max_running: int = Field(256, ge=1)
     # Runs of one job that ended with its worker dying before the job is failed.
     max_attempts: int = Field(3, ge=1)

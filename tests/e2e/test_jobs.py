@@ -207,6 +207,26 @@ def test_an_unwritable_result_store_fails_the_job_and_the_server_keeps_serving(t
         srv.stop()
 
 
+def test_a_burst_larger_than_the_model_queue_is_accepted_and_runs(tmp_path: Path) -> None:
+    """Jobs wait in the store: 60 of them against a model queue of 4 are all accepted (no
+    429) and all complete, while synchronous requests still find room in the queue."""
+    data = tmp_path / "data"
+    env = clean_env(data)
+    cli(env, "install", str(make_fake_model(tmp_path / "fake", delay_ms=20)), "--name", "fake")
+    srv = start_server(
+        data, tmp_path / "server.log", MODELMORA_SCHEDULER__QUEUE_SIZE_PER_MODEL="4",
+        MODELMORA_SCHEDULER__CRITICAL_RESERVE="0",
+    )  # fmt: skip
+    try:
+        c = srv.client
+        jobs = _submit_many(c, 60)
+        sync = c.post("/infer/fake", json={"text": "a synchronous request meanwhile"})
+        assert sync.status_code == 200, sync.text
+        assert _check_all_completed(c, jobs, timeout=120) == 0
+    finally:
+        srv.stop()
+
+
 def _submit_many(c: httpx.Client, n: int) -> dict[str, str]:
     jobs: dict[str, str] = {}
     for i in range(n):

@@ -2,8 +2,9 @@
 
 Jobs wait in the store, not in the request queue, so a burst of jobs is never refused with
 429 while the store has room; a replica keeps at most `2 * max_batch_size` jobs of one model
-in the scheduler (enough to fill a batch and the one gathering behind it) and `max_running`
-in all. Once pulled, a job is an ordinary request: same priorities, same batches.
+in the scheduler (enough to fill a batch and the one gathering behind it), never more than
+half of that model's queue, and `max_running` in all. Once pulled, a job is an ordinary
+request: same priorities, same batches.
 """
 
 from __future__ import annotations
@@ -69,7 +70,10 @@ class JobDispatcher:
         self._wake.set()
 
     def _per_model_limit(self) -> int:
-        return 2 * self.settings.scheduler.max_batch_size
+        """Enough jobs to fill a batch and the one gathering behind it, but never more than
+        half of a model's queue: the rest stays for synchronous requests."""
+        cfg = self.settings.scheduler
+        return max(1, min(2 * cfg.max_batch_size, cfg.queue_size_per_model // 2))
 
     async def _claim_loop(self) -> None:
         cfg = self.settings.jobs
