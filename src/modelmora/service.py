@@ -10,6 +10,7 @@ import asyncio
 import base64
 import contextlib
 import itertools
+import math
 import shutil
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
@@ -319,6 +320,27 @@ class RegistryService:
         live = self.live_state(record.name)
         state = live["state"] if live else ModelState.REGISTERED.value
         return model_to_dict(record, state, live)
+
+    async def list(
+        self, task_type: str | None, status: str | None, page: int, page_size: int
+    ) -> dict[str, Any]:
+        """`{"data": [model...], "meta": {...}}`. A model's state is live, not stored: with a
+        `status` filter the catalog is filtered in memory, then paged."""
+        if status is None:
+            records, total = await asyncio.to_thread(self.store.list, task_type, page, page_size)
+            data = [self.describe(rec) for rec in records]
+        else:
+            records, _ = await asyncio.to_thread(self.store.list, task_type, 1, 1_000_000)
+            everything = [d for d in map(self.describe, records) if d["state"] == status]
+            total = len(everything)
+            data = everything[(page - 1) * page_size : page * page_size]
+        meta = {
+            "total": total,
+            "page": page,
+            "page_size": page_size,
+            "total_pages": math.ceil(total / page_size),
+        }
+        return {"data": data, "meta": meta}
 
     def verify(self, name: str, version: str | None = None) -> dict[str, Any]:
         """Hash the installed files again and compare with the registry (the `download` op:

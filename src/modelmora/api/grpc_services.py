@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -376,25 +375,13 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Ctx) -> pb.ListModelsResponse:
         async with self.door.call(context):
-            mm = self.mm
             page, page_size = _page(request.page, request.page_size)
-            task_type = request.task_type or None
-            if not request.status:
-                records, total = await asyncio.to_thread(mm.store.list, task_type, page, page_size)
-                data = [mm.registry.describe(rec) for rec in records]
-            else:  # state is live, not stored: filter in memory, then page (as REST does)
-                records, _ = await asyncio.to_thread(mm.store.list, task_type, 1, 1_000_000)
-                everything = [d for d in map(mm.registry.describe, records) if d["state"] == request.status]
-                total = len(everything)
-                data = everything[(page - 1) * page_size : page * page_size]
-            meta = {
-                "total": total,
-                "page": page,
-                "page_size": page_size,
-                "total_pages": math.ceil(total / page_size),
-            }
+            listed = await self.mm.registry.list(
+                request.task_type or None, request.status or None, page, page_size
+            )
             return pb.ListModelsResponse(
-                data=[from_dict(d, pb.Model()) for d in data], meta=from_dict(meta, pb.PageMeta())
+                data=[from_dict(d, pb.Model()) for d in listed["data"]],
+                meta=from_dict(listed["meta"], pb.PageMeta()),
             )
         raise AssertionError("unreachable")  # pragma: no cover
 

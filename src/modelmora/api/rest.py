@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -153,22 +152,7 @@ def build_router() -> APIRouter:
         page: int = Query(1, ge=1),
         page_size: int = Query(50, ge=1, le=500),
     ) -> Response:
-        mm = _mm(request)
-        if status is None:
-            records, total = await asyncio.to_thread(mm.store.list, task_type, page, page_size)
-            data = [mm.registry.describe(rec) for rec in records]
-        else:  # state is live, not stored: filter in memory, then page
-            records, _ = await asyncio.to_thread(mm.store.list, task_type, 1, 1_000_000)
-            everything = [d for d in map(mm.registry.describe, records) if d["state"] == status]
-            total = len(everything)
-            data = everything[(page - 1) * page_size : page * page_size]
-        meta = {
-            "total": total,
-            "page": page,
-            "page_size": page_size,
-            "total_pages": math.ceil(total / page_size),
-        }
-        return JSON({"data": data, "meta": meta})
+        return JSON(await _mm(request).registry.list(task_type, status, page, page_size))
 
     @r.get("/api/v1/models/{name:path}", tags=["registry"], responses=_ERRORS)
     async def get_model(request: Request, name: str) -> Response:

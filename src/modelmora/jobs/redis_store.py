@@ -28,6 +28,7 @@ from modelmora.jobs.store import (
     JobRecord,
     JobStatus,
     idempotency_conflict,
+    never_started,
     not_found,
     store_full,
 )
@@ -391,14 +392,7 @@ class RedisJobStore:
         return [j for j, flag in zip(job_ids, flags, strict=True) if flag == b"1"]
 
     async def expire(self, now: float, queued_ttl: float, result_ttl: float) -> list[str]:
-        error = orjson.dumps(
-            {
-                "error_code": "INFERENCE_TIMEOUT",
-                "message": f"the job waited more than {queued_ttl:g} s without starting",
-                "details": {"queued_ttl_seconds": queued_ttl},
-                "trace_id": None,
-            }
-        )
+        error = never_started(queued_ttl)
         stale = await self._redis.zrangebyscore(f"{self.prefix}status:queued", "-inf", now - queued_ttl)
         for raw in stale:
             job_id = raw.decode()

@@ -22,6 +22,7 @@ from modelmora.jobs.store import (
     JobRecord,
     JobStatus,
     idempotency_conflict,
+    never_started,
     not_found,
     store_full,
 )
@@ -336,14 +337,7 @@ class SqliteJobStore:
         return await self._run(run)
 
     async def expire(self, now: float, queued_ttl: float, result_ttl: float) -> list[str]:
-        error = orjson.dumps(
-            {
-                "error_code": "INFERENCE_TIMEOUT",
-                "message": f"the job waited more than {queued_ttl:g} s without starting",
-                "details": {"queued_ttl_seconds": queued_ttl},
-                "trace_id": None,
-            }
-        )
+        error = never_started(queued_ttl)
 
         def run(db: sqlite3.Connection) -> list[str]:
             db.execute("BEGIN IMMEDIATE")

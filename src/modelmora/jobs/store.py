@@ -123,6 +123,18 @@ def store_full(pending: int, limit: int) -> ModelMoraError:
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600
 
 
+def never_started(queued_ttl: float) -> bytes:
+    """The error body of a job that expired before it started (JSON, as both stores keep it)."""
+    return orjson.dumps(
+        {
+            "error_code": ErrorCode.INFERENCE_TIMEOUT.value,
+            "message": f"the job waited more than {queued_ttl:g} s without starting",
+            "details": {"queued_ttl_seconds": queued_ttl},
+            "trace_id": None,
+        }
+    )
+
+
 class JobStore(Protocol):
     """Every method is safe to call from several replicas at once (Redis) or from one server
     plus crashes (SQLite). Times are epoch seconds."""
