@@ -133,6 +133,7 @@ server:
 registry:
   # database_url: postgresql+psycopg://user@host/modelmora   # default: SQLite in data_dir
   # hub_endpoint: https://huggingface.co
+  # s3_endpoint_url: http://minio:9000                          # for --from s3://bucket/prefix
 resources:
   default_device: auto            # auto | cpu | cuda | cuda:N
   default_dtype: auto             # auto | float32 | float16 | bfloat16
@@ -143,6 +144,14 @@ lifecycle:
 scheduler:
   max_batch_size: 32
   max_wait_ms: 0                  # 0: dispatch as soon as the worker is idle
+jobs:
+  backend: sqlite                 # sqlite (data_dir/jobs.db) | redis (several replicas)
+  # redis_url: redis://127.0.0.1:6379/0
+  max_pending: 10000
+results:
+  backend: files                  # files (data_dir/results) | s3
+  inline_max_bytes: 1048576       # larger job results go to the result store
+  # s3: {bucket: my-results, endpoint_url: http://minio:9000}
 limits:
   max_request_bytes: 16777216
   max_items: 256
