@@ -26,6 +26,7 @@ def server(module_tmp: Path, tiny_models: dict[str, Path]) -> Iterator[Server]:
     for folder in tiny_models.values():
         cli(env, "install", str(folder))  # the task comes from the folder's own metadata
     cli(env, "install", str(make_fake_model(module_tmp / "fake-gen", task_type="txt2txt", step_ms=20)))
+    cli(env, "install", str(_st_clip(tiny_models["tiny-clip"], module_tmp / "st-clip")))
     srv = start_server(
         data,
         module_tmp / "server.log",
@@ -34,6 +35,15 @@ def server(module_tmp: Path, tiny_models: dict[str, Path]) -> Iterator[Server]:
     )
     yield srv
     srv.stop()
+
+
+def _st_clip(clip: Path, folder: Path) -> Path:
+    """The tiny CLIP saved as a sentence-transformers image model (`modules.json`)."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import CLIPModel
+
+    SentenceTransformer(modules=[CLIPModel(str(clip))]).save(str(folder))
+    return folder
 
 
 def png(color: tuple[int, int, int] = (200, 30, 90), size: tuple[int, int] = (40, 30)) -> bytes:
@@ -175,6 +185,22 @@ def test_image_embeddings_from_json_and_multipart(server: Server) -> None:
     vectors = form.json()["result"]["embeddings"]
     assert len(vectors) == 2
     assert vectors[0] == pytest.approx(vector, abs=1e-5)
+
+
+def test_a_sentence_transformers_image_model_matches_encode(server: Server, module_tmp: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    image = png((10, 200, 40))
+    reply = server.client.post("/infer/st-clip", json={"image": [b64(image), b64(png())]})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["metadata"]["task_type"] == "img2embed"
+    expected = SentenceTransformer(str(module_tmp / "st-clip"), device="cpu").encode(
+        [Image.open(io.BytesIO(image)).convert("RGB"), Image.open(io.BytesIO(png())).convert("RGB")]
+    )
+    got = reply.json()["result"]["embeddings"]
+    assert len(got) == 2
+    for row, want in zip(got, expected.tolist(), strict=True):
+        assert row == pytest.approx(want, abs=1e-4)
 
 
 def test_bad_images_fail_alone(server: Server) -> None:

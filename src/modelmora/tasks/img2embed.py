@@ -1,8 +1,10 @@
-"""Image embeddings with a CLIP-style model through transformers.
+"""Image embeddings with a CLIP-style model: through transformers, or sentence-transformers
+when the folder is a sentence-transformers model (`modules.json`).
 
-pre: decode each image (Pillow) and run the slow image processor (no torchvision); an image
-corrupt past its header fails alone, as INVALID_IMAGE; core: `get_image_features`; post:
-optional L2 normalisation per request.
+pre: decode each image (Pillow) and, for transformers, run the slow image processor (no
+torchvision); an image corrupt past its header fails alone, as INVALID_IMAGE; core:
+`get_image_features` (or `SentenceTransformer.encode` of the images); post: optional L2
+normalisation per request.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class ImageEmbedder:
     def __init__(self) -> None:
         self.model: Any = None
         self.processor: Any = None
+        self.st: Any = None  # a sentence-transformers image model, when the folder is one
         self.device = "cpu"
         self.dtype = "float32"
         self.torch_dtype = torch.float32
@@ -50,6 +53,12 @@ class ImageEmbedder:
         self.device = resolve_device(device)
         self.torch_dtype = resolve_dtype(dtype, self.device)
         self.dtype = str(self.torch_dtype).removeprefix("torch.")
+        if (path / "modules.json").is_file():
+            from sentence_transformers import SentenceTransformer
+
+            st = SentenceTransformer(str(path), device=self.device, local_files_only=True)
+            self.st = st.to(self.torch_dtype) if self.torch_dtype != torch.float32 else st
+            return
         self.processor = AutoImageProcessor.from_pretrained(str(path), use_fast=False, local_files_only=True)  # type: ignore[no-untyped-call]
         model: Any = AutoModel.from_pretrained(str(path), dtype=self.torch_dtype, local_files_only=True)
         self.model = model.to(self.device).eval()
@@ -58,6 +67,8 @@ class ImageEmbedder:
         images, bad = decode_items(items)
         if not images:
             return None, bad
+        if self.st is not None:
+            return images, bad  # sentence-transformers runs its own processor in `encode`
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
         return pixels.to(self.device, self.torch_dtype), bad
 
@@ -65,6 +76,9 @@ class ImageEmbedder:
         pixels, bad = prepared
         if pixels is None:
             return None, bad
+        if self.st is not None:
+            vectors = self.st.encode(pixels, batch_size=len(pixels), convert_to_numpy=True)
+            return np.asarray(vectors, dtype=np.float32), bad
         with torch.inference_mode():
             features = self.model.get_image_features(pixel_values=pixels)
             if not isinstance(features, torch.Tensor):  # some versions return an output object
@@ -88,4 +102,7 @@ class ImageEmbedder:
         return outcomes
 
     def info(self) -> dict[str, Any]:
+        if self.st is not None:
+            dim = int(self.st.get_sentence_embedding_dimension() or 0)
+            return {"dim": dim, "library": "sentence-transformers"}
         return {"dim": int(getattr(self.model.config, "projection_dim", 0) or 0)}
