@@ -25,6 +25,9 @@ from modelmora.jobs.service import JobService, build_job_store
 from modelmora.lifecycle.manager import ModelManager
 from modelmora.lifecycle.runners import RunnerFactory, process_runner_factory
 from modelmora.lifecycle.spare import SparePool
+from modelmora.observability.metrics import Live, Metrics, ModelLive
+from modelmora.observability.tracing import build_span_recorder
+from modelmora.registry.catalog import ModelState
 from modelmora.registry.store import RegistryStore
 from modelmora.service import InferenceService, RegistryService
 
@@ -41,9 +44,11 @@ class ModelMora:
         self.settings = settings
         self.store = RegistryStore(settings.database_url)
         spares = SparePool(settings.resources.warm_spare and runner_factory is process_runner_factory)
-        self.manager = ModelManager(settings, self.store, runner_factory, spares=spares)
+        self.metrics = Metrics(__version__)
+        self.manager = ModelManager(settings, self.store, runner_factory, spares=spares, metrics=self.metrics)
         self.results: ResultStore = build_result_store(settings)
-        self.inference = InferenceService(settings, self.manager, self.results)
+        spans = build_span_recorder(settings.telemetry.otlp_endpoint, settings.telemetry.service_name)
+        self.inference = InferenceService(settings, self.manager, self.results, spans)
         self.registry = RegistryService(settings, self.store, self.manager)
         self.job_store = build_job_store(settings)
         self.dispatcher = JobDispatcher(settings, self.job_store, self.inference, self.results)
@@ -52,6 +57,11 @@ class ModelMora:
         self.draining = False
         self.inflight = 0  # HTTP requests in progress, counted by the edge middleware
         self.started_at = time.time()
+        # Figures that cost a round trip (job counts, worker stats, result store size): taken
+        # by `refresh_figures` before each scrape or status, read by the sync collector.
+        self._jobs_by_status: dict[str, int] = {}
+        self._result_bytes: int | None = None
+        self.metrics.attach_live(self.live_figures)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: FastAPI) -> AsyncIterator[None]:
@@ -105,8 +115,80 @@ class ModelMora:
         await self.manager.shutdown()
         await self.job_store.close()
         await self.results.close()
+        if self.inference.spans is not None:
+            self.inference.spans.shutdown()  # flushes the spans still batched
         await asyncio.to_thread(self.store.close)
         log.info("modelmora stopped")
+
+    async def refresh_figures(self) -> None:
+        """Ask the workers for their stats and the job store for its counts (each bounded:
+        a slow one leaves the previous figures)."""
+        timeout = 1.0
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.manager.poll_stats(timeout), timeout + 0.5)
+        with contextlib.suppress(Exception):
+            self._jobs_by_status = dict(await asyncio.wait_for(self.jobs.counts(), timeout))
+        stored_bytes = getattr(self.results, "stored_bytes", None)
+        if stored_bytes is not None:
+            with contextlib.suppress(Exception):
+                self._result_bytes = int(await asyncio.wait_for(stored_bytes(), timeout))
+
+    async def metrics_exposition(self) -> bytes:
+        await self.refresh_figures()
+        # On the event loop, not a thread: the collector reads the manager's live structures.
+        return self.metrics.exposition()
+
+    def live_figures(self) -> Live:
+        """The state a scrape reads (read only, on the event loop)."""
+        manager = self.manager
+        gpu = manager.gpu_bytes_by_model()
+        models = []
+        for slot in list(manager.slots.values()):
+            runner, scheduler = slot.runner, slot.scheduler
+            device, gpu_bytes = gpu.get(slot.name, ("", 0))
+            models.append(
+                ModelLive(
+                    name=slot.name,
+                    task=slot.record.task_type.value,
+                    state=slot.state.value,
+                    loaded=runner is not None,
+                    queue_by_priority=scheduler.queue_depths() if scheduler is not None else {},
+                    in_flight=slot.refs,
+                    rss_bytes=runner.rss_bytes() if runner is not None else 0,
+                    gpu_bytes=gpu_bytes,
+                    device=device or (slot.loaded.device if slot.loaded else ""),
+                )
+            )
+        memory = manager.memory_status()
+        probe_devices = getattr(manager.probe, "gpu_devices", None)
+        return Live(
+            models=models,
+            states=tuple(s.value for s in ModelState),
+            in_flight=self.inflight,
+            queued=manager.admission.queued,
+            budget_ram_bytes=memory["budget_ram_bytes"],
+            budget_gpu_bytes=memory["budget_gpu_bytes"] or {},
+            used_ram_bytes=memory["used_ram_bytes"],
+            system_available_bytes=memory["system_available_bytes"],
+            spare_rss_bytes=memory["spare"]["rss_bytes"],
+            gpus=probe_devices() if probe_devices is not None else [],
+            jobs=self._jobs_by_status,
+            jobs_processed=dict(self.dispatcher.counters),
+            result_store_bytes=self._result_bytes,
+            ready=self.ready and not self.draining,
+            uptime_seconds=time.time() - self.started_at,
+        )
+
+    async def full_status(self) -> dict[str, Any]:
+        """`status()` with the figures that need a round trip: workers' stats, jobs by status,
+        GPU devices (what `GET /api/v1/status`, GetSystemStatus and `modelmora status` show)."""
+        await self.refresh_figures()
+        body = self.status()
+        probe_devices = getattr(self.manager.probe, "gpu_devices", None)
+        body["gpus"] = await asyncio.to_thread(probe_devices) if probe_devices is not None else []
+        body["jobs"] = dict(self._jobs_by_status)
+        body["started_at"] = self.started_at
+        return body
 
     def status(self) -> dict[str, Any]:
         models = self.manager.statuses()

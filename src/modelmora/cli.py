@@ -533,11 +533,20 @@ def jobs(
 
 
 @app.command()
-def status(ctx: typer.Context) -> None:
-    """The running server's status."""
+def status(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="The raw status document, as JSON")] = False,
+) -> None:
+    """The running server's status: version, uptime, models, memory, queues, workers, GPUs, jobs."""
     settings = _c(ctx).settings()
-    body = _require_server(ctx, settings, "GET", "/api/v1/status").json()
-    out.print_json(json.dumps(body))
+    body = _require_server(ctx, settings, "GET", "/api/v1/status", timeout=10).json()
+    if as_json:
+        sys.stdout.write(json.dumps(body, indent=2) + "\n")
+        return
+    from modelmora.status_view import render_status
+
+    for renderable in render_status(body):
+        out.print(renderable)
 
 
 def main() -> None:

@@ -161,8 +161,11 @@ class LimitsSettings(_Section):
 
 
 class TelemetrySettings(_Section):
+    # OTLP/HTTP collector base URL (e.g. http://127.0.0.1:4318); None: no traces exported.
     otlp_endpoint: str | None = None
     service_name: str = "modelmora"
+    # A request slower than this (received to answered) is logged as a warning and counted.
+    slow_request_seconds: float = Field(10.0, gt=0)
 
 
 class Settings(BaseSettings):
@@ -181,7 +184,7 @@ class Settings(BaseSettings):
     jobs: JobsSettings = Field(default_factory=JobsSettings)  # type: ignore[arg-type]
     results: ResultsSettings = Field(default_factory=ResultsSettings)  # type: ignore[arg-type]
     limits: LimitsSettings = Field(default_factory=LimitsSettings)  # type: ignore[arg-type]
-    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)  # type: ignore[arg-type]
 
     @model_validator(mode="before")
     @classmethod

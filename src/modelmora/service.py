@@ -10,6 +10,7 @@ import asyncio
 import base64
 import contextlib
 import itertools
+import logging
 import math
 import shutil
 from collections.abc import AsyncGenerator, Callable
@@ -24,11 +25,15 @@ from modelmora.inference.scheduler import Completed
 from modelmora.jobs.results import ResultStore, build_result_store, new_key
 from modelmora.lifecycle.channel import WorkItem
 from modelmora.lifecycle.manager import ModelManager
+from modelmora.observability.metrics import current_protocol
+from modelmora.observability.tracing import SpanRecorder
 from modelmora.registry.catalog import ModelRecord, ModelState, validate_name
 from modelmora.registry.store import RegistryStore
 from modelmora.tasks.base import SAMPLE_INPUTS
 from modelmora.tasks.image_urls import IMAGE_INPUT_TASKS, fetch_image_urls
 from modelmora.tasks.inputs import STREAMING_TASKS, ParsedInput, parse_input
+
+log = logging.getLogger("modelmora.requests")
 
 # Request ids only need to be unique within this server (they name work items to its workers).
 _request_ids = itertools.count(1)
@@ -55,9 +60,18 @@ EventCallback = Callable[[str, dict[str, Any]], None]
 
 
 class InferenceService:
-    def __init__(self, settings: Settings, manager: ModelManager, results: ResultStore | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        manager: ModelManager,
+        results: ResultStore | None = None,
+        spans: SpanRecorder | None = None,
+    ) -> None:
         self.settings = settings
         self.manager = manager
+        self.metrics = manager.metrics
+        self.spans = spans  # None: tracing off (the default), and nothing is built per request
+        self.slow_seconds = settings.telemetry.slow_request_seconds
         # Where large results (images) go; the response then carries a URL.
         self.results = results or build_result_store(settings)
 
@@ -145,9 +159,35 @@ class InferenceService:
         timeout_seconds: float | None,
         trace_id: str | None,
     ) -> _Call:
+        """A request refused before it is queued is counted here: under its model's name once
+        the model is known to exist, else under model="" (labels stay bounded)."""
+        known: list[ModelRecord] = []
+        try:
+            call = await self._validate(
+                name, input_data, parameters, priority, timeout_seconds, trace_id, known
+            )
+        except ModelMoraError as exc:
+            model, task = (name, known[0].task_type.value) if known else ("", "")
+            self.metrics.record_error(model, task, current_protocol.get(), exc.code.value)
+            raise
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("request received", extra={"model": name, "request_id": call.item.request_id})
+        return call
+
+    async def _validate(
+        self,
+        name: str,
+        input_data: dict[str, Any],
+        parameters: dict[str, Any] | None,
+        priority: str | int | None,
+        timeout_seconds: float | None,
+        trace_id: str | None,
+        known: list[ModelRecord],
+    ) -> _Call:
         received = self.manager.clock()
         validate_name(name)  # also refuses NAME@VERSION: the active version serves
         record = await self.manager.record(name)
+        known.append(record)
         defaults = record.config.get("parameters") or {}
         params = {**defaults, **(parameters or {})}
         task = record.task_type.value
@@ -162,6 +202,80 @@ class InferenceService:
         return _Call(name, record, parsed, item, level, timeout, received)
 
     async def _run(
+        self,
+        call: _Call,
+        keep_alive: float | None,
+        disconnected: asyncio.Future[Any] | None,
+        on_event: EventCallback | None,
+    ) -> dict[str, Any]:
+        """Run the request and count it (metrics, logs, spans), whatever its outcome."""
+        task = call.record.task_type.value
+        protocol = current_protocol.get()
+        try:
+            response = await self._run_counted(call, keep_alive, disconnected, on_event)
+        except ModelMoraError as exc:
+            self._failed(call, task, protocol, exc.code.value, exc)
+            raise
+        except asyncio.CancelledError:
+            self._failed(call, task, protocol, ErrorCode.CANCELLED.value, None)
+            raise
+        except Exception as exc:
+            self._failed(call, task, protocol, ErrorCode.INTERNAL_ERROR.value, exc)
+            raise
+        timing = response["timing"]
+        queue_s, inference_s = timing["queue_time_ms"] / 1000, timing["inference_time_ms"] / 1000
+        total_s = timing["total_time_ms"] / 1000
+        self.metrics.record_success(call.name, task, protocol, queue_s, inference_s, total_s)
+        if total_s >= self.slow_seconds:
+            self.metrics.slow.labels(call.name).inc()
+            log.warning(
+                "slow request",
+                extra={"model": call.name, "request_id": call.item.request_id, **timing},
+            )
+        elif log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "request completed", extra={"model": call.name, "request_id": call.item.request_id, **timing}
+            )
+        if self.spans is not None:
+            self.spans.request(
+                trace_id=call.item.trace_id,
+                received_ago_s=self.manager.clock() - call.received,
+                queue_s=queue_s,
+                inference_s=inference_s,
+                attributes={
+                    "modelmora.model": call.name,
+                    "modelmora.task": task,
+                    "modelmora.protocol": protocol,
+                    "modelmora.batch_size": response["metadata"]["batch_size"],
+                },
+            )
+        return response
+
+    def _failed(self, call: _Call, task: str, protocol: str, code: str, exc: BaseException | None) -> None:
+        self.metrics.record_error(call.name, task, protocol, code)
+        if code in ("INTERNAL_ERROR", "INFERENCE_FAILED"):
+            log.warning(
+                "request failed",
+                extra={"model": call.name, "request_id": call.item.request_id, "error_code": code},
+                exc_info=exc if code == "INTERNAL_ERROR" else None,
+            )
+        elif log.isEnabledFor(logging.DEBUG):
+            log.debug("request failed", extra={"model": call.name, "error_code": code})
+        if self.spans is not None:
+            self.spans.request(
+                trace_id=call.item.trace_id,
+                received_ago_s=self.manager.clock() - call.received,
+                queue_s=0.0,
+                inference_s=0.0,
+                attributes={
+                    "modelmora.model": call.name,
+                    "modelmora.task": task,
+                    "modelmora.protocol": protocol,
+                },
+                error_code=code,
+            )
+
+    async def _run_counted(
         self,
         call: _Call,
         keep_alive: float | None,
@@ -189,6 +303,7 @@ class InferenceService:
                 scheduler.withdraw(entry)
                 if disconnected is not None and disconnected.done():
                     raise ModelMoraError(ErrorCode.CANCELLED, "the client went away")
+                self.metrics.expired.labels(name, "wait").inc()
                 raise ModelMoraError(
                     ErrorCode.INFERENCE_TIMEOUT,
                     f"no result within {call.timeout:g} s",

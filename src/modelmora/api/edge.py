@@ -13,6 +13,8 @@ import orjson
 
 from modelmora.api import fastpath
 from modelmora.errors import ErrorCode, ModelMoraError
+from modelmora.observability import tracing
+from modelmora.observability.metrics import Metrics, current_protocol
 from modelmora.observability.tracing import current_trace_id, trace_id_from, traceparent_for
 
 log = logging.getLogger("modelmora.api")
@@ -25,7 +27,7 @@ Send = Callable[[Message], Any]
 FastHandler = Callable[[str, Any, bytes, Receive, Send], Awaitable[None]]
 
 # Probes and metrics answer while draining: orchestrators need them to see the drain.
-_ALWAYS_OPEN = ("/health/", "/metrics")
+_ALWAYS_OPEN = ("/health/", "/metrics", "/api/v1/metrics")
 _FORM = b"application/x-www-form-urlencoded"
 
 
@@ -48,8 +50,12 @@ class EdgeMiddleware:
         is_draining: Callable[[], bool],
         counter: Any,
         fast: FastHandler | None = None,
+        metrics: Metrics | None = None,
+        tracing_on: Callable[[], bool] = lambda: False,
     ) -> None:
         self.app = app
+        self.metrics = metrics
+        self.tracing_on = tracing_on
         self.fast = fast
         self.max_body = max_body
         self.is_draining = is_draining
@@ -60,15 +66,21 @@ class EdgeMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        trace_id = trace_id_from(headers.get(b"traceparent", b"").decode("latin-1"))
+        traceparent = headers.get(b"traceparent", b"").decode("latin-1")
+        trace_id = trace_id_from(traceparent)
         token = current_trace_id.set(trace_id)
+        door = current_protocol.set("rest")
+        if self.tracing_on():
+            tracing.current_parent_span.set(tracing.parent_span_from(traceparent))
         extra = [(b"traceparent", traceparent_for(trace_id).encode()), (b"x-trace-id", trace_id.encode())]
         started = False
+        status = 0
 
         async def send_with_trace(message: Message) -> None:
-            nonlocal started
+            nonlocal started, status
             if message["type"] == "http.response.start":
                 started = True
+                status = message["status"]
                 message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
@@ -126,6 +138,35 @@ class EdgeMiddleware:
                 self.counter.inflight -= 1
         finally:
             current_trace_id.reset(token)
+            current_protocol.reset(door)
+            if self.metrics is not None and status:
+                self.metrics.record_http(_handler(scope["path"]), status)
+
+
+# Bounded `handler` labels for HTTP metrics: route groups by path prefix, never the raw path.
+_HANDLERS = (
+    ("/api/v1/infer/", "infer"),
+    ("/infer/", "infer"),
+    ("/api/v1/jobs", "jobs"),
+    ("/api/v1/results/", "results"),
+    ("/api/v1/models", "models"),
+    ("/api/v1/status", "status"),
+    ("/api/v1/lock", "models"),
+    ("/api/v1/metrics", "metrics"),
+    ("/metrics", "metrics"),
+    ("/health/", "health"),
+    ("/docs", "docs"),
+    ("/openapi.json", "docs"),
+)
+
+
+def _handler(path: str) -> str:
+    for prefix, name in _HANDLERS:
+        if path.startswith(prefix):
+            if name == "infer" and path.endswith("/async"):
+                return "jobs"
+            return name
+    return "other"
 
 
 async def _read_limited(receive: Receive, limit: int) -> tuple[bytes | None, int]:

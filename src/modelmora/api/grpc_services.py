@@ -28,6 +28,8 @@ from modelmora.api.grpc_convert import (
     struct_to_dict,
 )
 from modelmora.errors import ErrorCode, ModelMoraError
+from modelmora.observability import tracing
+from modelmora.observability.metrics import current_protocol
 from modelmora.observability.tracing import current_trace_id, trace_id_from
 from modelmora.registry.catalog import parse_ref, validate_name
 from modelmora.registry.installer import InstallRequest, install, lock_entries, validate_config
@@ -90,8 +92,13 @@ class Door:
         )
         trace_id = trace_id_from(traceparent)
         token = current_trace_id.set(trace_id)
+        door = current_protocol.set("grpc")
+        if self.mm.inference.spans is not None:
+            tracing.current_parent_span.set(tracing.parent_span_from(traceparent))
+        code = "OK"  # the call's gRPC status, counted when it ends
         try:
             if self.mm.draining:
+                code = ErrorCode.SHUTTING_DOWN.grpc_status
                 await abort(
                     context,
                     ModelMoraError(ErrorCode.SHUTTING_DOWN, "the server is shutting down", retry_after=5),
@@ -102,10 +109,15 @@ class Door:
                 yield trace_id
                 context.set_trailing_metadata((("trace_id", trace_id),))
             except ModelMoraError as exc:
+                code = exc.code.grpc_status
                 await abort(context, exc, trace_id)
-            except (asyncio.CancelledError, grpc.aio.AbortError):
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except grpc.aio.AbortError:
                 raise
             except Exception as exc:
+                code = "INTERNAL"
                 log.exception("unhandled error")
                 await abort(
                     context,
@@ -115,8 +127,10 @@ class Door:
             finally:
                 self.mm.inflight -= 1
         finally:
+            self.mm.metrics.record_grpc(code)
             with contextlib.suppress(ValueError):  # reset from another context (a closed stream)
                 current_trace_id.reset(token)
+                current_protocol.reset(door)
 
     def check_size(self, message: pb.InferRequest) -> None:
         limit = self.mm.settings.limits.max_request_bytes
@@ -465,7 +479,7 @@ class ManagementServicer(pb_grpc.ManagementServiceServicer):
 
     async def GetSystemStatus(self, request: pb.GetSystemStatusRequest, context: Ctx) -> pb.SystemStatus:
         async with self.door.call(context):
-            return from_dict(self.mm.status(), pb.SystemStatus())
+            return from_dict(await self.mm.full_status(), pb.SystemStatus())
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def GetModelHealth(self, request: pb.GetModelHealthRequest, context: Ctx) -> pb.ModelHealth:

@@ -27,6 +27,7 @@ from modelmora.api.schemas import (
     UpdateModelRequest,
 )
 from modelmora.errors import ErrorCode, ModelMoraError
+from modelmora.observability.metrics import CONTENT_TYPE_LATEST
 from modelmora.observability.tracing import current_trace_id
 from modelmora.registry.catalog import parse_ref, validate_name
 from modelmora.registry.installer import InstallRequest, install, lock_entries, validate_config
@@ -218,7 +219,15 @@ def build_router() -> APIRouter:
 
     @r.get("/api/v1/status", tags=["management"])
     async def status(request: Request) -> Response:
-        return JSON(_mm(request).status())
+        return JSON(await _mm(request).full_status())
+
+    async def metrics(request: Request) -> Response:
+        """Prometheus text exposition of every metric (observability/metrics.py)."""
+        body = await _mm(request).metrics_exposition()
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    r.add_api_route("/metrics", metrics, methods=["GET"], tags=["management"], summary="Prometheus metrics")
+    r.add_api_route("/api/v1/metrics", metrics, methods=["GET"], tags=["management"], include_in_schema=False)
 
     # -- stored results --------------------------------------------------------------------
 
@@ -303,4 +312,6 @@ def asgi_app(mm: ModelMora) -> EdgeMiddleware:
         is_draining=lambda: mm.draining,
         counter=mm,
         fast=fast,
+        metrics=mm.metrics,
+        tracing_on=lambda: mm.inference.spans is not None,
     )

@@ -19,6 +19,7 @@ from modelmora.inference.batcher import BatchLimits, Returning, hold_until, next
 from modelmora.inference.queue import Entry, Priority, RequestQueue
 from modelmora.lifecycle.channel import ItemError, ItemOk, WorkItem
 from modelmora.lifecycle.runners import Runner
+from modelmora.observability.metrics import Metrics
 
 log = logging.getLogger("modelmora.scheduler")
 
@@ -26,6 +27,8 @@ Clock = Callable[[], float]
 
 # Event-loop turns an idle worker waits for requests already received to reach the queue.
 SETTLE_TURNS = 4
+# A full queue is logged at most this often per model (each refusal is counted in metrics).
+FULL_WARNING_SECONDS = 10.0
 
 
 @dataclass(slots=True)
@@ -75,6 +78,8 @@ class ModelScheduler:
     queue_size: int
     aging_seconds: float = 10.0
     clock: Clock = time.monotonic
+    # Recorded here, around the pure queue and batcher (which know nothing of metrics).
+    metrics: Metrics | None = None
     _queue: RequestQueue = field(init=False)
     _wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = field(init=False, default=None)
@@ -85,8 +90,26 @@ class ModelScheduler:
     _returning: Returning | None = field(init=False, default=None)
     _last_arrival: float = field(init=False, default=0.0)
 
+    _full_logged_at: float = field(init=False, default=float("-inf"))
+
     def __post_init__(self) -> None:
         self._queue = RequestQueue(self.aging_seconds)
+        metrics = self.metrics or Metrics()
+        self._m_batch = metrics.batch_size.labels(self.name)
+        self._m_expired = metrics.expired.labels(self.name, "queue")
+        self._m_rejected = metrics.rejected.labels(self.name, "requests")
+        self._m_stages = {
+            stage: metrics.worker_seconds.labels(self.name, stage)
+            for stage in ("preprocess", "forward", "postprocess")
+        }
+        self._m_items = {
+            outcome: metrics.worker_items.labels(self.name, outcome)
+            for outcome in ("ok", "error", "cancelled")
+        }
+
+    def queue_depths(self) -> dict[str, int]:
+        """Queued requests by priority name (critical, high, normal, low)."""
+        return {p.name.lower(): n for p, n in self._queue.depth_by_priority().items()}
 
     @property
     def queued(self) -> int:
@@ -108,7 +131,23 @@ class ModelScheduler:
     ) -> Entry:
         if self._closed is not None:
             raise self._closed
-        self.admission.admit(priority, len(self._queue), self.queue_size)
+        try:
+            self.admission.admit(priority, len(self._queue), self.queue_size)
+        except ModelMoraError:
+            self._m_rejected.inc()
+            now = self.clock()
+            if now - self._full_logged_at >= FULL_WARNING_SECONDS:
+                self._full_logged_at = now
+                log.warning(
+                    "queue full: refusing requests with 429",
+                    extra={
+                        "model": self.name,
+                        "model_queued": len(self._queue),
+                        "queued": self.admission.queued,
+                        "queue_size": self.admission.queue_size,
+                    },
+                )
+            raise
         future: asyncio.Future[Completed] = asyncio.get_running_loop().create_future()
         entry = Entry(
             priority, self.clock(), deadline, max(1, len(item.inputs)), Pending(item, future), group
@@ -151,9 +190,12 @@ class ModelScheduler:
                 continue
             batch, expired = next_batch(self._queue, now, self.limits)
             self.admission.queued -= len(batch) + len(expired)
+            if expired:
+                self._m_expired.inc(len(expired))
             for entry in expired:
                 _settle(entry, _timeout())
             if batch:
+                self._m_batch.observe(sum(e.size for e in batch))
                 self._batches.append(batch)
                 task = asyncio.create_task(self._dispatch(batch))
                 self._batch_tasks.add(task)
@@ -181,6 +223,15 @@ class ModelScheduler:
 
     async def _dispatch(self, batch: list[Entry]) -> None:
         items = [e.payload.item for e in batch]
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "batch dispatched",
+                extra={
+                    "model": self.name,
+                    "trace_ids": [i.trace_id for i in items],
+                    "batch_size": len(items),
+                },
+            )
         try:
             done = await self.runner.infer(items, min(e.priority for e in batch))
         except ModelMoraError as exc:
@@ -199,6 +250,7 @@ class ModelScheduler:
             self._wake.set()
         inference_ms = done.compute_ms
         size = sum(e.size for e in batch)
+        self._record_worker(done.stats)
         finished = self.clock()
         if not self._batches:  # the worker is idle now: its clients are about to come back
             self._returning = Returning.after(len(batch), finished, inference_ms / 1000)
@@ -209,6 +261,17 @@ class ModelScheduler:
                 _settle(entry, Completed(outcome.value, outcome.meta, size, queue_ms, inference_ms))
             else:
                 _settle(entry, _outcome_error(outcome))
+
+    def _record_worker(self, stats: dict[str, float]) -> None:
+        """The worker's own figures for the batch, carried back with its result."""
+        for stage, histogram in self._m_stages.items():
+            seconds = stats.get(stage)
+            if seconds is not None:
+                histogram.observe(seconds)
+        for outcome, counter in self._m_items.items():
+            count = stats.get("items_" + outcome)
+            if count:
+                counter.inc(count)
 
     def fail_all(self, error: ModelMoraError) -> None:
         """The worker is gone or the model is being unloaded: nothing may hang."""

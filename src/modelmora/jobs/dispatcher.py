@@ -23,6 +23,7 @@ from modelmora.config import Settings
 from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.jobs.results import ResultStore
 from modelmora.jobs.store import JobRecord, JobStatus, JobStore
+from modelmora.observability.metrics import current_protocol
 
 if TYPE_CHECKING:
     from modelmora.service import InferenceService
@@ -115,6 +116,7 @@ class JobDispatcher:
         self._wake.set()
 
     async def _run(self, job: JobRecord) -> None:
+        current_protocol.set("job")  # this task's own context: its requests count as jobs
         request = job.request
         last_write = 0.0
 

@@ -153,6 +153,21 @@ class FileResultStore:
 
         return await asyncio.to_thread(run)
 
+    async def stored_bytes(self) -> int:
+        """What the results take on disk now (for metrics; one directory scan)."""
+
+        def run() -> int:
+            total = 0
+            if not self.root.is_dir():
+                return 0
+            for entry in os.scandir(self.root):
+                with contextlib.suppress(OSError):
+                    if entry.is_file():
+                        total += entry.stat().st_size
+            return total
+
+        return await asyncio.to_thread(run)
+
     async def close(self) -> None:
         return None
 

@@ -91,7 +91,12 @@ class JobService:
             request_hash=request_hash(name, body),
             trace_id=trace_id,
         )
-        stored, created = await self.store.create(job, self.settings.jobs.max_pending)
+        try:
+            stored, created = await self.store.create(job, self.settings.jobs.max_pending)
+        except ModelMoraError as exc:
+            if exc.code is ErrorCode.QUEUE_FULL:
+                self.manager.metrics.rejected.labels(name, "jobs").inc()
+            raise
         if created:
             self.dispatcher.poke()
         return stored.to_status(), created

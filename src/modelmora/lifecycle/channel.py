@@ -78,6 +78,13 @@ class Health:
 
 
 @dataclass(slots=True)
+class Stats:
+    """Ask for the worker's figures now (answered at once, even during a long batch)."""
+
+    nonce: int
+
+
+@dataclass(slots=True)
 class Close:
     pass
 
@@ -111,6 +118,9 @@ class BatchDone:
     batch_id: int
     outcomes: list[Outcome]
     compute_ms: float
+    # The worker's own figures for this batch (seconds per stage: preprocess, forward,
+    # postprocess): carried with the result, so none is lost when the worker is replaced.
+    stats: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -134,6 +144,19 @@ class Healthy:
     nonce: int
     rss_bytes: int
     gpu_bytes: int
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    """The worker's gauges: memory as the worker sees it (torch's view of the GPU) and
+    totals since it started."""
+
+    nonce: int
+    rss_bytes: int
+    gpu_bytes: int  # reserved by torch's allocator now
+    gpu_peak_bytes: int  # the most torch has reserved since the load
+    batches: int
+    items: int
 
 
 def encode(message: object) -> bytes:

@@ -23,7 +23,7 @@ from modelmora.config import Settings
 from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.inference.batcher import BatchLimits
 from modelmora.inference.scheduler import Admission, ModelScheduler
-from modelmora.lifecycle.channel import Event, Loaded, LoadSpec
+from modelmora.lifecycle.channel import Event, Loaded, LoadSpec, WorkerStats
 from modelmora.lifecycle.eviction import SPARE, Budget, Need, Plan, Resident, expired, plan_load
 from modelmora.lifecycle.memory import (
     CUDA_CONTEXT_BYTES,
@@ -36,6 +36,7 @@ from modelmora.lifecycle.memory import (
 )
 from modelmora.lifecycle.runners import Runner, RunnerFactory
 from modelmora.lifecycle.spare import SparePool
+from modelmora.observability.metrics import Metrics
 from modelmora.registry.catalog import ModelRecord, ModelState
 from modelmora.registry.store import RegistryStore
 from modelmora.tasks.base import uses_spare
@@ -67,6 +68,7 @@ class ModelSlot:
     waiters: int = 0
     memory_plan: Plan | None = None  # set while the load waits for memory
     load_task: asyncio.Task[None] | None = None
+    stats: WorkerStats | None = None  # the worker's last answer to `stats` (see poll_stats)
     event_handlers: dict[str, Callable[[Event], None]] = field(default_factory=dict)
 
     def is_ready(self) -> bool:
@@ -75,6 +77,11 @@ class ModelSlot:
     @property
     def busy(self) -> bool:
         return self.refs > 0 or (self.scheduler is not None and self.scheduler.busy)
+
+    def _reported_gpu_bytes(self) -> int:
+        if self.loaded is None:
+            return 0
+        return self.stats.gpu_bytes if self.stats is not None else self.loaded.gpu_bytes
 
     def status(self, now: float) -> dict[str, Any]:
         return {
@@ -90,7 +97,7 @@ class ModelSlot:
             "keep_alive_seconds": self.keep_alive,
             "memory": {
                 "rss_bytes": self.runner.rss_bytes() if self.runner else 0,
-                "gpu_bytes": self.loaded.gpu_bytes if self.loaded else 0,
+                "gpu_bytes": self._reported_gpu_bytes(),
             },
             "failures": self.failures,
             "error": self.error,
@@ -106,8 +113,10 @@ class ModelManager:
         clock: Callable[[], float] = time.monotonic,
         probe: MemoryProbe | None = None,
         spares: SparePool | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics()
         self.store = store
         self.runner_factory = runner_factory
         self.clock = clock
@@ -246,6 +255,7 @@ class ModelManager:
                     slot.failures += 1
                     slot.error = exc.message
                     self.counters["load_failures"] += 1
+                    self.metrics.loads.labels(slot.name, "failure").inc()
                     unhealthy = exc.message.startswith("health check failed")
                     self._transition(
                         slot, ModelState.UNHEALTHY if unhealthy else ModelState.FAILED, exc.message
@@ -321,7 +331,8 @@ class ModelManager:
         pid = slot.runner.pid if slot.runner else None
         if pid is not None and pid in by_pid:
             return by_pid[pid]
-        return slot.loaded.gpu_bytes + CUDA_CONTEXT_BYTES
+        reported = slot.stats.gpu_bytes if slot.stats is not None else slot.loaded.gpu_bytes
+        return reported + CUDA_CONTEXT_BYTES
 
     def _residents(self, exclude: str | None = None, spare: bool = True) -> list[Resident]:
         residents = []
@@ -377,6 +388,7 @@ class ModelManager:
             log.info("warm spare given up for memory", extra={"freed_mb": freed // 2**20})
             return
         self.counters["evictions"] += 1
+        self.metrics.evictions.labels(name).inc()
         await self.unload(name, f"evicted: {reason}")
 
     async def _start_worker(self, slot: ModelSlot) -> None:
@@ -425,15 +437,19 @@ class ModelManager:
             queue_size=sched.queue_size_per_model,
             aging_seconds=sched.aging_seconds,
             clock=self.clock,
+            metrics=self.metrics,
         )
         slot.scheduler.start()
         slot.error, slot.failures, slot.loaded_at = None, 0, self.clock()
         slot.last_used = slot.loaded_at
         self.counters["loads"] += 1
+        seconds = time.perf_counter() - started
+        self.metrics.loads.labels(name, "success").inc()
+        self.metrics.load_seconds.labels(name, record.task_type.value).observe(seconds)
         self._transition(
             slot,
             ModelState.READY,
-            f"loaded in {time.perf_counter() - started:.2f} s on {loaded.device}"
+            f"loaded in {seconds:.2f} s on {loaded.device}"
             + (" (warm spare)" if from_spare else ""),
         )
         by_pid = self.probe.gpu_bytes_by_pid() if loaded.device.startswith("cuda") else {}
@@ -472,8 +488,9 @@ class ModelManager:
         )
         if slot.scheduler is not None:
             asyncio.get_running_loop().create_task(slot.scheduler.stop(error))
-        slot.runner, slot.scheduler, slot.loaded = None, None, None
+        slot.runner, slot.scheduler, slot.loaded, slot.stats = None, None, None, None
         self.counters["crashes"] += 1
+        self.metrics.crashes.labels(slot.name).inc()
         now = self.clock()
         if now - slot.loaded_at < CRASH_LOOP_SECONDS:
             slot.crashes += 1
@@ -536,8 +553,9 @@ class ModelManager:
         if scheduler is not None:
             await scheduler.stop(ModelMoraError(code, f"model {name!r} was unloaded: {reason}"))
         await runner.close(self.settings.lifecycle.unload_grace_seconds)
-        slot.loaded, slot.keep_alive = None, None
+        slot.loaded, slot.keep_alive, slot.stats = None, None, None
         self.counters["unloads"] += 1
+        self.metrics.unloads.labels(name, _unload_kind(reason)).inc()
         self._transition(slot, ModelState.UNLOADED, reason)
         self._idle.set()
         return True
@@ -563,6 +581,29 @@ class ModelManager:
             },
         }
 
+    async def poll_stats(self, timeout: float = 1.0) -> None:
+        """Ask every worker for its figures (over the channel; answered even mid-batch). A
+        worker that does not answer in time keeps its previous figures."""
+        slots = [s for s in self.slots.values() if s.runner is not None and s.runner.alive]
+
+        async def one(slot: ModelSlot) -> None:
+            runner = slot.runner
+            if runner is None:
+                return
+            with contextlib.suppress(Exception):
+                slot.stats = await runner.stats(timeout)
+
+        await asyncio.gather(*(one(s) for s in slots))
+
+    def gpu_bytes_by_model(self) -> dict[str, tuple[str, int]]:
+        """(device, bytes) of each model on a GPU: NVML's per-process figure where it has one,
+        else what the worker reported plus the CUDA context."""
+        on_gpu = [s for s in self.slots.values() if s.loaded and s.loaded.device.startswith("cuda")]
+        if not on_gpu:
+            return {}
+        by_pid = self.probe.gpu_bytes_by_pid()
+        return {s.name: (s.loaded.device, self._gpu_bytes(s, by_pid)) for s in on_gpu if s.loaded}
+
     def forget(self, name: str) -> None:
         self.slots.pop(name, None)
 
@@ -580,6 +621,21 @@ class ModelManager:
             with contextlib.suppress(Exception):
                 await self.unload(name, "server shutdown", force=True, code=ErrorCode.SHUTTING_DOWN)
         await self.spares.close()
+
+
+def _unload_kind(reason: str) -> str:
+    """A bounded label for an unload's free-text reason."""
+    for prefix, kind in (
+        ("evicted", "eviction"),
+        ("over budget", "eviction"),
+        ("keep-alive", "keep_alive"),
+        ("server shutdown", "shutdown"),
+        ("uninstalled", "uninstall"),
+        ("requested", "requested"),
+    ):
+        if reason.startswith(prefix):
+            return kind
+    return "other"
 
 
 def _backoff(base: float, failures: int) -> float:

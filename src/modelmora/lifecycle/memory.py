@@ -184,6 +184,31 @@ class SystemProbe:
             return {}
         return used
 
+    def gpu_devices(self) -> list[dict[str, float | str]]:
+        """Each device's total and used memory and, where the driver reports it, its
+        utilization (0..1 over NVML's last sample period), for metrics and status."""
+        nvml = self._nvml_module()
+        if nvml is None:
+            return []
+        devices: list[dict[str, float | str]] = []
+        try:
+            for dev, handle in self._handles(nvml):
+                info = nvml.nvmlDeviceGetMemoryInfo(handle)
+                entry: dict[str, float | str] = {
+                    "device": dev,
+                    "total_bytes": int(info.total),
+                    "used_bytes": int(info.used),
+                }
+                with contextlib.suppress(Exception):
+                    entry["utilization"] = int(nvml.nvmlDeviceGetUtilizationRates(handle).gpu) / 100
+                with contextlib.suppress(Exception):
+                    name = nvml.nvmlDeviceGetName(handle)
+                    entry["name"] = name.decode() if isinstance(name, bytes) else str(name)
+                devices.append(entry)
+        except Exception:
+            return []
+        return devices
+
     def close(self) -> None:
         if self._nvml is not None:
             with contextlib.suppress(Exception):

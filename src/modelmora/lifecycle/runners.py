@@ -36,6 +36,8 @@ from modelmora.lifecycle.channel import (
     LoadSpec,
     Prepare,
     Prepared,
+    Stats,
+    WorkerStats,
     WorkItem,
 )
 from modelmora.lifecycle.worker import WorkerCore
@@ -63,6 +65,8 @@ class Runner(Protocol):
 
     async def health(self, timeout: float = 5.0) -> Healthy: ...
 
+    async def stats(self, timeout: float = 1.0) -> WorkerStats: ...
+
     async def close(self, grace: float) -> None: ...
 
     def rss_bytes(self) -> int: ...
@@ -81,12 +85,17 @@ class _Pending:
     def __init__(self) -> None:
         self.batches: dict[int, asyncio.Future[BatchDone]] = {}
         self.health: dict[int, asyncio.Future[Healthy]] = {}
+        self.stats: dict[int, asyncio.Future[WorkerStats]] = {}
         self.load: asyncio.Future[Loaded | LoadFailed] | None = None
         self.prepare: asyncio.Future[Prepared] | None = None
         self.ids = itertools.count(1)
 
     def fail_all(self, error: Exception) -> None:
-        futures: list[asyncio.Future[object]] = [*self.batches.values(), *self.health.values()]  # type: ignore[list-item]
+        futures: list[asyncio.Future[object]] = [
+            *self.batches.values(),  # type: ignore[list-item]
+            *self.health.values(),  # type: ignore[list-item]
+            *self.stats.values(),  # type: ignore[list-item]
+        ]
         for single in (self.load, self.prepare):
             if single is not None:
                 futures.append(single)  # type: ignore[arg-type]
@@ -96,6 +105,7 @@ class _Pending:
                 fut.exception()  # mark retrieved: nobody may be waiting any more
         self.batches.clear()
         self.health.clear()
+        self.stats.clear()
         self.load = self.prepare = None
 
     def resolve(self, message: object) -> None:
@@ -104,6 +114,8 @@ class _Pending:
             fut = self.batches.pop(message.batch_id, None)
         elif isinstance(message, Healthy):
             fut = self.health.pop(message.nonce, None)
+        elif isinstance(message, WorkerStats):
+            fut = self.stats.pop(message.nonce, None)
         elif isinstance(message, Loaded | LoadFailed):
             fut, self.load = self.load, None
         elif isinstance(message, Prepared):
@@ -258,6 +270,17 @@ class ProcessRunner:
         self._send(Health(nonce))
         return await asyncio.wait_for(fut, timeout)
 
+    async def stats(self, timeout: float = 1.0) -> WorkerStats:
+        """The worker's figures; its channel reader answers at once, even mid-batch."""
+        nonce = next(self._pending.ids)
+        fut: asyncio.Future[WorkerStats] = asyncio.get_running_loop().create_future()
+        self._pending.stats[nonce] = fut
+        try:
+            self._send(Stats(nonce))
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._pending.stats.pop(nonce, None)
+
     async def close(self, grace: float) -> None:
         """Ask the worker to exit; kill it when it has not after `grace` seconds."""
         self._closing = True
@@ -347,6 +370,11 @@ class InProcessRunner:
         if not self._alive:
             raise _died("not running")
         return self._core.health(Health(0))
+
+    async def stats(self, timeout: float = 1.0) -> WorkerStats:
+        if not self._alive:
+            raise _died("not running")
+        return self._core.stats(Stats(0))
 
     async def close(self, grace: float) -> None:
         was_alive, self._alive = self._alive, False

@@ -44,6 +44,8 @@ from modelmora.lifecycle.channel import (
     Outcome,
     Prepare,
     Prepared,
+    Stats,
+    WorkerStats,
     WorkItem,
 )
 from modelmora.tasks.base import SAMPLE_INPUTS, Emitter, TaskAdapter, adapter_for
@@ -77,6 +79,18 @@ def _apply_threads(threads: object) -> int | None:
     return int(torch.get_num_threads())
 
 
+def _gpu_peak_bytes() -> int:
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return 0
+    return int(torch.cuda.max_memory_reserved())
+
+
+def _trace_ids(items: list[WorkItem]) -> list[str]:
+    """The batch's trace ids, for its log lines (each request's id from its traceparent)."""
+    return [i.trace_id for i in items if i.trace_id]
+
+
 @dataclass
 class Begun:
     """A batch whose preprocessing is done (or failed), waiting for the model."""
@@ -86,6 +100,8 @@ class Begun:
     prepared: Any = None
     failed: Exception | None = None
     pre_ms: float = 0.0
+    forward_s: float = 0.0
+    post_s: float = 0.0
 
 
 class WorkerCore:
@@ -97,6 +113,8 @@ class WorkerCore:
         self.spec: LoadSpec | None = None
         self.cancelled: set[str] = set()
         self._emit = emit or (lambda _event: None)
+        self.batches = 0  # totals since the load, for `stats`
+        self.items = 0
 
     def load(self, spec: LoadSpec) -> Loaded | LoadFailed:
         started = time.perf_counter()
@@ -153,6 +171,11 @@ class WorkerCore:
             err = ItemError("MODEL_LOAD_FAILED", "no model is loaded in this worker")
             return BatchDone(begun.message.batch_id, [err for _ in items], 0.0)
         if begun.live:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "batch started",
+                    extra={"batch_id": begun.message.batch_id, "trace_ids": _trace_ids(begun.live)},
+                )
             results = self._run(begun.live, begun)
             for item, outcome in zip(begun.live, results, strict=True):
                 outcomes[item.request_id] = outcome
@@ -161,7 +184,19 @@ class WorkerCore:
         if len(self.cancelled) > 4096:  # cancels that came after their batch: forget them
             self.cancelled.clear()
         compute_ms = begun.pre_ms + (time.perf_counter() - started) * 1000
-        return BatchDone(begun.message.batch_id, [outcomes[i.request_id] for i in items], compute_ms)
+        ordered = [outcomes[i.request_id] for i in items]
+        self.batches += 1
+        self.items += len(begun.live)
+        errors = sum(1 for o in ordered if isinstance(o, ItemError))
+        stats = {
+            "preprocess": begun.pre_ms / 1000,
+            "forward": begun.forward_s,
+            "postprocess": begun.post_s,
+            "items_ok": float(len(ordered) - errors),
+            "items_error": float(errors - (len(items) - len(begun.live))),
+            "items_cancelled": float(len(items) - len(begun.live)),
+        }
+        return BatchDone(begun.message.batch_id, ordered, compute_ms, stats)
 
     def _run(self, items: list[WorkItem], begun: Begun | None = None) -> list[Outcome]:
         adapter = self.adapter
@@ -175,10 +210,15 @@ class WorkerCore:
             if begun is not None and begun.failed is not None:
                 raise begun.failed
             prepared = begun.prepared if begun is not None else adapter.preprocess(items)
+            t0 = time.perf_counter()
             output = adapter.forward(prepared, emit)
+            t1 = time.perf_counter()
             outcomes = adapter.postprocess(output, items)
+            if begun is not None:
+                begun.forward_s, begun.post_s = t1 - t0, time.perf_counter() - t1
         except Exception as exc:
-            log.exception("batch failed")
+            # The trace ids tie this stack trace to the requests (and their server-side logs).
+            log.exception("batch failed", extra={"trace_ids": _trace_ids(items), "batch_size": len(items)})
             if len(items) > 1:
                 # One poisoned input must not fail its neighbours: retry each alone.
                 return [self._run([item])[0] for item in items]
@@ -203,6 +243,16 @@ class WorkerCore:
 
     def health(self, message: Health) -> Healthy:
         return Healthy(message.nonce, psutil.Process().memory_info().rss, _gpu_bytes())
+
+    def stats(self, message: Stats) -> WorkerStats:
+        return WorkerStats(
+            message.nonce,
+            psutil.Process().memory_info().rss,
+            _gpu_bytes(),
+            _gpu_peak_bytes(),
+            self.batches,
+            self.items,
+        )
 
     def close(self) -> None:
         self.adapter = None
@@ -244,6 +294,8 @@ def _serve(sock: socket.socket) -> None:
                     core.cancelled.update(message.request_ids)
                 elif isinstance(message, Health):
                     send(core.health(message))
+                elif isinstance(message, Stats):
+                    send(core.stats(message))
                 else:
                     enqueue(message)
         except (OSError, ValueError):

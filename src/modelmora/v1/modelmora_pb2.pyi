@@ -1531,6 +1531,26 @@ class SystemStatus(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class JobsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     VERSION_FIELD_NUMBER: _builtins.int
     UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
     READY_FIELD_NUMBER: _builtins.int
@@ -1541,6 +1561,9 @@ class SystemStatus(_message.Message):
     WORKERS_FIELD_NUMBER: _builtins.int
     MEMORY_FIELD_NUMBER: _builtins.int
     COUNTERS_FIELD_NUMBER: _builtins.int
+    GPUS_FIELD_NUMBER: _builtins.int
+    JOBS_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     uptime_seconds: _builtins.float
     ready: _builtins.bool
@@ -1548,12 +1571,22 @@ class SystemStatus(_message.Message):
     in_flight: _builtins.int
     queued: _builtins.int
     workers: _builtins.int
+    started_at: _builtins.float
+    """epoch seconds"""
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelStatus]: ...
     @_builtins.property
     def memory(self) -> _struct_pb2.Struct: ...
     @_builtins.property
     def counters(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
+    @_builtins.property
+    def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuDevice]:
+        """NVML's view; empty without a GPU or NVML"""
+
+    @_builtins.property
+    def jobs(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """async jobs in the job store, by status"""
+
     def __init__(
         self,
         *,
@@ -1567,14 +1600,52 @@ class SystemStatus(_message.Message):
         workers: _builtins.int = ...,
         memory: _struct_pb2.Struct | None = ...,
         counters: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        gpus: _abc.Iterable[Global___GpuDevice] | None = ...,
+        jobs: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        started_at: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["memory", b"memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "draining", b"draining", "in_flight", b"in_flight", "memory", b"memory", "models", b"models", "queued", b"queued", "ready", b"ready", "uptime_seconds", b"uptime_seconds", "version", b"version", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "draining", b"draining", "gpus", b"gpus", "in_flight", b"in_flight", "jobs", b"jobs", "memory", b"memory", "models", b"models", "queued", b"queued", "ready", b"ready", "started_at", b"started_at", "uptime_seconds", b"uptime_seconds", "version", b"version", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SystemStatus: _TypeAlias = SystemStatus  # noqa: Y015
+
+@_typing.final
+class GpuDevice(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    USED_BYTES_FIELD_NUMBER: _builtins.int
+    UTILIZATION_FIELD_NUMBER: _builtins.int
+    device: _builtins.str
+    """cuda:N"""
+    name: _builtins.str
+    total_bytes: _builtins.int
+    used_bytes: _builtins.int
+    utilization: _builtins.float
+    """0..1, where the driver reports it"""
+    def __init__(
+        self,
+        *,
+        device: _builtins.str = ...,
+        name: _builtins.str = ...,
+        total_bytes: _builtins.int = ...,
+        used_bytes: _builtins.int = ...,
+        utilization: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_utilization", b"_utilization", "utilization", b"utilization"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_utilization", b"_utilization", "device", b"device", "name", b"name", "total_bytes", b"total_bytes", "used_bytes", b"used_bytes", "utilization", b"utilization"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__utilization: _TypeAlias = _typing.Literal["utilization"]  # noqa: Y015
+    _WhichOneofArgType__utilization: _TypeAlias = _typing.Literal["_utilization", b"_utilization"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__utilization) -> _WhichOneofReturnType__utilization | None: ...
+
+Global___GpuDevice: _TypeAlias = GpuDevice  # noqa: Y015
 
 @_typing.final
 class GetModelHealthRequest(_message.Message):
