@@ -1,12 +1,13 @@
 """Text generation throughput: the server against raw `generate`, in one run.
 
-    python bench/generation.py [--tokens 64] [--rounds 5] [--prompts 32] [--model PATH]
+    python bench/generation.py [--tokens 64] [--rounds 5] [--prompts 32] [--seconds 4] [--model PATH]
 
 Builds the tiny random-weight GPT-2 of the tests (or takes `--model`, any causal LM folder),
 then measures generated tokens per second, greedy decoding, `max_tokens` new tokens per prompt:
 - raw in-process `model.generate` at batch 1 and batch 8 (left padding, as the server does);
 - the server (a real `modelmora serve` subprocess, the model installed through the CLI) at
-  concurrency 1 and 8: that many client threads, each sending one prompt per request.
+  concurrency 1 and 8: wrk (Debian package) with that many connections, each sending its
+  next one-prompt request when the last is answered; tokens counted from each answer.
 Prints a table and the ratios the issue sets as targets: server c=8 / raw b=8 >= 0.80 and
 server c=8 / server c=1 >= 3. Tokens are counted as generated (a row that meets its end of
 sequence early counts fewer), the same way on both sides.
@@ -15,8 +16,9 @@ sequence early counts fewer), the same way on both sides.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
+import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -24,7 +26,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 
@@ -113,32 +114,63 @@ def serve(model_dir: Path, data: Path) -> tuple[subprocess.Popen[bytes], str]:
     raise RuntimeError("server not ready")
 
 
-def server_rate(url: str, concurrency: int, tokens: int, prompts_total: int) -> tuple[float, float]:
-    """(tokens/s, mean batch size) with `concurrency` clients sending `prompts_total`
-    one-prompt requests in all."""
+WRK_LUA = """
+local prompts = {%s}
+local counter = 0
+tokens, batches, answers = 0, 0, 0  -- globals: `done` reads them from each thread's state
+local threads = {}
+setup = function(thread) threads[#threads + 1] = thread end
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+request = function()
+    counter = counter + 1
+    local body = '{"input_data": {"text": "' .. prompts[(counter %% #prompts) + 1] .. '"}, ' ..
+        '"parameters": {"max_tokens": %d, "temperature": 0}}'
+    return wrk.format(nil, nil, nil, body)
+end
+response = function(status, headers, body)
+    local t = body:match('"completion_tokens":%%s*(%%d+)')
+    local b = body:match('"batch_size":%%s*(%%d+)')
+    if status == 200 and t and b then
+        tokens = tokens + tonumber(t)
+        batches = batches + tonumber(b)
+        answers = answers + 1
+    end
+end
+done = function(summary, latency, requests)
+    tokens, batches, answers = 0, 0, 0
+    for _, t in ipairs(threads) do
+        tokens = tokens + t:get("tokens")
+        batches = batches + t:get("batches")
+        answers = answers + t:get("answers")
+    end
+    local f = io.open(os.getenv("BENCH_OUT"), "w")
+    f:write(string.format('{"tokens": %%d, "batches": %%d, "answers": %%d, ' ..
+        '"duration_us": %%d, "errors": %%d}',
+        tokens, batches, answers, summary.duration, summary.errors.status))
+    f:close()
+end
+"""
 
-    def client(index: int) -> tuple[int, list[int]]:
-        count, sizes = 0, []
-        with httpx.Client(base_url=url, timeout=300) as http:
-            for r in range(prompts_total // concurrency):
-                body = {
-                    "input_data": {"text": PROMPTS[(index + r) % len(PROMPTS)]},
-                    "parameters": {"max_tokens": tokens, "temperature": 0},
-                }
-                reply = http.post("/api/v1/infer/gen", json=body)
-                reply.raise_for_status()
-                data: dict[str, Any] = reply.json()
-                count += int(data["result"]["usage"]["completion_tokens"])
-                sizes.append(int(data["metadata"]["batch_size"]))
-        return count, sizes
 
-    started = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(client, range(concurrency)))
-    elapsed = time.perf_counter() - started
-    total = sum(c for c, _ in results)
-    sizes = [s for _, batch in results for s in batch]
-    return total / elapsed, sum(sizes) / len(sizes)
+def server_rate(url: str, concurrency: int, tokens: int, seconds: float) -> tuple[float, float]:
+    """(tokens/s, mean batch size) with `concurrency` connections of wrk (one C thread, so
+    the client costs the server's CPU almost nothing), each sending its next one-prompt
+    request as soon as the last is answered. Tokens come from each answer's `usage`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "gen.lua"
+        quoted = ", ".join(f'"{p}"' for p in PROMPTS)
+        script.write_text(WRK_LUA % (quoted, tokens))
+        out = Path(tmp) / "out.json"
+        subprocess.run(
+            ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "60s",
+             "-s", str(script), url + "/api/v1/infer/gen"],
+            env=dict(os.environ, BENCH_OUT=str(out)), check=True, capture_output=True,
+        )  # fmt: skip
+        result = json.loads(out.read_text())
+    if result["errors"] or not result["answers"]:
+        raise RuntimeError(f"the server answered errors: {result}")
+    return result["tokens"] / (result["duration_us"] / 1e6), result["batches"] / result["answers"]
 
 
 def _median(values: list[float]) -> float:
@@ -151,9 +183,12 @@ def main() -> None:
     )
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are reported")
-    parser.add_argument("--prompts", type=int, default=32, help="prompts per cell per round")
+    parser.add_argument("--prompts", type=int, default=32, help="prompts per raw cell per round")
+    parser.add_argument("--seconds", type=float, default=4, help="seconds per server cell per round")
     parser.add_argument("--model", type=Path, default=None)
     args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk not found: apt-get install wrk")
     cells: dict[str, list[float]] = {k: [] for k in ("raw1", "raw8", "srv1", "srv8", "batch1", "batch8")}
     ratios: dict[str, list[float]] = {"c8/raw8": [], "c8/c1": [], "c1/raw1": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -167,13 +202,13 @@ def main() -> None:
         proc, url = serve(model_dir, Path(tmp) / "data")
         try:
             httpx.post(url + "/api/v1/models/gen/load", timeout=120).raise_for_status()
-            server_rate(url, 8, args.tokens, 8)  # warm-up
+            server_rate(url, 8, args.tokens, 2)  # warm-up
             # Interleaved, so that load from elsewhere on a shared machine hits every cell of a
             # round alike; each round's ratios are computed within the round.
             for _ in range(args.rounds):
                 r1, r8 = raw.rate(1, args.prompts), raw.rate(8, args.prompts)
-                s1, b1 = server_rate(url, 1, args.tokens, args.prompts)
-                s8, b8 = server_rate(url, 8, args.tokens, args.prompts)
+                s1, b1 = server_rate(url, 1, args.tokens, args.seconds)
+                s8, b8 = server_rate(url, 8, args.tokens, args.seconds)
                 for key, value in zip(cells, (r1, r8, s1, s8, b1, b8), strict=True):
                     cells[key].append(value)
                 ratios["c8/raw8"].append(s8 / r8)
@@ -183,7 +218,10 @@ def main() -> None:
             proc.terminate()
             proc.wait(60)
     print(f"\ntext generation, greedy, {args.tokens} new tokens per prompt, model {model_dir.name}")
-    print(f"{args.rounds} interleaved rounds of {args.prompts} prompts per cell; median [min-max]\n")
+    print(
+        f"{args.rounds} interleaved rounds ({args.prompts} prompts per raw cell, {args.seconds:g} s per"
+        " server cell); median [min-max]\n"
+    )
 
     def cell(values: list[float], fmt: str = ".0f") -> str:
         return f"{_median(values):{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]"

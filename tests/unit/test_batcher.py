@@ -6,7 +6,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from modelmora.inference.batcher import RETURN_WAIT_MAX_S, BatchLimits, Returning, hold_until, next_batch
+from modelmora.inference.batcher import (
+    RETURN_GAP_S,
+    RETURN_WAIT_MAX_S,
+    RETURN_WAIT_SHARE,
+    BatchLimits,
+    Returning,
+    hold_until,
+    next_batch,
+)
 from modelmora.inference.queue import Entry, Priority, RequestQueue
 
 NO_AGING = 1e12
@@ -159,24 +167,32 @@ def test_hold_until_uses_the_oldest_live_entry_of_any_priority() -> None:
     assert hold_until(q, 2.05, limits) == pytest.approx(2.1)
 
 
+G = RETURN_GAP_S
+
+
 @pytest.mark.parametrize(
-    ("queued", "last_arrival", "max_wait_ms", "now", "expected"),
+    ("queued", "last_arrival", "compute_s", "max_wait_ms", "now", "expected"),
     [
-        (2, 1.0015, 0.0, 1.002, 1.0045),  # 2 of the 8 just answered are back, more coming: wait
-        (2, 1.0015, 0.0, 1.005, None),  # none for 3 ms: go with what came
-        (2, 1.0, 0.0, 1.001, 1.003),  # none back yet: wait 3 ms from the answers going out
-        (8, 1.0015, 0.0, 1.002, None),  # all back: go
-        (7, 1.0195, 0.0, 1.0199, 1.02),  # still arriving, but the wait is capped (10 % of 0.2 s)
-        (2, 1.0015, 50.0, 1.002, 1.05),  # max_wait_ms holds longer: the later wins
+        (2, 1.0015, 0.2, 0.0, 1.002, 1.0015 + G),  # 2 of the 8 answered are back, more coming: wait
+        (2, 1.0015, 0.2, 0.0, 1.0015 + G + 0.0005, None),  # none for a gap: go with what came
+        (2, 1.0, 0.2, 0.0, 1.001, 1.0 + G),  # none back yet: wait a gap from the answers going out
+        (8, 1.0015, 0.2, 0.0, 1.002, None),  # all back: go
+        (7, 1.004, 0.02, 0.0, 1.0041, 1.0 + RETURN_WAIT_SHARE * 0.02),  # still coming, but capped
+        (2, 1.0015, 0.2, 50.0, 1.002, 1.05),  # max_wait_ms holds longer: the later wins
     ],
 )
 def test_hold_until_waits_for_clients_just_answered_while_they_keep_coming(
-    queued: int, last_arrival: float, max_wait_ms: float, now: float, expected: float | None
+    queued: int,
+    last_arrival: float,
+    compute_s: float,
+    max_wait_ms: float,
+    now: float,
+    expected: float | None,
 ) -> None:
     q = RequestQueue()
     for i in range(queued):
         q.push(Entry(N, 1.0 + i * 0.0001, 99.0, 1))
-    returning = Returning.after(8, 1.0, compute_s=0.2)
+    returning = Returning.after(8, 1.0, compute_s)
     limits = BatchLimits(max_batch_size=8, max_wait_ms=max_wait_ms)
     got = hold_until(q, now, limits, returning, last_arrival)
     assert got == (pytest.approx(expected) if expected is not None else None)
@@ -191,7 +207,7 @@ def test_no_return_wait_for_a_lone_client_or_before_any_batch() -> None:
 
 
 def test_the_return_wait_is_a_share_of_the_batch_and_capped() -> None:
-    assert Returning.after(8, 10.0, 0.040).until == pytest.approx(10.004)  # 10 % of 40 ms
+    assert Returning.after(8, 10.0, 0.040).until == pytest.approx(10.0 + RETURN_WAIT_SHARE * 0.040)
     assert Returning.after(8, 10.0, 5.0).until == pytest.approx(10.0 + RETURN_WAIT_MAX_S)
     full = RequestQueue()
     for _ in range(3):

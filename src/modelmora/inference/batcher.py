@@ -53,8 +53,8 @@ def next_batch(queue: RequestQueue, now: float, limits: BatchLimits) -> tuple[li
 # How long an idle worker waits for the clients it has just answered: while they keep
 # arriving (each within RETURN_GAP_S of the one before), up to a share of the batch's compute
 # time, never more than RETURN_WAIT_MAX_S.
-RETURN_GAP_S = 0.003
-RETURN_WAIT_SHARE = 0.10
+RETURN_GAP_S = 0.005
+RETURN_WAIT_SHARE = 0.25
 RETURN_WAIT_MAX_S = 0.050
 
 
