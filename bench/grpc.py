@@ -1,6 +1,6 @@
 """gRPC against its baselines, in one run; prints a table.
 
-    python bench/grpc.py [--seconds 3] [--rounds 3] [--mb 64] [--chunk-kb 1024] [--stream-rounds 7]
+    python bench/grpc.py [--seconds 3] [--rounds 3] [--mb 64] [--chunk-kb 1024] [--stream-rounds 15]
 
 1. Streaming a large result: GetJobResult of a 64 MB result in chunks, loopback, against a
    plain grpcio server (a generic handler, no protobuf) streaming the same chunks. Both servers
@@ -388,7 +388,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="unary rounds per cell (median reported)")
     parser.add_argument("--mb", type=int, default=64, help="size of the streamed result")
     parser.add_argument("--chunk-kb", type=int, default=1024, help="chunk size")
-    parser.add_argument("--stream-rounds", type=int, default=7, help="streaming rounds (median reported)")
+    parser.add_argument("--stream-rounds", type=int, default=15, help="streaming rounds (median reported)")
     args = parser.parse_args()
     print(f"cpus: {os.cpu_count()}  python: {sys.version.split()[0]}  (medians, [min-max] over rounds)")
 
