@@ -47,7 +47,7 @@ def _wait_done(stub: pb_grpc.InferenceServiceStub, job_id: str) -> pb.Job:
     return job
 
 
-def test_job_rpcs(stub: pb_grpc.InferenceServiceStub) -> None:
+def test_job_rpcs(stub: pb_grpc.InferenceServiceStub, jobs_server: Server) -> None:
     job = stub.InferAsync(
         pb.InferAsyncRequest(request=build_request("fake", {"text": ["a", "b"]}), idempotency_key="k-1")
     )
@@ -70,6 +70,13 @@ def test_job_rpcs(stub: pb_grpc.InferenceServiceStub) -> None:
         and chunks[0].content_type == "application/json"
     )
     assert np.asarray(body["result"]["embeddings"]).shape == (2, 8)
+    # The server sends the chunks pre-encoded: on the wire they must be the message's own
+    # encoding, byte for byte, for clients in any language.
+    request = pb.GetJobResultRequest(job_id=job.job_id, chunk_size=1024).SerializeToString()
+    with grpc.insecure_channel(f"127.0.0.1:{jobs_server.grpc_port}") as channel:
+        raw = channel.unary_stream("/modelmora.v1.InferenceService/GetJobResult")  # bytes, unparsed
+        wire = list(raw(request))
+    assert wire == [c.SerializeToString() for c in chunks]
     listing = stub.ListJobs(pb.ListJobsRequest(model="fake"))
     assert job.job_id in {j.job_id for j in listing.data} and listing.meta.total >= 1
     for bad, code in (

@@ -11,9 +11,12 @@ import grpc
 import numpy as np
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from modelmora.api.grpc_convert import (
     build_request,
+    encode_result_chunk,
     message_to_dict,
     request_fields,
     response_to_dict,
@@ -151,3 +154,24 @@ def test_message_to_dict_keeps_64_bit_ints_and_nulls() -> None:
         "size_bytes": 2**40,
         "installed_at": "",
     }
+
+
+@given(
+    total=st.integers(0, 2**64 - 1),
+    offset=st.integers(0, 2**64 - 1),
+    data=st.binary(max_size=300),
+    content_type=st.sampled_from(["", "application/json", "é/x"]),
+)
+def test_a_pre_encoded_result_chunk_is_the_message_s_own_encoding(
+    total: int, offset: int, data: bytes, content_type: str
+) -> None:
+    encoded = encode_result_chunk(total, offset, data, content_type)
+    message = pb.JobResultChunk(total_bytes=total, offset=offset, data=data, content_type=content_type)
+    assert encoded == message.SerializeToString()
+    assert pb.JobResultChunk.FromString(encoded) == message
+
+
+def test_a_large_pre_encoded_chunk_is_the_message_s_own_encoding() -> None:
+    data = bytes(range(256)) * 4096  # 1 MiB: a multi-byte length prefix
+    encoded = encode_result_chunk(64 << 20, 3 << 20, data)
+    assert encoded == pb.JobResultChunk(total_bytes=64 << 20, offset=3 << 20, data=data).SerializeToString()

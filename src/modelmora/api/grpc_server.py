@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 from grpc_health.v1 import _async as health_aio  # the aio HealthServicer (health.aio)
@@ -29,6 +29,35 @@ log = logging.getLogger("modelmora.api.grpc")
 SERVICE_NAMES = tuple(
     pb.DESCRIPTOR.services_by_name[name].full_name for name in pb.DESCRIPTOR.services_by_name
 )
+
+
+class _Handlers:
+    """Stands in for the server while the generated `add_..._to_server` registers: keeps the
+    method handlers it builds, so one of them can be swapped before the real registration."""
+
+    handlers: dict[str, Any]
+
+    def add_generic_rpc_handlers(self, _handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(self, _service: str, handlers: dict[str, Any]) -> None:
+        self.handlers = handlers
+
+
+def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """The generated registration, except that GetJobResult has no response serializer: its
+    servicer yields `JobResultChunk` messages already encoded (the same bytes on the wire)."""
+    recorder = _Handlers()
+    pb_grpc.add_InferenceServiceServicer_to_server(servicer, cast(Any, recorder))
+    handlers = recorder.handlers
+    handlers["GetJobResult"] = grpc.unary_stream_rpc_method_handler(
+        servicer.GetJobResult,
+        request_deserializer=pb.GetJobResultRequest.FromString,
+        response_serializer=None,  # bytes pass through as they are
+    )
+    name = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    cast(Any, server).add_registered_method_handlers(name, handlers)  # grpcio >= 1.63, not in the stubs
 
 
 def _address(host: str, port: int) -> str:
@@ -54,7 +83,7 @@ class GrpcServer:
             ]
         )
         door = Door(self.mm)
-        pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(door), server)
+        add_inference_service(InferenceServicer(door), server)
         pb_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(door), server)
         pb_grpc.add_ManagementServiceServicer_to_server(ManagementServicer(door), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
