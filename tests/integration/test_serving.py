@@ -108,6 +108,25 @@ async def test_priority_decides_who_goes_first(
     assert order[order.index("critical") + 1 :] == [f"low{i}" for i in range(order.index("critical"), 3)]
 
 
+async def test_a_critical_batch_jumping_the_line_carries_no_low_work(
+    served: tuple[InferenceService, ModelManager, CountingFactory],
+) -> None:
+    """While the worker computes, a critical request goes ahead alone: the low requests
+    queued around it wait for their own batch instead of riding in front with it."""
+    svc, _, _ = served
+    await svc.infer("fake", {"text": "warm"})
+    blocker = asyncio.ensure_future(svc.infer("fake", {"text": "sleep:300"}))
+    await asyncio.sleep(0.05)
+    lows = [asyncio.ensure_future(svc.infer("fake", {"text": f"low{i}"}, priority="low")) for i in range(3)]
+    await asyncio.sleep(0.01)
+    critical = await svc.infer("fake", {"text": "vip"}, priority="critical")
+    assert critical["metadata"]["batch_size"] == 1
+    assert all(not t.done() for t in lows)  # still waiting: the critical batch ran first
+    sizes = [r["metadata"]["batch_size"] for r in await asyncio.gather(*lows)]
+    assert sizes == [3, 3, 3]
+    await blocker
+
+
 async def test_deadline_passes_while_queued(
     served: tuple[InferenceService, ModelManager, CountingFactory],
 ) -> None:

@@ -254,3 +254,12 @@ def test_skipped_entries_keep_their_counts_and_the_batch_limit_holds() -> None:
     assert len(q) == 7 and q.items == 7
     batch, _ = next_batch(q, 0.0, BatchLimits(max_batch_size=8))
     assert names(batch) == ["x1", "x3", "x5", "x7", "x9"]
+
+
+def test_a_batch_limited_to_critical_leaves_the_rest_queued() -> None:
+    C, L = Priority.CRITICAL, Priority.LOW
+    q = make_queue(("c1", C, 1.0, 99.0, 1), ("low", L, 0.5, 99.0, 1), ("c2", C, 2.0, 99.0, 1))
+    batch, expired = next_batch(q, 3.0, BatchLimits(max_batch_size=8), only=C)
+    assert names(batch) == ["c1", "c2"] and not expired
+    rest, _ = next_batch(q, 3.0, BatchLimits(max_batch_size=8))
+    assert names(rest) == ["low"]

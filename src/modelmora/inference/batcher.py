@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from modelmora.inference.queue import Entry, RequestQueue
+from modelmora.inference.queue import Entry, Priority, RequestQueue
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,11 +18,15 @@ class BatchLimits:
 MAX_SKIPPED = 64
 
 
-def next_batch(queue: RequestQueue, now: float, limits: BatchLimits) -> tuple[list[Entry], list[Entry]]:
+def next_batch(
+    queue: RequestQueue, now: float, limits: BatchLimits, only: Priority | None = None
+) -> tuple[list[Entry], list[Entry]]:
     """Take the next batch in priority order. Entries whose deadline passed come back in
     `expired` and never reach a worker. An entry larger than the limit goes alone rather than
     never. The head decides the batch's group: entries of another group are looked past (and
-    stay queued, in their places), so a seeded request never shares a batch with another seed."""
+    stay queued, in their places), so a seeded request never shares a batch with another seed.
+    With `only`, the batch stops at the first entry less urgent than that level: a batch that
+    jumps the worker's line carries only what earned the jump, so it is short."""
     batch: list[Entry] = []
     expired: list[Entry] = []
     skipped: list[Entry] = []
@@ -35,6 +39,8 @@ def next_batch(queue: RequestQueue, now: float, limits: BatchLimits) -> tuple[li
             queue.pop(now)
             expired.append(head)
             continue
+        if only is not None and head.priority > only:
+            break
         if batch and head.group != batch[0].group:
             queue.pop(now)
             skipped.append(head)

@@ -188,7 +188,11 @@ class ModelScheduler:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), release - now)
                 continue
-            batch, expired = next_batch(self._queue, now, self.limits)
+            # A batch sent while the worker computes ahead of its turn (a critical one jumping
+            # the line) carries the critical requests only: the worker runs it first, and low
+            # work riding along would make the critical requests wait for all of it.
+            only = Priority.CRITICAL if computing and self._jumps_line(computing) else None
+            batch, expired = next_batch(self._queue, now, self.limits, only)
             self.admission.queued -= len(batch) + len(expired)
             if expired:
                 self._m_expired.inc(len(expired))
@@ -201,11 +205,14 @@ class ModelScheduler:
                 self._batch_tasks.add(task)
                 task.add_done_callback(self._batch_tasks.discard)
 
+    def _jumps_line(self, computing: int) -> bool:
+        head = self._queue.peek(self.clock())
+        return head is not None and head.priority is Priority.CRITICAL and computing < 3
+
     def _may_send(self, computing: int) -> bool:
         if computing == 0:
             return True
-        head = self._queue.peek(self.clock())
-        if head is not None and head.priority is Priority.CRITICAL and computing < 3:
+        if self._jumps_line(computing):
             return True  # a critical batch may join the line: the worker runs it first
         return computing == 1 and self._queue.items >= self.limits.max_batch_size
 
