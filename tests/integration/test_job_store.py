@@ -282,3 +282,16 @@ async def test_claim_caps_each_models_share(make_store: StoreFactory) -> None:
         await store.create(j, 100)
     taken = await store.claim(10, {"a": 1}, 2, t + 20)
     assert sorted(j.job_id for j in taken) == sorted([a_jobs[0].job_id, b_jobs[0].job_id, b_jobs[1].job_id])
+
+
+async def test_progress_is_kept_only_while_a_job_runs(make_store: StoreFactory) -> None:
+    store = await make_store()
+    j = job()
+    await store.create(j, 100)
+    await store.set_progress(j.job_id, 0.3)  # queued: nothing to record
+    assert (await store.get(j.job_id)).progress is None  # type: ignore[union-attr]
+    await store.claim(1, {}, 100, time.time())
+    await store.set_progress(j.job_id, 0.4)
+    await store.finish(j.job_id, JobStatus.COMPLETED, time.time(), response=b"{}")
+    await store.set_progress(j.job_id, 0.5)  # a late write from the run that just ended
+    assert (await store.get(j.job_id)).progress == 1.0  # type: ignore[union-attr]

@@ -91,6 +91,14 @@ end
 return 1
 """
 
+# KEYS: job hash. ARGV: progress. Only while the job runs: a late write after it finished
+# must not replace its final progress.
+_PROGRESS = """
+if redis.call('HGET', KEYS[1], 'status') == 'processing' then
+  redis.call('HSET', KEYS[1], 'progress', ARGV[1])
+end
+"""
+
 # KEYS: job hash. ARGV: prefix, job id, undo (1: the attempt does not count). Back to the
 # tail of its priority's stream.
 _RELEASE = """
@@ -175,6 +183,7 @@ class RedisJobStore:
         self._finish = self._redis.register_script(_FINISH)
         self._release = self._redis.register_script(_RELEASE)
         self._cancel = self._redis.register_script(_CANCEL)
+        self._progress = self._redis.register_script(_PROGRESS)
         self._entries: dict[str, tuple[str, str]] = {}  # running job -> (stream, entry id)
         self._ready_models: set[str] = set()
 
@@ -341,7 +350,7 @@ class RedisJobStore:
             await self._redis.xclaim(stream, GROUP, self.consumer, 0, entries, justid=True)
 
     async def set_progress(self, job_id: str, progress: float) -> None:
-        await self._redis.hset(self._job(job_id), "progress", repr(progress))
+        await self._progress(keys=[self._job(job_id)], args=[repr(progress)])
 
     async def finish(
         self,

@@ -25,6 +25,7 @@ from modelmora.jobs.store import (
     request_hash,
 )
 from modelmora.registry.catalog import validate_name
+from modelmora.tasks.image_urls import IMAGE_INPUT_TASKS, fetch_image_urls
 from modelmora.tasks.inputs import parse_input
 
 if TYPE_CHECKING:
@@ -79,7 +80,12 @@ class JobService:
         record = await self.manager.record(validate_name(name))
         body = {k: request[k] for k in _REQUEST_FIELDS if request.get(k) is not None}
         params = {**(record.config.get("parameters") or {}), **(body.get("parameters") or {})}
-        parse_input(record.task_type.value, body.get("input_data") or {}, params, self.settings.limits)
+        input_data = body.get("input_data") or {}
+        if record.task_type.value in IMAGE_INPUT_TASKS:
+            # Allowed image URLs are fetched (and checked) now as for a synchronous call; the
+            # job fetches them again when it runs, and a URL gone by then fails the job.
+            input_data = await fetch_image_urls(input_data, self.settings.limits)
+        parse_input(record.task_type.value, input_data, params, self.settings.limits)
         priority = int(parse_priority(body.get("priority")))
         job = JobRecord(
             job_id=new_job_id(),
