@@ -135,8 +135,11 @@ async def test_a_client_leaving_cancels_stepping_work_between_steps(svc: Inferen
 
 async def test_stream_error_event_after_tokens(svc: InferenceService) -> None:
     """A deadline that passes mid-stream ends it with an `error` event, not an exception."""
+    # Loaded first: the deadline covers a load too, and a slow start on a busy machine would
+    # end the request before its first token (a plain error, tested elsewhere).
+    await svc.infer("slowgen", {"text": "warm"}, {"max_tokens": 1})
     events = [
-        e async for e in svc.stream("slowgen", {"text": "x"}, {"max_tokens": 4000}, timeout_seconds=0.5)
+        e async for e in svc.stream("slowgen", {"text": "x"}, {"max_tokens": 4000}, timeout_seconds=2)
     ]
     assert events[0]["event"] == "token"
     assert events[-1]["event"] == "error"
