@@ -96,6 +96,7 @@ class ModelMora:
     async def drain(self) -> None:
         """Readiness turns false and new requests get 503; wait for in-flight requests."""
         self.draining = True
+        self.dispatcher.stop_claiming()  # from the first moment, not after the HTTP requests
         deadline = time.monotonic() + self.settings.server.drain_seconds
         log.info("draining", extra={"in_flight": self.inflight})
         while self.inflight > 0 and time.monotonic() < deadline:  # noqa: ASYNC110 - a counter, polled briefly

@@ -221,9 +221,13 @@ class JobDispatcher:
             except Exception:
                 log.exception("job housekeeping failed")
 
+    def stop_claiming(self) -> None:
+        """A draining replica takes no new jobs (others, or the next start, will)."""
+        self._claiming = False
+
     async def drain(self, deadline: float) -> None:
         """Stop taking jobs; let running ones finish until the deadline (monotonic)."""
-        self._claiming = False
+        self.stop_claiming()
         while self.running and time.monotonic() < deadline:  # noqa: ASYNC110 - polled briefly
             await asyncio.sleep(0.05)
 
