@@ -52,7 +52,7 @@ class ModelMora:
         self.registry = RegistryService(settings, self.store, self.manager)
         self.job_store = build_job_store(settings)
         self.dispatcher = JobDispatcher(settings, self.job_store, self.inference, self.results)
-        self.jobs = JobService(settings, self.job_store, self.dispatcher, self.results, self.manager)
+        self.jobs = JobService(settings, self.job_store, self.dispatcher, self.results)
         self.ready = False
         self.draining = False
         self.inflight = 0  # HTTP requests in progress, counted by the edge middleware

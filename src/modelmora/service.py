@@ -93,7 +93,7 @@ class InferenceService:
 
         `on_event(kind, data)` is called on the event loop for each event the worker emits
         for this request (`token`, `progress`), in order, all before this call returns."""
-        call = await self._prepare(name, input_data, parameters, priority, timeout_seconds, trace_id)
+        call = await self.prepare(name, input_data, parameters, priority, timeout_seconds, trace_id)
         return await self._run(call, keep_alive, disconnected, on_event)
 
     async def stream(
@@ -113,7 +113,7 @@ class InferenceService:
         <error body>}`. An error before the first event (unknown model, bad input, queue full,
         load failure) is raised as ModelMoraError instead, so a door can still answer it with
         a plain status. Closing the iterator early cancels the request, in the worker too."""
-        call = await self._prepare(name, input_data, parameters, priority, timeout_seconds, trace_id)
+        call = await self.prepare(name, input_data, parameters, priority, timeout_seconds, trace_id)
         task_type = call.record.task_type.value
         if task_type not in STREAMING_TASKS:
             raise ModelMoraError(
@@ -150,7 +150,7 @@ class InferenceService:
                 with contextlib.suppress(asyncio.CancelledError, ModelMoraError):
                     await task
 
-    async def _prepare(
+    async def prepare(
         self,
         name: str,
         input_data: dict[str, Any],
@@ -159,8 +159,10 @@ class InferenceService:
         timeout_seconds: float | None,
         trace_id: str | None,
     ) -> _Call:
-        """A request refused before it is queued is counted here: under its model's name once
-        the model is known to exist, else under model="" (labels stay bounded)."""
+        """Check a request as it will run (model, input, parameters, priority, deadline)
+        without queueing it; async jobs call this at submission. A request refused here is
+        counted: under its model's name once the model is known to exist, else under
+        model="" (labels stay bounded)."""
         known: list[ModelRecord] = []
         try:
             call = await self._validate(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -123,18 +121,7 @@ class GrpcClient(SyncApi):
         return call.convert(response)
 
     def _retrying(self, fn: Callable[[], T], idempotent: bool) -> T:
-        attempt = 1
-        while True:
-            try:
-                return fn()
-            except ApiError as exc:
-                delay = (
-                    None if (not idempotent and exc.error_code is None) else self.retry.delay(exc, attempt)
-                )
-                if delay is None:
-                    raise
-            time.sleep(delay)
-            attempt += 1
+        return self.retry.call(fn, idempotent)
 
     def _run(self, op: Op) -> Any:
         return self._retrying(lambda: self._send(op.grpc), op.idempotent)
@@ -232,18 +219,7 @@ class AsyncGrpcClient(AsyncApi):
         return call.convert(response)
 
     async def _retrying(self, fn: Callable[[], Awaitable[T]], idempotent: bool) -> T:
-        attempt = 1
-        while True:
-            try:
-                return await fn()
-            except ApiError as exc:
-                delay = (
-                    None if (not idempotent and exc.error_code is None) else self.retry.delay(exc, attempt)
-                )
-                if delay is None:
-                    raise
-            await asyncio.sleep(delay)
-            attempt += 1
+        return await self.retry.acall(fn, idempotent)
 
     async def _run(self, op: Op) -> Any:
         return await self._retrying(lambda: self._send(op.grpc), op.idempotent)

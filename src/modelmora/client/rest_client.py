@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, TypeVar
@@ -102,19 +101,7 @@ class Client(SyncApi):
         return _decode(call, response)
 
     def _retrying(self, fn: Callable[[], T], idempotent: bool) -> T:
-        attempt = 1
-        while True:
-            try:
-                return fn()
-            except ApiError as exc:
-                # A non-idempotent call is retried only when the server said it did nothing.
-                delay = (
-                    None if (not idempotent and exc.error_code is None) else self.retry.delay(exc, attempt)
-                )
-                if delay is None:
-                    raise
-            time.sleep(delay)
-            attempt += 1
+        return self.retry.call(fn, idempotent)
 
     def _run(self, op: Op) -> Any:
         return self._retrying(lambda: self._send(op.rest), op.idempotent)
@@ -212,18 +199,7 @@ class AsyncClient(AsyncApi):
         return _decode(call, response)
 
     async def _retrying(self, fn: Callable[[], Awaitable[T]], idempotent: bool) -> T:
-        attempt = 1
-        while True:
-            try:
-                return await fn()
-            except ApiError as exc:
-                delay = (
-                    None if (not idempotent and exc.error_code is None) else self.retry.delay(exc, attempt)
-                )
-                if delay is None:
-                    raise
-            await asyncio.sleep(delay)
-            attempt += 1
+        return await self.retry.acall(fn, idempotent)
 
     async def _run(self, op: Op) -> Any:
         return await self._retrying(lambda: self._send(op.rest), op.idempotent)

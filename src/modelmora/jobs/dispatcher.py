@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from modelmora.api.fastpath import JSON_OPTIONS  # the one orjson setting of every response
 from modelmora.config import Settings
 from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.jobs.results import ResultStore
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("modelmora.jobs")
 
-JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 # Errors after which a job goes back to the queue instead of failing: the job itself was
 # fine, the replica could not run it now. Bounded by `max_attempts`.
 _REQUEUE = {ErrorCode.WORKER_DIED, ErrorCode.INSUFFICIENT_MEMORY, ErrorCode.SHUTTING_DOWN}
@@ -52,7 +52,6 @@ class JobDispatcher:
         self.results = results
         self.clock = clock
         self.running: dict[str, asyncio.Task[None]] = {}
-        self._model_of: dict[str, str] = {}
         self._per_model: Counter[str] = Counter()
         self._backoff_until: dict[str, float] = {}  # model -> time its queue was found full
         self._cancelled: set[str] = set()  # running jobs a client cancelled
@@ -102,13 +101,11 @@ class JobDispatcher:
 
     def _start(self, job: JobRecord) -> None:
         self._per_model[job.model] += 1
-        self._model_of[job.job_id] = job.model
         task = asyncio.create_task(self._run(job), name=f"job-{job.job_id}")
         self.running[job.job_id] = task
 
     def _done(self, job: JobRecord) -> None:
         self.running.pop(job.job_id, None)
-        self._model_of.pop(job.job_id, None)
         self._cancelled.discard(job.job_id)
         self._per_model[job.model] -= 1
         if self._per_model[job.model] <= 0:

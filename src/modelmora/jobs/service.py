@@ -6,14 +6,14 @@ import math
 import re
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
+from modelmora.api.fastpath import JSON_OPTIONS
 from modelmora.config import Settings
 from modelmora.errors import ErrorCode, ModelMoraError
-from modelmora.inference.queue import parse_priority
-from modelmora.jobs.dispatcher import JSON_OPTIONS, JobDispatcher
+from modelmora.jobs.dispatcher import JobDispatcher
 from modelmora.jobs.results import ResultStore
 from modelmora.jobs.store import (
     JobRecord,
@@ -24,12 +24,6 @@ from modelmora.jobs.store import (
     not_found,
     request_hash,
 )
-from modelmora.registry.catalog import validate_name
-from modelmora.tasks.image_urls import IMAGE_INPUT_TASKS, fetch_image_urls
-from modelmora.tasks.inputs import parse_input
-
-if TYPE_CHECKING:
-    from modelmora.lifecycle.manager import ModelManager
 
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")  # printable ASCII, no spaces
 _REQUEST_FIELDS = ("input_data", "parameters", "priority", "timeout_seconds", "keep_alive")
@@ -53,13 +47,12 @@ class JobService:
         store: JobStore,
         dispatcher: JobDispatcher,
         results: ResultStore,
-        manager: ModelManager,
     ) -> None:
         self.settings = settings
         self.store = store
         self.dispatcher = dispatcher
+        self.inference = dispatcher.inference
         self.results = results
-        self.manager = manager
 
     async def submit(
         self,
@@ -77,21 +70,22 @@ class JobService:
                 "Idempotency-Key must be 1-255 printable ASCII characters",
                 {"errors": [{"field": "Idempotency-Key", "message": "invalid"}]},
             )
-        record = await self.manager.record(validate_name(name))
         body = {k: request[k] for k in _REQUEST_FIELDS if request.get(k) is not None}
-        params = {**(record.config.get("parameters") or {}), **(body.get("parameters") or {})}
-        input_data = body.get("input_data") or {}
-        if record.task_type.value in IMAGE_INPUT_TASKS:
-            # Allowed image URLs are fetched (and checked) now as for a synchronous call; the
-            # job fetches them again when it runs, and a URL gone by then fails the job.
-            input_data = await fetch_image_urls(input_data, self.settings.limits)
-        parse_input(record.task_type.value, input_data, params, self.settings.limits)
-        priority = int(parse_priority(body.get("priority")))
+        # The checks of a synchronous call (allowed image URLs are fetched, and fetched again
+        # when the job runs: a URL gone by then fails the job).
+        call = await self.inference.prepare(
+            name,
+            body.get("input_data") or {},
+            body.get("parameters"),
+            body.get("priority"),
+            body.get("timeout_seconds"),
+            trace_id,
+        )
         job = JobRecord(
             job_id=new_job_id(),
             model=name,
             request=body,
-            priority=priority,
+            priority=int(call.level),
             created_at=time.time(),
             idempotency_key=idempotency_key,
             request_hash=request_hash(name, body),
@@ -101,7 +95,7 @@ class JobService:
             stored, created = await self.store.create(job, self.settings.jobs.max_pending)
         except ModelMoraError as exc:
             if exc.code is ErrorCode.QUEUE_FULL:
-                self.manager.metrics.rejected.labels(name, "jobs").inc()
+                self.inference.metrics.rejected.labels(name, "jobs").inc()
             raise
         if created:
             self.dispatcher.poke()
