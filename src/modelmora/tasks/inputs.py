@@ -41,25 +41,33 @@ def _texts(value: Any, field: str, limits: LimitsSettings) -> tuple[list[str], b
         raise _invalid(field, "must be a string or a list of strings")
     if not texts:
         raise _invalid(field, "must not be empty")
-    if len(texts) > limits.max_items:
-        raise ModelMoraError(
-            ErrorCode.TOO_MANY_INPUTS,
-            f"{field}: {len(texts)} items, at most {limits.max_items} allowed",
-            {"field": field, "count": len(texts), "limit": limits.max_items},
-        )
+    _check_count(field, len(texts), limits)
     for i, text in enumerate(texts):
         where = field if single else f"{field}[{i}]"
         if not isinstance(text, str):
             raise _invalid(where, "must be a string")
         if not text.strip():
             raise _invalid(where, "must not be empty")
-        if len(text) > limits.max_text_chars:
-            raise ModelMoraError(
-                ErrorCode.INPUT_TOO_LONG,
-                f"{where}: {len(text)} characters, at most {limits.max_text_chars} allowed",
-                {"field": where, "length": len(text), "limit": limits.max_text_chars},
-            )
+        _check_length(where, text, limits)
     return texts, single
+
+
+def _check_count(field: str, count: int, limits: LimitsSettings, what: str = "items") -> None:
+    if count > limits.max_items:
+        raise ModelMoraError(
+            ErrorCode.TOO_MANY_INPUTS,
+            f"{field}: {count} {what}, at most {limits.max_items} allowed",
+            {"field": field, "count": count, "limit": limits.max_items},
+        )
+
+
+def _check_length(field: str, text: str, limits: LimitsSettings) -> None:
+    if len(text) > limits.max_text_chars:
+        raise ModelMoraError(
+            ErrorCode.INPUT_TOO_LONG,
+            f"{field}: {len(text)} characters, at most {limits.max_text_chars} allowed",
+            {"field": field, "length": len(text), "limit": limits.max_text_chars},
+        )
 
 
 def _bool(params: dict[str, Any], key: str, default: bool) -> bool:
@@ -162,12 +170,7 @@ def _messages(value: Any, limits: LimitsSettings) -> list[dict[str, str]]:
     field = "input_data.messages"
     if not isinstance(value, list) or not value:
         raise _invalid(field, "must be a non-empty list of {role, content}")
-    if len(value) > limits.max_items:
-        raise ModelMoraError(
-            ErrorCode.TOO_MANY_INPUTS,
-            f"{field}: {len(value)} messages, at most {limits.max_items} allowed",
-            {"field": field, "count": len(value), "limit": limits.max_items},
-        )
+    _check_count(field, len(value), limits, "messages")
     out = []
     for i, message in enumerate(value):
         where = f"{field}[{i}]"
@@ -178,12 +181,7 @@ def _messages(value: Any, limits: LimitsSettings) -> list[dict[str, str]]:
             raise _invalid(f"{where}.role", f"must be one of {', '.join(sorted(ROLES))}")
         if not isinstance(content, str):
             raise _invalid(f"{where}.content", "must be a string")
-        if len(content) > limits.max_text_chars:
-            raise ModelMoraError(
-                ErrorCode.INPUT_TOO_LONG,
-                f"{where}.content: {len(content)} characters, at most {limits.max_text_chars} allowed",
-                {"field": f"{where}.content", "length": len(content), "limit": limits.max_text_chars},
-            )
+        _check_length(f"{where}.content", content, limits)
         out.append({"role": role, "content": content})
     return out
 
@@ -208,12 +206,7 @@ def _images(value: Any, limits: LimitsSettings) -> tuple[list[bytes], bool]:
     images = [value] if single else value
     if not isinstance(images, list) or not images:
         raise _invalid(field, "must be a base64 string or a non-empty list of them")
-    if len(images) > limits.max_items:
-        raise ModelMoraError(
-            ErrorCode.TOO_MANY_INPUTS,
-            f"{field}: {len(images)} items, at most {limits.max_items} allowed",
-            {"field": field, "count": len(images), "limit": limits.max_items},
-        )
+    _check_count(field, len(images), limits)
     out = []
     for i, image in enumerate(images):
         where = field if single else f"{field}[{i}]"
