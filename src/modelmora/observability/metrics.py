@@ -309,13 +309,16 @@ class Metrics:
             registry=r,
         )
         self.grpc = Counter(
-            "modelmora_grpc_requests", "gRPC calls finished, by gRPC status code", ["code"], registry=r
+            "modelmora_grpc_requests",
+            "gRPC calls finished, by method (the RPC's name) and gRPC status code",
+            ["method", "code"],
+            registry=r,
         )
 
         # Children cached by label values: `labels()` takes a lock and hashes every time.
         self._req: dict[tuple[str, str, str], tuple[Counter, Histogram, Histogram, Histogram]] = {}
         self._http: dict[tuple[str, int], Counter] = {}
-        self._grpc: dict[str, Counter] = {}
+        self._grpc: dict[tuple[str, str], Counter] = {}
 
     # -- recording ------------------------------------------------------------------------
 
@@ -347,10 +350,11 @@ class Metrics:
             child = self._http[key] = self.http.labels(handler, str(code))
         child.inc()
 
-    def record_grpc(self, code: str) -> None:
-        child = self._grpc.get(code)
+    def record_grpc(self, method: str, code: str) -> None:
+        key = (method, code)
+        child = self._grpc.get(key)
         if child is None:
-            child = self._grpc[code] = self.grpc.labels(code)
+            child = self._grpc[key] = self.grpc.labels(method, code)
         child.inc()
 
     def attach_live(self, snapshot: Callable[[], Live]) -> None:
