@@ -164,13 +164,17 @@ class InferenceService:
         counted: under its model's name once the model is known to exist, else under
         model="" (labels stay bounded)."""
         known: list[ModelRecord] = []
+        received = self.manager.clock()
         try:
             call = await self._validate(
-                name, input_data, parameters, priority, timeout_seconds, trace_id, known
+                name, input_data, parameters, priority, timeout_seconds, trace_id, known, received
             )
         except ModelMoraError as exc:
             model, task = (name, known[0].task_type.value) if known else ("", "")
-            self.metrics.record_error(model, task, current_protocol.get(), exc.code.value)
+            protocol = current_protocol.get()
+            self.metrics.record_error(model, task, protocol, exc.code.value)
+            # The span names the model asked for: spans have no label cardinality to bound.
+            self._error_span(trace_id, received, name, task, protocol, exc.code.value)
             raise
         if log.isEnabledFor(logging.DEBUG):
             log.debug("request received", extra={"model": name, "request_id": call.item.request_id})
@@ -185,8 +189,8 @@ class InferenceService:
         timeout_seconds: float | None,
         trace_id: str | None,
         known: list[ModelRecord],
+        received: float,
     ) -> _Call:
-        received = self.manager.clock()
         validate_name(name)  # also refuses NAME@VERSION: the active version serves
         record = await self.manager.record(name)
         known.append(record)
@@ -263,14 +267,20 @@ class InferenceService:
             )
         elif log.isEnabledFor(logging.DEBUG):
             log.debug("request failed", extra={"model": call.name, "error_code": code})
+        self._error_span(call.item.trace_id, call.received, call.name, task, protocol, code)
+
+    def _error_span(
+        self, trace_id: str | None, received: float, model: str, task: str, protocol: str, code: str
+    ) -> None:
+        """The request span of a request that ended in an error, refused or failed."""
         if self.spans is not None:
             self.spans.request(
-                trace_id=call.item.trace_id,
-                received_ago_s=self.manager.clock() - call.received,
+                trace_id=trace_id,
+                received_ago_s=self.manager.clock() - received,
                 queue_s=0.0,
                 inference_s=0.0,
                 attributes={
-                    "modelmora.model": call.name,
+                    "modelmora.model": model,
                     "modelmora.task": task,
                     "modelmora.protocol": protocol,
                 },

@@ -85,6 +85,27 @@ async def test_a_failed_request_exports_an_error_span(
     assert span.attributes is not None and span.attributes["modelmora.error_code"] == "INFERENCE_FAILED"
 
 
+async def test_a_refused_request_exports_an_error_span(
+    served: tuple[InferenceService, ModelManager, InMemorySpanExporter],
+) -> None:
+    """Refused before it was queued (unknown model, bad input): still one request span, so a
+    caller's trace shows the server's answer."""
+    svc, _, exporter = served
+    with pytest.raises(ModelMoraError):
+        await svc.infer("ghost", {"text": "x"}, trace_id=TRACE)
+    with pytest.raises(ModelMoraError):
+        await svc.infer("fake", {"text": ""}, parameters={"nope": 1}, trace_id=TRACE)
+    spans = exporter.get_finished_spans()
+    assert [s.name for s in spans] == ["modelmora.request"] * 2
+    assert [s.attributes["modelmora.error_code"] for s in spans if s.attributes] == [
+        "MODEL_NOT_FOUND",
+        "VALIDATION_ERROR",
+    ]
+    assert [s.attributes["modelmora.model"] for s in spans if s.attributes] == ["ghost", "fake"]
+    assert all(s.status.status_code is StatusCode.ERROR for s in spans)
+    assert all(s.context is not None and f"{s.context.trace_id:032x}" == TRACE for s in spans)
+
+
 async def test_metrics_and_worker_stats(
     served: tuple[InferenceService, ModelManager, InMemorySpanExporter],
 ) -> None:
