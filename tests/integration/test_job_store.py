@@ -295,3 +295,37 @@ async def test_progress_is_kept_only_while_a_job_runs(make_store: StoreFactory) 
     await store.finish(j.job_id, JobStatus.COMPLETED, time.time(), response=b"{}")
     await store.set_progress(j.job_id, 0.5)  # a late write from the run that just ended
     assert (await store.get(j.job_id)).progress == 1.0  # type: ignore[union-attr]
+
+
+async def test_redis_forgets_the_consumers_of_replicas_that_ended() -> None:
+    """Every process run is a new consumer in the group. The housekeeping pass removes the
+    ones idle for ten leases with nothing pending, and never one whose entries another
+    replica must still take over."""
+    redis_or_skip()
+    from modelmora.jobs.redis_store import GROUP, RedisJobStore
+
+    prefix = f"mmtest-{uuid.uuid4().hex[:8]}:"
+    ended, died, live = (RedisJobStore(REDIS_URL, lease_seconds=0.02, prefix=prefix) for _ in range(3))
+    try:
+        for store in (ended, died, live):
+            await store.open()
+        a, b = job(priority=3), job(priority=3)
+        await ended.create(a, 100)
+        await ended.create(b, 100)
+        (ran,) = await ended.claim(1, {}, 100, time.time())
+        await ended.finish(ran.job_id, JobStatus.COMPLETED, time.time(), response=b"{}")
+        (left,) = await died.claim(1, {}, 100, time.time())  # pending: its replica "died"
+        await asyncio.sleep(0.3)  # ten leases and more
+
+        assert await live.forget_idle_consumers() > 0
+        stream = live._stream("m", 3)
+        consumers = {c["name"].decode(): c for c in await live._redis.xinfo_consumers(stream, GROUP)}
+        assert ended.consumer not in consumers
+        assert consumers[died.consumer]["pending"] == 1
+        # Its entry is still there to be taken over.
+        taken = await live.claim(5, {}, 100, time.time())
+        assert [j.job_id for j in taken] == [left.job_id]
+    finally:
+        await live.reset()
+        for store in (ended, died, live):
+            await store.close()

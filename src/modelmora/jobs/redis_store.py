@@ -7,7 +7,8 @@ entry puts it in the replica's pending list; the replica renews it (XCLAIM, whic
 idle time) while the job runs and acknowledges it when the job ends. A replica that dies
 stops renewing, and once its entries have been idle longer than `jobs.lease_seconds` any
 other replica takes them over with XAUTOCLAIM and runs the jobs again (at-least-once;
-`attempts` counts the runs).
+`attempts` counts the runs). The housekeeping pass removes the consumers of replicas that
+ended from the group.
 
 Every status change is one Lua script, so two replicas can never both move a job (for
 example, finish it and cancel it) and the per-status indexes stay in step with the hashes.
@@ -37,6 +38,27 @@ GROUP = "workers"
 _LEVELS = (1, 2, 3, 4)
 
 # KEYS: job hash, stream. ARGV: prefix, job id, created_at, field, value, ...
+# Consumers of replicas that are gone: each process run is a new consumer name, so without
+# this every restart would leave four consumers per model in the group for good. Only one
+# with nothing pending is removed (DELCONSUMER would drop its pending entries, which another
+# replica must take over), and the check and the removal are one step. A live replica idle
+# that long loses nothing: its next read creates its consumer again.
+_FORGET_CONSUMERS = """
+local removed = 0
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for i = 1, #c, 2 do info[c[i]] = c[i + 1] end
+  if info['name'] ~= ARGV[2] and tonumber(info['pending']) == 0
+      and tonumber(info['idle']) >= tonumber(ARGV[3]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    removed = removed + 1
+  end
+end
+return removed
+"""
+# How long a consumer with nothing pending may stay idle before it counts as gone, in leases.
+IDLE_CONSUMER_LEASES = 10
+
 _CREATE = """
 redis.call('HSET', KEYS[1], unpack(ARGV, 4))
 redis.call('ZADD', ARGV[1] .. 'all', ARGV[3], ARGV[2])
@@ -184,6 +206,7 @@ class RedisJobStore:
         self._release = self._redis.register_script(_RELEASE)
         self._cancel = self._redis.register_script(_CANCEL)
         self._progress = self._redis.register_script(_PROGRESS)
+        self._forget_consumers = self._redis.register_script(_FORGET_CONSUMERS)
         self._entries: dict[str, tuple[str, str]] = {}  # running job -> (stream, entry id)
         self._ready_models: set[str] = set()
 
@@ -401,6 +424,7 @@ class RedisJobStore:
         return [j for j, flag in zip(job_ids, flags, strict=True) if flag == b"1"]
 
     async def expire(self, now: float, queued_ttl: float, result_ttl: float) -> list[str]:
+        await self.forget_idle_consumers()
         error = never_started(queued_ttl)
         stale = await self._redis.zrangebyscore(f"{self.prefix}status:queued", "-inf", now - queued_ttl)
         for raw in stale:
@@ -424,6 +448,19 @@ class RedisJobStore:
                     pipe.zrem(f"{self.prefix}status:{s.value}", job_id)
                 await pipe.execute()
         return keys
+
+    async def forget_idle_consumers(self) -> int:
+        """Remove the group's consumers with nothing pending, idle for IDLE_CONSUMER_LEASES
+        leases (replicas that ended); returns how many."""
+        idle_ms = IDLE_CONSUMER_LEASES * self.lease_ms
+        removed = 0
+        for model in await self._models():
+            for level in _LEVELS:
+                stream = self._stream(model, level)
+                removed += int(
+                    await self._forget_consumers(keys=[stream], args=[GROUP, self.consumer, idle_ms])
+                )
+        return removed
 
     async def counts(self) -> dict[str, int]:
         async with self._redis.pipeline(transaction=False) as pipe:
