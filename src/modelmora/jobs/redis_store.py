@@ -209,6 +209,7 @@ class RedisJobStore:
         self._forget_consumers = self._redis.register_script(_FORGET_CONSUMERS)
         self._entries: dict[str, tuple[str, str]] = {}  # running job -> (stream, entry id)
         self._ready_models: set[str] = set()
+        self._turn = 0  # rotates the model a claim reads first
 
     def _job(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}"
@@ -320,11 +321,16 @@ class RedisJobStore:
         self, limit: int, room: Mapping[str, int], default_room: int, now: float
     ) -> list[JobRecord]:
         """Jobs of dead replicas first (their entries idle past the lease), then new ones by
-        priority, then age within a model. A job's age across models is not compared: each
-        model's streams are read in turn (name order) within a priority level."""
+        priority, then age within a model. A job's age across models is not compared: within
+        a priority level the models' streams are read in turn, starting one model further at
+        each claim, so that no model waits behind the others' backlogs for long."""
         claimed: list[JobRecord] = []
         left = {m: room.get(m, default_room) for m in await self._models()}
         models = [m for m, n in left.items() if n > 0]
+        if models:
+            start = self._turn % len(models)
+            models = models[start:] + models[:start]
+        self._turn += 1
 
         def want(model: str) -> int:
             return min(limit - len(claimed), left[model])
