@@ -161,8 +161,8 @@ class InferenceService:
     ) -> _Call:
         """Check a request as it will run (model, input, parameters, priority, deadline)
         without queueing it; async jobs call this at submission. A request refused here is
-        counted: under its model's name once the model is known to exist, else under
-        model="" (labels stay bounded)."""
+        counted, under its model's name once the model is known to exist, else under
+        model="" (labels stay bounded), and traced (its request span, with the error)."""
         known: list[ModelRecord] = []
         received = self.manager.clock()
         try:

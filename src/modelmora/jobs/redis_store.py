@@ -37,7 +37,6 @@ from modelmora.jobs.store import (
 GROUP = "workers"
 _LEVELS = (1, 2, 3, 4)
 
-# KEYS: job hash, stream. ARGV: prefix, job id, created_at, field, value, ...
 # Consumers of replicas that are gone: each process run is a new consumer name, so without
 # this every restart would leave four consumers per model in the group for good. Only one
 # with nothing pending is removed (DELCONSUMER would drop its pending entries, which another
@@ -59,6 +58,7 @@ return removed
 # How long a consumer with nothing pending may stay idle before it counts as gone, in leases.
 IDLE_CONSUMER_LEASES = 10
 
+# KEYS: job hash, stream. ARGV: prefix, job id, created_at, field, value, ...
 _CREATE = """
 redis.call('HSET', KEYS[1], unpack(ARGV, 4))
 redis.call('ZADD', ARGV[1] .. 'all', ARGV[3], ARGV[2])
