@@ -138,9 +138,7 @@ async def test_stream_error_event_after_tokens(svc: InferenceService) -> None:
     # Loaded first: the deadline covers a load too, and a slow start on a busy machine would
     # end the request before its first token (a plain error, tested elsewhere).
     await svc.infer("slowgen", {"text": "warm"}, {"max_tokens": 1})
-    events = [
-        e async for e in svc.stream("slowgen", {"text": "x"}, {"max_tokens": 4000}, timeout_seconds=2)
-    ]
+    events = [e async for e in svc.stream("slowgen", {"text": "x"}, {"max_tokens": 4000}, timeout_seconds=2)]
     assert events[0]["event"] == "token"
     assert events[-1]["event"] == "error"
     assert events[-1]["data"]["error_code"] == "INFERENCE_TIMEOUT"

@@ -449,8 +449,7 @@ class ModelManager:
         self._transition(
             slot,
             ModelState.READY,
-            f"loaded in {seconds:.2f} s on {loaded.device}"
-            + (" (warm spare)" if from_spare else ""),
+            f"loaded in {seconds:.2f} s on {loaded.device}" + (" (warm spare)" if from_spare else ""),
         )
         by_pid = self.probe.gpu_bytes_by_pid() if loaded.device.startswith("cuda") else {}
         memory = {
