@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import modelmora.api  # noqa: F401 - grpc's fork handlers off before a test imports grpc (see there)
 from modelmora.config import Settings, load_settings
 
 POSTGRES_ADMIN_URL = os.environ.get(
