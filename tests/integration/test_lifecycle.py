@@ -106,10 +106,13 @@ async def test_a_busy_model_is_never_evicted_the_load_waits(
     settings.resources.max_memory_mb = 300
     manager, svc = await make_manager()
     await svc.infer("busy", {"text": "warm"})
-    long_call = asyncio.ensure_future(svc.infer("busy", {"text": "sleep:1500"}))
+    long_call = asyncio.ensure_future(svc.infer("busy", {"text": "sleep:5000"}))
     await asyncio.sleep(0.2)
+    # The deadline must fall after the load has found that it waits for memory (a registry
+    # read and the plan first: over 0.5 s once on a loaded CI machine), and before `busy`
+    # is done.
     with pytest.raises(ModelMoraError) as exc:
-        await svc.infer("next", {"text": "x"}, timeout_seconds=0.5)
+        await svc.infer("next", {"text": "x"}, timeout_seconds=2.0)
     assert exc.value.code is ErrorCode.INSUFFICIENT_MEMORY
     assert exc.value.details["model"] == "next" and "budget" in str(exc.value.details)
     assert _state(manager, "busy") == "ready"
