@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from modelmora.lifecycle.channel import ItemOk, LoadSpec, WorkItem
+from modelmora.contracts.channel import ItemOk, LoadSpec, WorkItem
 from modelmora.lifecycle.runners import ProcessRunner
 
 TEXTS = [f"Sentence number {i} about topic {i % 17}, with some extra words." for i in range(2048)]

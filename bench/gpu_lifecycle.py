@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from modelmora.lifecycle.channel import ItemOk, LoadSpec, WorkItem
+from modelmora.contracts.channel import ItemOk, LoadSpec, WorkItem
 from modelmora.lifecycle.memory import SystemProbe
 from modelmora.lifecycle.spare import SparePool
 

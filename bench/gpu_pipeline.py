@@ -14,7 +14,7 @@ import statistics
 import sys
 import time
 
-from modelmora.lifecycle.channel import LoadSpec, WorkItem
+from modelmora.contracts.channel import LoadSpec, WorkItem
 from modelmora.lifecycle.runners import ProcessRunner
 
 TEXTS = [f"Sentence number {i} about topic {i % 97}, with a few more words in it." for i in range(16384)]

@@ -198,7 +198,7 @@ def _request_files(work: Path, model: str) -> dict[str, Path]:
     """What each load generator sends for `model`: wrk's Lua script (the REST body) and the
     Infer request as h2load sends it (gRPC's 5-byte frame: uncompressed, length; then the
     protobuf message)."""
-    from modelmora.api.grpc_convert import build_request
+    from modelmora.v1.convert import build_request
 
     lua = work / f"{model}.lua"
     body = json.dumps({"text": TEXT})
@@ -324,7 +324,7 @@ def _floor_server(port: Any, ready: Any) -> None:
     import grpc
     import uvloop
 
-    from modelmora.api.grpc_convert import response_to_proto
+    from modelmora.v1.convert import response_to_proto
 
     reply = response_to_proto(
         {

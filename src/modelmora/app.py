@@ -19,17 +19,19 @@ from fastapi import FastAPI
 
 from modelmora import __version__
 from modelmora.config import Settings
+from modelmora.contracts.runner import RunnerFactory
 from modelmora.jobs.dispatcher import JobDispatcher
-from modelmora.jobs.results import ResultStore, build_result_store
 from modelmora.jobs.service import JobService, build_job_store
 from modelmora.lifecycle.manager import ModelManager
-from modelmora.lifecycle.runners import RunnerFactory, process_runner_factory
+from modelmora.lifecycle.runners import process_runner_factory
 from modelmora.lifecycle.spare import SparePool
 from modelmora.observability.metrics import Live, Metrics, ModelLive
 from modelmora.observability.tracing import build_span_recorder
 from modelmora.registry.catalog import ModelState
 from modelmora.registry.store import RegistryStore
-from modelmora.service import InferenceService, RegistryService
+from modelmora.results.store import ResultStore, build_result_store
+from modelmora.services.inference import InferenceService
+from modelmora.services.registry import RegistryService
 
 if TYPE_CHECKING:
     from modelmora.api.grpc_server import GrpcServer

@@ -312,7 +312,7 @@ def list_models(
 def info(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Model name")]) -> None:
     """Show one model's record as JSON."""
     from modelmora.registry.catalog import parse_ref
-    from modelmora.service import model_to_dict
+    from modelmora.services.registry import model_to_dict
 
     settings = _c(ctx).settings()
     store = _store(settings)
@@ -399,7 +399,7 @@ def uninstall(
 ) -> None:
     """Remove a model (or one version) and the files ModelMora copied for it."""
     from modelmora.registry.catalog import parse_ref
-    from modelmora.service import remove_files
+    from modelmora.services.registry import remove_files
 
     settings = _c(ctx).settings()
     try:

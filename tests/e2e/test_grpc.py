@@ -19,9 +19,9 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from modelmora.api.grpc_convert import build_request, struct_to_dict
 from modelmora.v1 import modelmora_pb2 as pb
 from modelmora.v1 import modelmora_pb2_grpc as pb_grpc
+from modelmora.v1.convert import build_request, struct_to_dict
 from tests.conftest import make_fake_model
 from tests.e2e.conftest import CLI, Server, clean_env, cli, free_port, start_server
 
@@ -347,7 +347,7 @@ def test_registry_rpcs(
 
 
 def _struct(data: dict[str, Any]) -> Any:
-    from modelmora.api.grpc_convert import dict_to_struct
+    from modelmora.v1.convert import dict_to_struct
 
     return dict_to_struct(data)
 

@@ -12,11 +12,11 @@ import numpy as np
 import orjson
 import pytest
 
-from modelmora.api.grpc_convert import build_request
 from modelmora.client import Client, ConflictError, GrpcClient, NotFoundError
 from modelmora.client.api import SyncApi
 from modelmora.v1 import modelmora_pb2 as pb
 from modelmora.v1 import modelmora_pb2_grpc as pb_grpc
+from modelmora.v1.convert import build_request
 from tests.conftest import make_fake_model
 from tests.e2e.conftest import Server, clean_env, cli, start_server
 

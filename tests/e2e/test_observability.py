@@ -18,9 +18,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from modelmora.api.grpc_convert import build_request
 from modelmora.v1 import modelmora_pb2 as pb
 from modelmora.v1 import modelmora_pb2_grpc as pb_grpc
+from modelmora.v1.convert import build_request
 from tests.e2e.conftest import Server, cli
 
 MODEL = "all-MiniLM-L6-v2"

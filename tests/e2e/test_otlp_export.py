@@ -18,8 +18,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from modelmora.api.grpc_convert import build_request
 from modelmora.v1 import modelmora_pb2_grpc as pb_grpc
+from modelmora.v1.convert import build_request
 from tests.conftest import make_fake_model
 from tests.e2e.conftest import Server, clean_env, cli, start_server
 

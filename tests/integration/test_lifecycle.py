@@ -17,7 +17,7 @@ from modelmora.lifecycle.spare import SparePool
 from modelmora.registry.catalog import ModelState
 from modelmora.registry.installer import InstallRequest, install
 from modelmora.registry.store import RegistryStore
-from modelmora.service import InferenceService
+from modelmora.services.inference import InferenceService
 from tests.conftest import make_fake_model
 
 

@@ -12,9 +12,9 @@ import pytest
 
 from modelmora.config import S3Settings, Settings, load_settings
 from modelmora.errors import ErrorCode, ModelMoraError
-from modelmora.jobs.s3 import S3ResultStore
 from modelmora.registry.installer import InstallRequest, install, install_from_lock_entry, lock_entries
 from modelmora.registry.store import RegistryStore
+from modelmora.results.s3 import S3ResultStore
 from tests.conftest import make_fake_model, new_bucket
 
 

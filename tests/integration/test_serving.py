@@ -20,7 +20,7 @@ from modelmora.lifecycle.runners import (
 )
 from modelmora.registry.installer import InstallRequest, install
 from modelmora.registry.store import RegistryStore
-from modelmora.service import InferenceService
+from modelmora.services.inference import InferenceService
 from tests.conftest import make_fake_model
 
 

@@ -22,7 +22,7 @@ from modelmora.lifecycle.manager import ModelManager
 from modelmora.lifecycle.runners import in_process_runner_factory, process_runner_factory
 from modelmora.registry.installer import InstallRequest, install
 from modelmora.registry.store import RegistryStore
-from modelmora.service import InferenceService
+from modelmora.services.inference import InferenceService
 from tests.conftest import make_fake_model
 
 

@@ -21,7 +21,7 @@ from modelmora.observability.metrics import Metrics
 from modelmora.observability.tracing import SpanRecorder, build_span_recorder, current_parent_span
 from modelmora.registry.installer import InstallRequest, install
 from modelmora.registry.store import RegistryStore
-from modelmora.service import InferenceService
+from modelmora.services.inference import InferenceService
 from tests.conftest import make_fake_model
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"

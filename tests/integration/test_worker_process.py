@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from modelmora.contracts.channel import ItemError, ItemOk, LoadSpec, WorkItem
 from modelmora.errors import ErrorCode, ModelMoraError
-from modelmora.lifecycle.channel import ItemError, ItemOk, LoadSpec, WorkItem
 from modelmora.lifecycle.runners import ProcessRunner
 
 
@@ -149,7 +149,7 @@ def test_worker_exits_when_its_server_is_killed(fake_model_dir: Path, tmp_path: 
         f"""
         import asyncio, sys
         from modelmora.lifecycle.runners import ProcessRunner
-        from modelmora.lifecycle.channel import LoadSpec
+        from modelmora.contracts.channel import LoadSpec
         async def main():
             r = ProcessRunner("t", lambda e: None, lambda why: None)
             await r.start(LoadSpec({str(fake_model_dir)!r}, "txt2embed", adapter="fake"), 30)

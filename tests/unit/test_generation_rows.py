@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from modelmora.lifecycle.channel import WorkItem
+from modelmora.contracts.channel import WorkItem
 from modelmora.tasks.base import Emitter
 from modelmora.tasks.generation import RowStopper, _first_stop, _stop_prefix, make_rows
 

@@ -14,7 +14,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from modelmora.api.grpc_convert import (
+from modelmora.api.grpc_services import abort, deadline_timeout
+from modelmora.errors import ErrorCode, ModelMoraError
+from modelmora.v1 import modelmora_pb2 as pb
+from modelmora.v1.convert import (
     build_request,
     encode_result_chunk,
     message_to_dict,
@@ -22,9 +25,6 @@ from modelmora.api.grpc_convert import (
     response_to_dict,
     response_to_proto,
 )
-from modelmora.api.grpc_services import abort, deadline_timeout
-from modelmora.errors import ErrorCode, ModelMoraError
-from modelmora.v1 import modelmora_pb2 as pb
 
 
 class FakeContext:

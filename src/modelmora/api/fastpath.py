@@ -20,6 +20,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 
 from modelmora.api.schemas import InferRequest, ShortInferRequest
+from modelmora.contracts.encoding import JSON_OPTIONS
 from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.observability.tracing import current_trace_id
 
@@ -30,7 +31,6 @@ Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS  # numpy arrays without a copy
 _ROUTES: tuple[tuple[str, type[BaseModel]], ...] = (
     ("/api/v1/infer/", InferRequest),
     ("/infer/", ShortInferRequest),

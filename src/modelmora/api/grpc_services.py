@@ -18,16 +18,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import grpc
 import orjson
 
-from modelmora.api.fastpath import JSON_OPTIONS
-from modelmora.api.grpc_convert import (
-    encode_result_chunk,
-    error_body_to_proto,
-    error_to_proto,
-    from_dict,
-    request_fields,
-    response_to_proto,
-    struct_to_dict,
-)
+from modelmora.contracts.encoding import JSON_OPTIONS
 from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.observability import tracing
 from modelmora.observability.metrics import current_protocol
@@ -37,6 +28,15 @@ from modelmora.registry.installer import InstallRequest, install, lock_entries, 
 from modelmora.registry.lockfile import build_lock
 from modelmora.v1 import modelmora_pb2 as pb
 from modelmora.v1 import modelmora_pb2_grpc as pb_grpc
+from modelmora.v1.convert import (
+    encode_result_chunk,
+    error_body_to_proto,
+    error_to_proto,
+    from_dict,
+    request_fields,
+    response_to_proto,
+    struct_to_dict,
+)
 
 if TYPE_CHECKING:
     from modelmora.app import ModelMora
@@ -300,7 +300,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> AsyncIterator[bytes]:
         """The common response as JSON bytes in chunks: results far over one message's limit
         (a big embedding batch, images) stream without being held whole in a message. Each
-        chunk goes out as `JobResultChunk` bytes encoded here (grpc_convert.encode_result_chunk);
+        chunk goes out as `JobResultChunk` bytes encoded here (v1/convert.py, encode_result_chunk);
         the server registers this method without a response serializer (grpc_server.py)."""
         async with self.door.call(context, "GetJobResult"):
             server = self.mm.settings.server

@@ -26,6 +26,7 @@ from modelmora.api.schemas import (
     ShortInferRequest,
     UpdateModelRequest,
 )
+from modelmora.contracts.encoding import JSON_OPTIONS
 from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.observability.metrics import CONTENT_TYPE_LATEST
 from modelmora.observability.tracing import current_trace_id
@@ -43,7 +44,7 @@ class JSON(Response):
     media_type = "application/json"
 
     def render(self, content: Any) -> bytes:
-        return orjson.dumps(content, option=fastpath.JSON_OPTIONS)
+        return orjson.dumps(content, option=JSON_OPTIONS)
 
 
 def _error(exc: ModelMoraError) -> Response:

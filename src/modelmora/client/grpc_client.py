@@ -9,7 +9,6 @@ import grpc
 import orjson
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from modelmora.api.grpc_convert import build_request, response_to_dict, struct_to_dict
 from modelmora.client import ops
 from modelmora.client.api import AsyncApi, SyncApi
 from modelmora.client.errors import ApiError, error_class, from_rpc_error
@@ -17,6 +16,7 @@ from modelmora.client.ops import GrpcCall, Op
 from modelmora.client.retry import RetryPolicy
 from modelmora.v1 import modelmora_pb2 as pb
 from modelmora.v1 import modelmora_pb2_grpc as pb_grpc
+from modelmora.v1.convert import build_request, response_to_dict, struct_to_dict
 
 T = TypeVar("T")
 

@@ -11,14 +11,14 @@ from urllib.parse import quote
 import numpy as np
 from google.protobuf.message import Message
 
-from modelmora.api.grpc_convert import (
+from modelmora.v1 import modelmora_pb2 as pb
+from modelmora.v1.convert import (
     build_request,
     dict_to_struct,
     message_to_dict,
     response_to_dict,
     struct_to_dict,
 )
-from modelmora.v1 import modelmora_pb2 as pb
 
 
 def _same(body: Any) -> Any:

@@ -14,11 +14,11 @@ import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
+from modelmora.contracts.channel import ItemError, ItemOk, WorkItem
+from modelmora.contracts.runner import Runner
 from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.inference.batcher import BatchLimits, Returning, hold_until, next_batch
 from modelmora.inference.queue import Entry, Priority, RequestQueue
-from modelmora.lifecycle.channel import ItemError, ItemOk, WorkItem
-from modelmora.lifecycle.runners import Runner
 from modelmora.observability.metrics import Metrics
 
 log = logging.getLogger("modelmora.scheduler")

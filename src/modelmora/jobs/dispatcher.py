@@ -19,15 +19,15 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from modelmora.api.fastpath import JSON_OPTIONS  # the one orjson setting of every response
 from modelmora.config import Settings
+from modelmora.contracts.encoding import JSON_OPTIONS
 from modelmora.errors import ErrorCode, ModelMoraError
-from modelmora.jobs.results import ResultStore
 from modelmora.jobs.store import JobRecord, JobStatus, JobStore
 from modelmora.observability.metrics import current_protocol
+from modelmora.results.store import ResultStore
 
 if TYPE_CHECKING:
-    from modelmora.service import InferenceService
+    from modelmora.services.inference import InferenceService
 
 log = logging.getLogger("modelmora.jobs")
 

@@ -10,11 +10,10 @@ from typing import Any
 
 import orjson
 
-from modelmora.api.fastpath import JSON_OPTIONS
 from modelmora.config import Settings
+from modelmora.contracts.encoding import JSON_OPTIONS
 from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.jobs.dispatcher import JobDispatcher
-from modelmora.jobs.results import ResultStore
 from modelmora.jobs.store import (
     JobRecord,
     JobStatus,
@@ -24,6 +23,7 @@ from modelmora.jobs.store import (
     not_found,
     request_hash,
 )
+from modelmora.results.store import ResultStore
 
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")  # printable ASCII, no spaces
 _REQUEST_FIELDS = ("input_data", "parameters", "priority", "timeout_seconds", "keep_alive")

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from modelmora.config import Settings
+from modelmora.contracts.channel import Event, Loaded, LoadSpec, WorkerStats
+from modelmora.contracts.runner import Runner, RunnerFactory
 from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.inference.batcher import BatchLimits
 from modelmora.inference.scheduler import Admission, ModelScheduler
-from modelmora.lifecycle.channel import Event, Loaded, LoadSpec, WorkerStats
 from modelmora.lifecycle.eviction import SPARE, Budget, Need, Plan, Resident, expired, plan_load
 from modelmora.lifecycle.memory import (
     CUDA_CONTEXT_BYTES,
@@ -34,7 +35,6 @@ from modelmora.lifecycle.memory import (
     estimate_need,
     weights_bytes,
 )
-from modelmora.lifecycle.runners import Runner, RunnerFactory
 from modelmora.lifecycle.spare import SparePool
 from modelmora.observability.metrics import Metrics
 from modelmora.registry.catalog import ModelRecord, ModelState

@@ -1,4 +1,4 @@
-"""The seam between the server and a model: the Runner protocol and its two implementations.
+"""The two implementations of the Runner protocol (`modelmora.contracts.runner`).
 
 `ProcessRunner` starts one OS process per model and speaks the worker channel over a
 socketpair; `InProcessRunner` drives the same `WorkerCore` in a thread, for fast tests. Both
@@ -15,14 +15,12 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import psutil
 
-from modelmora.errors import ErrorCode, ModelMoraError
-from modelmora.lifecycle import channel
-from modelmora.lifecycle.channel import (
+from modelmora.contracts import channel
+from modelmora.contracts.channel import (
     BatchDone,
     Cancel,
     Close,
@@ -40,39 +38,11 @@ from modelmora.lifecycle.channel import (
     WorkerStats,
     WorkItem,
 )
+from modelmora.contracts.runner import EventHandler, ExitHandler, Runner
+from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.lifecycle.worker import WorkerCore
 
 log = logging.getLogger("modelmora.runner")
-
-EventHandler = Callable[[Event], None]
-ExitHandler = Callable[[str], None]
-
-
-class Runner(Protocol):
-    """One loaded model. Methods raise ModelMoraError(WORKER_DIED) once the worker is gone."""
-
-    @property
-    def alive(self) -> bool: ...
-
-    @property
-    def pid(self) -> int | None: ...
-
-    async def start(self, spec: LoadSpec, timeout: float) -> Loaded: ...
-
-    async def infer(self, items: list[WorkItem], priority: int = 3) -> BatchDone: ...
-
-    async def cancel(self, request_ids: list[str]) -> None: ...
-
-    async def health(self, timeout: float = 5.0) -> Healthy: ...
-
-    async def stats(self, timeout: float = 1.0) -> WorkerStats: ...
-
-    async def close(self, grace: float) -> None: ...
-
-    def rss_bytes(self) -> int: ...
-
-
-RunnerFactory = Callable[[str, EventHandler, ExitHandler], Runner]
 
 
 def _died(reason: str) -> ModelMoraError:

@@ -14,8 +14,9 @@ import logging
 import time
 from collections.abc import Callable
 
-from modelmora.lifecycle.channel import Prepared
-from modelmora.lifecycle.runners import EventHandler, ExitHandler, ProcessRunner
+from modelmora.contracts.channel import Prepared
+from modelmora.contracts.runner import EventHandler, ExitHandler
+from modelmora.lifecycle.runners import ProcessRunner
 from modelmora.tasks.base import SPARE_MODULES
 
 log = logging.getLogger("modelmora.spare")

@@ -27,8 +27,8 @@ from typing import Any
 import psutil
 import structlog
 
-from modelmora.lifecycle import channel
-from modelmora.lifecycle.channel import (
+from modelmora.contracts import channel
+from modelmora.contracts.channel import (
     BatchDone,
     Cancel,
     Close,

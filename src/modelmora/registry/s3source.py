@@ -30,7 +30,7 @@ def fetch_s3(
     url: str, fetch_dir: Path, endpoint_url: str | None, progress: bool
 ) -> tuple[str, dict[str, str], dict[str, int]]:
     """(origin, {path: sha256}, {path: size}); SOURCE_UNAVAILABLE for anything on S3's side."""
-    from modelmora.jobs.s3 import s3_client
+    from modelmora.contracts.s3 import s3_client
     from modelmora.registry.sources import _ByteProgress, _member_path, _UnsafeArchive, _write_stream
 
     bucket, prefix = parse_s3_url(url)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from modelmora.lifecycle.channel import Outcome, WorkItem
+from modelmora.contracts.channel import Outcome, WorkItem
 
 
 class EmitFn(Protocol):

@@ -27,7 +27,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from modelmora.lifecycle.channel import ItemError, ItemOk, Outcome, WorkItem
+from modelmora.contracts.channel import ItemError, ItemOk, Outcome, WorkItem
 from modelmora.tasks.base import HEALTH_CHECK_ID, EmitFn
 
 

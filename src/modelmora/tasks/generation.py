@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from modelmora.lifecycle.channel import ItemError, ItemOk, Outcome, WorkItem
+from modelmora.contracts.channel import ItemError, ItemOk, Outcome, WorkItem
 from modelmora.tasks.base import EmitFn
 
 

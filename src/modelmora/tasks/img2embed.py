@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from transformers import AutoImageProcessor, AutoModel
 
-from modelmora.lifecycle.channel import ItemError, ItemOk, Outcome, WorkItem
+from modelmora.contracts.channel import ItemError, ItemOk, Outcome, WorkItem
 from modelmora.tasks.base import EmitFn
 from modelmora.tasks.images import decode_image
 from modelmora.tasks.torch_utils import resolve_device, resolve_dtype

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
-from modelmora.lifecycle.channel import Outcome, WorkItem
+from modelmora.contracts.channel import Outcome, WorkItem
 from modelmora.tasks import generation
 from modelmora.tasks.base import EmitFn
 from modelmora.tasks.img2embed import decode_items, invalid

@@ -15,7 +15,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.util import batch_to_device
 
-from modelmora.lifecycle.channel import ItemOk, Outcome, WorkItem
+from modelmora.contracts.channel import ItemOk, Outcome, WorkItem
 from modelmora.tasks.base import EmitFn
 from modelmora.tasks.torch_utils import resolve_device, resolve_dtype
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from modelmora.lifecycle.channel import ItemError, ItemOk, Outcome, WorkItem
+from modelmora.contracts.channel import ItemError, ItemOk, Outcome, WorkItem
 from modelmora.tasks.base import EmitFn
 from modelmora.tasks.images import png_bytes
 from modelmora.tasks.torch_utils import resolve_device, resolve_dtype

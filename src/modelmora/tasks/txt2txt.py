@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from modelmora.lifecycle.channel import Outcome, WorkItem
+from modelmora.contracts.channel import Outcome, WorkItem
 from modelmora.tasks import generation
 from modelmora.tasks.base import EmitFn
 from modelmora.tasks.torch_utils import resolve_device, resolve_dtype

@@ -176,7 +176,7 @@ def build_result_store(settings: Settings) -> ResultStore:
     cfg = settings.results
     ttl = settings.jobs.result_ttl_seconds
     if cfg.backend == "s3":
-        from modelmora.jobs.s3 import S3ResultStore
+        from modelmora.results.s3 import S3ResultStore
 
         return S3ResultStore(cfg.s3, ttl)
     return FileResultStore(settings.server.data_dir / "results", ttl)

@@ -15,7 +15,7 @@ import orjson
 from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import Message
 
-from modelmora.api.fastpath import JSON_OPTIONS
+from modelmora.contracts.encoding import JSON_OPTIONS
 from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.v1 import modelmora_pb2 as pb
 

@@ -13,17 +13,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from modelmora.config import S3Settings
+from modelmora.contracts.s3 import s3_client
 from modelmora.errors import ErrorCode, ModelMoraError
-from modelmora.jobs.results import StoredObject, check_key, content_type_of, missing_result
-
-
-def s3_client(endpoint_url: str | None) -> Any:
-    import boto3
-    from botocore.config import Config
-
-    # Fail fast when the store is down: a job must fail with a clear error, not hang.
-    config = Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 2, "mode": "standard"})
-    return boto3.client("s3", endpoint_url=endpoint_url, config=config)
+from modelmora.results.store import StoredObject, check_key, content_type_of, missing_result
 
 
 def _unavailable(exc: Exception, bucket: str | None) -> ModelMoraError:
