@@ -1,4 +1,5 @@
-"""The source tree stays readable: no module in `src/` over 600 lines.
+"""The source tree stays readable: no module in `src/` over 600 lines, and no module imports
+another one's private (underscore) names: what two modules share is a public name of one.
 
 A module past that size has usually grown a second job (sources.py held five sources in 1,011
 lines); split it by that job rather than raise the limit. The code generated from
@@ -7,6 +8,7 @@ lines); split it by that job rather than raise the limit. The code generated fro
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -55,3 +57,20 @@ def test_no_module_over_600_lines() -> None:
         if not _is_generated(p) and (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES
     }
     assert too_long == {}, f"modules over {MAX_LINES} lines (split them by what they do): {too_long}"
+
+
+def _is_ours(node: ast.ImportFrom) -> bool:
+    return node.level > 0 or (node.module or "").split(".")[0] == "modelmora"
+
+
+def test_no_private_name_is_imported_from_another_module() -> None:
+    crossings = [
+        f"{p.relative_to(SRC).as_posix()}:{node.lineno} imports {alias.name} from {node.module}"
+        for p in _modules()
+        if p.suffix == ".py" and not _is_generated(p)
+        for node in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
+        if isinstance(node, ast.ImportFrom) and _is_ours(node)
+        for alias in node.names
+        if alias.name.startswith("_") and not alias.name.startswith("__")
+    ]
+    assert crossings == []
