@@ -3,6 +3,7 @@
 boto3 finds credentials the usual AWS way (variables, profile, instance role); the endpoint
 comes from `registry.s3_endpoint_url`, else boto3's own `AWS_ENDPOINT_URL(_S3)`, else AWS.
 Every object is streamed to the staging folder and hashed as it arrives, like a URL source.
+boto3 is imported (through `s3_client`) only when an S3 source is fetched.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from modelmora.errors import ErrorCode, ModelMoraError
+from modelmora.registry.sources.archive import UnsafeArchive, member_path
+from modelmora.registry.sources.common import ByteProgress
+from modelmora.registry.sources.files import write_stream
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -30,8 +34,8 @@ def fetch_s3(
     url: str, fetch_dir: Path, endpoint_url: str | None, progress: bool
 ) -> tuple[str, dict[str, str], dict[str, int]]:
     """(origin, {path: sha256}, {path: size}); SOURCE_UNAVAILABLE for anything on S3's side."""
+    # The one import of the S3 client factory in the registry (it imports boto3 when called).
     from modelmora.contracts.s3 import s3_client
-    from modelmora.registry.sources import _ByteProgress, _member_path, _UnsafeArchive, _write_stream
 
     bucket, prefix = parse_s3_url(url)
     origin = f"s3://{bucket}/{prefix}"
@@ -54,12 +58,12 @@ def fetch_s3(
     files: dict[str, str] = {}
     sizes: dict[str, int] = {}
     total = sum(size for _, size in objects)
-    with _ByteProgress(progress, f"downloading {origin}", total) as bar:
+    with ByteProgress(progress, f"downloading {origin}", total) as bar:
         for key, _size in objects:
             rel = _relative(key, prefix)
             try:
-                safe = _member_path(rel)
-            except _UnsafeArchive as exc:
+                safe = member_path(rel)
+            except UnsafeArchive as exc:
                 raise unavailable(f"refusing object {key!r}: {exc.reason}") from exc
             if safe is None:
                 continue
@@ -69,7 +73,7 @@ def fetch_s3(
                 raise unavailable(f"cannot read s3://{bucket}/{key}", exc) from exc
             with body:
                 try:
-                    files[safe], sizes[safe] = _write_stream(body, fetch_dir / safe, bar.advance)
+                    files[safe], sizes[safe] = write_stream(body, fetch_dir / safe, bar.advance)
                 except ModelMoraError:
                     raise
                 except Exception as exc:
