@@ -13,6 +13,7 @@ import pytest
 
 from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.jobs.store import JobRecord, JobStatus, JobStore, new_job_id, request_hash
+from tests.conftest import service_client, service_unavailable
 
 REDIS_URL = os.environ.get("MODELMORA_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
@@ -20,11 +21,12 @@ StoreFactory = Callable[[], Awaitable[JobStore]]
 
 
 def redis_or_skip() -> None:
-    redis = pytest.importorskip("redis")
+    """Skips without Redis on a bare laptop; fails in CI (MODELMORA_REQUIRE_SERVICES)."""
+    redis = service_client("redis")
     try:
         redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
     except redis.exceptions.ConnectionError as exc:  # CI starts Redis; a bare laptop may not
-        pytest.skip(f"Redis not reachable at {REDIS_URL}: {exc}")
+        service_unavailable(f"Redis not reachable at {REDIS_URL}: {exc}")
 
 
 @pytest.fixture(params=["sqlite", "redis"])
