@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
+from typing import NoReturn
 
 import pytest
 
@@ -16,6 +19,25 @@ from modelmora.config import Settings, load_settings
 POSTGRES_ADMIN_URL = os.environ.get(
     "MODELMORA_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
+# CI sets MODELMORA_REQUIRE_SERVICES=1 (.ci/run): there a test that needs PostgreSQL or Redis
+# fails when the service is missing, instead of skipping in silence. Read once, at import:
+# the `settings` fixture clears every MODELMORA_* variable for the test's duration.
+REQUIRE_SERVICES = os.environ.get("MODELMORA_REQUIRE_SERVICES", "") not in ("", "0")
+
+
+def service_unavailable(message: str) -> NoReturn:
+    """Skip on a bare laptop; fail where the services are required."""
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{message} (MODELMORA_REQUIRE_SERVICES is set: this test must run)", pytrace=False)
+    pytest.skip(message)
+
+
+def service_client(module: str) -> ModuleType:
+    """The client library of a service (psycopg, redis), under the same rule."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        service_unavailable(f"{module} is not installed: {exc}")
 
 
 @pytest.fixture
@@ -51,12 +73,12 @@ def fake_model_dir(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A fresh database on the machine's PostgreSQL, dropped afterwards."""
-    psycopg = pytest.importorskip("psycopg")
+    psycopg = service_client("psycopg")
     name = f"modelmora_test_{uuid.uuid4().hex[:10]}"
     try:
         admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True)
     except psycopg.OperationalError as exc:  # CI starts PostgreSQL; a bare laptop may not
-        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_ADMIN_URL}: {exc}")
+        service_unavailable(f"PostgreSQL not reachable at {POSTGRES_ADMIN_URL}: {exc}")
     admin.execute(f'CREATE DATABASE "{name}"')
     base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
     try:

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +63,19 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    def model_in_flight(self, name: str) -> int:
+        """Requests the server is serving with that model now (received, queued or running)."""
+        models = self.client.get("/api/v1/status").json()["models"]
+        return int(next((m["in_flight"] for m in models if m["name"] == name), 0))
+
+    def wait_until(self, predicate: Callable[[], bool], what: str, timeout: float = 30) -> None:
+        """Poll the server's observable state instead of sleeping a guessed time."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            time.sleep(0.02)
 
 
 def _listening(port: int) -> bool:

@@ -123,9 +123,11 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
             )
         )
         slow.start()
-        time.sleep(0.3)
+        server.wait_until(lambda: server.model_in_flight("slow") == 1, "the slow request in flight")
         server.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        server.wait_until(
+            lambda: httpx.get(server.url + "/health/ready").status_code == 503, "the drain to begin"
+        )
         ready = httpx.get(server.url + "/health/ready")
         assert ready.status_code == 503 and ready.json()["reason"] == "draining"
         refused = httpx.post(server.url + "/infer/slow", json={"text": "new"})

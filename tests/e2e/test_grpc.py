@@ -434,7 +434,7 @@ def test_sigterm_drains_grpc_calls(tmp_path: Path) -> None:
             health = health_pb2_grpc.HealthStub(ch)
             stub.Infer(build_request("slow", {"text": "warm"}))
             slow = stub.Infer.future(build_request("slow", {"text": "sleep:1500"}))
-            time.sleep(0.3)
+            wait_for(lambda: server.model_in_flight("slow") == 1, "the slow call in flight")
             server.proc.send_signal(signal.SIGTERM)
             wait_for(
                 lambda: (

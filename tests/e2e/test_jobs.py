@@ -365,7 +365,9 @@ def test_progress_moves_and_a_running_job_cancelled_stops_between_steps(tmp_path
         # Cancel one mid-run: it ends cancelled where it was (the worker drops it between
         # steps: tests/integration cover that at the worker), and the model serves on.
         doomed = submit(c, "stepper", "doomed").json()["job_id"]
+        deadline = time.monotonic() + 30
         while (c.get(f"/api/v1/jobs/{doomed}").json()["progress"] or 0) < 0.2:
+            assert time.monotonic() < deadline, "the doomed job never progressed"
             time.sleep(0.05)
         assert c.delete(f"/api/v1/jobs/{doomed}").json()["status"] in {"processing", "cancelled"}
         final = wait_job(c, doomed, {"cancelled", "completed"})

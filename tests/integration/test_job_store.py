@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 
 from modelmora.errors import ErrorCode, ModelMoraError
-from modelmora.jobs.store import JobRecord, JobStatus, JobStore, new_job_id, request_hash
+from modelmora.jobs.store import (
+    IDEMPOTENCY_TTL_SECONDS,
+    JobRecord,
+    JobStatus,
+    JobStore,
+    new_job_id,
+    request_hash,
+)
+from tests.conftest import service_client, service_unavailable
 
 REDIS_URL = os.environ.get("MODELMORA_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
@@ -20,11 +28,12 @@ StoreFactory = Callable[[], Awaitable[JobStore]]
 
 
 def redis_or_skip() -> None:
-    redis = pytest.importorskip("redis")
+    """Skips without Redis on a bare laptop; fails in CI (MODELMORA_REQUIRE_SERVICES)."""
+    redis = service_client("redis")
     try:
         redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
     except redis.exceptions.ConnectionError as exc:  # CI starts Redis; a bare laptop may not
-        pytest.skip(f"Redis not reachable at {REDIS_URL}: {exc}")
+        service_unavailable(f"Redis not reachable at {REDIS_URL}: {exc}")
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -68,6 +77,48 @@ def job(
         idempotency_key=key,
         request_hash=request_hash(model, request),
     )
+
+
+async def test_idempotency_keys_expire_after_their_ttl(
+    make_store: StoreFactory, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past IDEMPOTENCY_TTL_SECONDS a key names a new job: a store that kept keys forever
+    would answer a new submission with a job from days ago."""
+    store = await make_store()
+    if request.node.callspec.params["make_store"] == "sqlite":
+        # SQLite compares the records' creation times: time is injected through them.
+        t = time.time()
+        first, _ = await store.create(job(key="k", at=t), 100)
+        same, created = await store.create(job(key="k", at=t + IDEMPOTENCY_TTL_SECONDS - 1), 100)
+        assert not created and same.job_id == first.job_id
+        later, created = await store.create(job(key="k", at=t + IDEMPOTENCY_TTL_SECONDS + 1), 100)
+        assert created and later.job_id != first.job_id
+        again, created = await store.create(job(key="k", at=t + IDEMPOTENCY_TTL_SECONDS + 2), 100)
+        assert not created and again.job_id == later.job_id  # the key now names the new job
+        return
+    # Redis expires the key itself: the key carries the TTL, and with a TTL of one second
+    # (the wait below is that expiry, the behaviour under test) the key names a new job.
+    from modelmora.jobs import redis_store
+
+    first, _ = await store.create(job(key="k"), 100)
+    client = service_client("redis.asyncio").Redis.from_url(REDIS_URL)
+    try:
+        ttl = await client.ttl(f"{store.prefix}idem:k")  # type: ignore[attr-defined]
+    finally:
+        await client.aclose()
+    assert IDEMPOTENCY_TTL_SECONDS - 60 < ttl <= IDEMPOTENCY_TTL_SECONDS
+    monkeypatch.setattr(redis_store, "IDEMPOTENCY_TTL_SECONDS", 1)
+    short, created = await store.create(job(key="short"), 100)
+    assert created
+    deadline = time.monotonic() + 15
+    while True:
+        renewed, created = await store.create(job(key="short"), 100)
+        if created:
+            break
+        assert renewed.job_id == short.job_id
+        assert time.monotonic() < deadline, "the idempotency key never expired"
+        await asyncio.sleep(0.05)
+    assert renewed.job_id != short.job_id
 
 
 async def test_create_get_and_status_body(make_store: StoreFactory) -> None:

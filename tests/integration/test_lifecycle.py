@@ -1,10 +1,12 @@
-"""Residency with real worker processes: budgets, eviction, keep-alive, health checks,
-crash loops and the warm spare."""
+"""Residency: budgets, eviction, keep-alive, health checks, crash loops and the warm spare.
+
+Memory budgets, crashes and spares are about worker processes and run with real ones;
+keep-alive, health checks and the plan's refusals run over both runners."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -12,13 +14,15 @@ import pytest
 from modelmora.config import Settings
 from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.lifecycle.manager import ModelManager
-from modelmora.lifecycle.runners import process_runner_factory
+from modelmora.lifecycle.runners import in_process_runner_factory, process_runner_factory
 from modelmora.lifecycle.spare import SparePool
 from modelmora.registry.catalog import ModelState
 from modelmora.registry.installer import InstallRequest, install
 from modelmora.registry.store import RegistryStore
 from modelmora.services.inference import InferenceService
 from tests.conftest import make_fake_model
+from tests.runners import RUNNER_KINDS
+from tests.waiting import wait_for
 
 
 @pytest.fixture
@@ -51,8 +55,11 @@ def _install(
 async def make_manager(settings: Settings, store: RegistryStore) -> AsyncIterator[object]:
     managers: list[ModelManager] = []
 
-    async def build(spares: SparePool | None = None) -> tuple[ModelManager, InferenceService]:
-        manager = ModelManager(settings, store, process_runner_factory, spares=spares)
+    async def build(
+        spares: SparePool | None = None, kind: str = "process"
+    ) -> tuple[ModelManager, InferenceService]:
+        factory = process_runner_factory if kind == "process" else in_process_runner_factory
+        manager = ModelManager(settings, store, factory, spares=spares)
         await manager.start()
         managers.append(manager)
         return manager, InferenceService(settings, manager)
@@ -62,13 +69,9 @@ async def make_manager(settings: Settings, store: RegistryStore) -> AsyncIterato
         await manager.shutdown()
 
 
-async def _until(condition: Callable[[], bool], limit: float = 15.0) -> None:
-    """Poll instead of sleeping a guessed time: the machine may be slow, the test not flaky."""
-    for _ in range(int(limit / 0.05)):
-        if condition():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not reached")
+@pytest.fixture(params=RUNNER_KINDS)
+def runner_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 def _state(manager: ModelManager, name: str) -> str:
@@ -107,7 +110,9 @@ async def test_a_busy_model_is_never_evicted_the_load_waits(
     manager, svc = await make_manager()
     await svc.infer("busy", {"text": "warm"})
     long_call = asyncio.ensure_future(svc.infer("busy", {"text": "sleep:5000"}))
-    await asyncio.sleep(0.2)
+    scheduler = manager.slots["busy"].scheduler
+    assert scheduler is not None
+    await wait_for(lambda: scheduler.inflight == 1, what="the long call in flight")
     # The deadline must fall after the load has found that it waits for memory (a registry
     # read and the plan first: over 0.5 s once on a loaded CI machine), and before `busy`
     # is done.
@@ -123,29 +128,30 @@ async def test_a_busy_model_is_never_evicted_the_load_waits(
 
 
 async def test_a_model_larger_than_the_budget_is_refused_at_once(
-    settings: Settings, store: RegistryStore, tmp_path: Path, make_manager
+    settings: Settings, store: RegistryStore, tmp_path: Path, make_manager, runner_kind: str
 ) -> None:  # type: ignore[no-untyped-def]
     _install(settings, store, tmp_path, "huge", memory_mb=10_000)
     settings.resources.max_memory_mb = 500
-    _manager, svc = await make_manager()
+    _manager, svc = await make_manager(kind=runner_kind)
     with pytest.raises(ModelMoraError) as exc:
         await svc.infer("huge", {"text": "x"})
     assert exc.value.code is ErrorCode.INSUFFICIENT_MEMORY
 
 
 async def test_keep_alive_global_per_request_and_forever(
-    settings: Settings, store: RegistryStore, tmp_path: Path, make_manager
+    settings: Settings, store: RegistryStore, tmp_path: Path, make_manager, runner_kind: str
 ) -> None:  # type: ignore[no-untyped-def]
     for name in ("short", "zero", "forever"):
         _install(settings, store, tmp_path, name)
     settings.lifecycle.keep_alive_seconds = 3.0
-    manager, svc = await make_manager()
+    manager, svc = await make_manager(kind=runner_kind)
     await svc.infer("zero", {"text": "x"}, keep_alive=0)
     await svc.infer("forever", {"text": "x"}, keep_alive=-1)
     await svc.infer("short", {"text": "x"})
-    await _until(lambda: _state(manager, "zero") == "unloaded")  # right after its request
+    await wait_for(lambda: _state(manager, "zero") == "unloaded")  # right after its request
     assert _state(manager, "short") == "ready"  # well inside its 3 s
-    await _until(lambda: _state(manager, "short") == "unloaded")
+    # The keep-alive's own expiry: the wait is the behaviour under test.
+    await wait_for(lambda: _state(manager, "short") == "unloaded")
     assert _state(manager, "forever") == "ready"  # -1: never by keep-alive
 
 
@@ -154,13 +160,14 @@ async def test_failed_health_check_marks_unhealthy_retries_then_recovers(
     store: RegistryStore,
     tmp_path: Path,
     make_manager,  # type: ignore[no-untyped-def]
+    runner_kind: str,
 ) -> None:
     marker = tmp_path / "unhealthy"
     marker.touch()
     _install(settings, store, tmp_path, "flaky", fail_health_if_exists=str(marker))
     settings.lifecycle.load_retries = 1
     settings.lifecycle.load_backoff_seconds = 0.2
-    manager, svc = await make_manager()
+    manager, svc = await make_manager(kind=runner_kind)
     with pytest.raises(ModelMoraError) as exc:
         await svc.infer("flaky", {"text": "x"})
     assert exc.value.code is ErrorCode.MODEL_LOAD_FAILED and "health check" in exc.value.message
@@ -168,7 +175,7 @@ async def test_failed_health_check_marks_unhealthy_retries_then_recovers(
     assert slot.state is ModelState.UNHEALTHY and slot.failures == 2  # first try + one retry
     assert slot.runner is None  # no request is routed to it
     marker.unlink()
-    await asyncio.sleep(max(0.0, slot.retry_at - manager.clock()) + 0.05)
+    await wait_for(lambda: manager.clock() > slot.retry_at, what="the backoff over")
     assert (await svc.infer("flaky", {"text": "x"}))["metadata"]["model"] == "flaky"
 
 
@@ -230,9 +237,7 @@ async def test_a_spare_given_up_for_memory_comes_back(
     first_spare = spares.pid
     await svc.infer("big", {"text": "x"}, keep_alive=0)  # evicts the spare, then unloads itself
     assert _state(manager, "big") in ("ready", "unloading", "unloaded")
-    for _ in range(300):  # the reaper refills it once the budget has room again
-        if spares.ready:
-            break
-        await asyncio.sleep(0.1)
-    assert spares.ready and _state(manager, "big") == "unloaded"
+    # The reaper refills it once the budget has room again.
+    await wait_for(lambda: spares.ready, timeout=30, what="the spare refilled")
+    assert _state(manager, "big") == "unloaded"
     assert spares.pid != first_spare  # a new spare, not the one given up

@@ -1,37 +1,29 @@
-"""Manager + scheduler + service over the in-process runner (fast) and real processes."""
+"""Manager + scheduler + service over both runners: the worker in a real process and its
+in-process twin. Each step waits for state the scheduler exposes (what is in flight, what
+is queued) rather than sleeping; the `sleep:<ms>` inputs keep the worker busy meanwhile."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from modelmora.config import Settings
 from modelmora.errors import ErrorCode, ModelMoraError
+from modelmora.inference.scheduler import ModelScheduler
 from modelmora.lifecycle.manager import ModelManager
-from modelmora.lifecycle.runners import (
-    EventHandler,
-    ExitHandler,
-    InProcessRunner,
-    Runner,
-    process_runner_factory,
-)
+from modelmora.lifecycle.runners import process_runner_factory
 from modelmora.registry.installer import InstallRequest, install
 from modelmora.registry.store import RegistryStore
 from modelmora.services.inference import InferenceService
 from tests.conftest import make_fake_model
+from tests.runners import RUNNER_KINDS, RecordingFactory
+from tests.waiting import wait_for
 
-
-class CountingFactory:
-    def __init__(self) -> None:
-        self.runners: list[InProcessRunner] = []
-
-    def __call__(self, name: str, on_event: EventHandler, on_exit: ExitHandler) -> Runner:
-        runner = InProcessRunner(name, on_event, on_exit)
-        self.runners.append(runner)
-        return runner
+Served = tuple[InferenceService, ModelManager, RecordingFactory]
 
 
 @pytest.fixture
@@ -42,24 +34,42 @@ async def store(settings: Settings) -> AsyncIterator[RegistryStore]:
     s.close()
 
 
+@pytest.fixture(params=RUNNER_KINDS)
+def factory(request: pytest.FixtureRequest) -> RecordingFactory:
+    return RecordingFactory(request.param)
+
+
 def _install(settings: Settings, store: RegistryStore, folder: Path, name: str) -> None:
     install(settings, store, InstallRequest(source=str(folder), name=name))
 
 
 @pytest.fixture
 async def served(
-    settings: Settings, store: RegistryStore, tmp_path: Path
-) -> AsyncIterator[tuple[InferenceService, ModelManager, CountingFactory]]:
+    settings: Settings, store: RegistryStore, tmp_path: Path, factory: RecordingFactory
+) -> AsyncIterator[Served]:
     _install(settings, store, make_fake_model(tmp_path / "f1", load_ms=100), "fake")
-    factory = CountingFactory()
     manager = ModelManager(settings, store, factory)
     yield InferenceService(settings, manager), manager, factory
     await manager.shutdown()
 
 
-async def test_concurrent_first_requests_share_one_load(
-    served: tuple[InferenceService, ModelManager, CountingFactory],
-) -> None:
+def _scheduler(manager: ModelManager, name: str = "fake") -> ModelScheduler:
+    scheduler = manager.slots[name].scheduler
+    assert scheduler is not None
+    return scheduler
+
+
+async def _busy(
+    svc: InferenceService, manager: ModelManager, ms: int, name: str = "fake"
+) -> asyncio.Future[dict[str, Any]]:
+    """A request that keeps the (loaded) worker busy for `ms`, returned once it is in flight."""
+    scheduler = _scheduler(manager, name)
+    blocker = asyncio.ensure_future(svc.infer(name, {"text": f"sleep:{ms}"}))
+    await wait_for(lambda: scheduler.inflight == 1, what="the blocker in flight")
+    return blocker
+
+
+async def test_concurrent_first_requests_share_one_load(served: Served) -> None:
     svc, manager, factory = served
     results = await asyncio.gather(*(svc.infer("fake", {"text": f"t{i}"}) for i in range(8)))
     assert len(factory.runners) == 1
@@ -67,13 +77,10 @@ async def test_concurrent_first_requests_share_one_load(
     assert manager.slots["fake"].state.value == "ready"
 
 
-async def test_requests_queued_behind_a_busy_worker_are_batched(
-    served: tuple[InferenceService, ModelManager, CountingFactory],
-) -> None:
-    svc, _manager, _factory = served
+async def test_requests_queued_behind_a_busy_worker_are_batched(served: Served) -> None:
+    svc, manager, _factory = served
     await svc.infer("fake", {"text": "warm"})
-    blocker = asyncio.ensure_future(svc.infer("fake", {"text": "sleep:300"}))
-    await asyncio.sleep(0.05)
+    blocker = await _busy(svc, manager, 300)
     burst = await asyncio.gather(*(svc.infer("fake", {"text": f"b{i}"}) for i in range(10)))
     await blocker
     sizes = {r["metadata"]["batch_size"] for r in burst}
@@ -81,25 +88,21 @@ async def test_requests_queued_behind_a_busy_worker_are_batched(
     assert all(r["timing"]["queue_time_ms"] > 0 for r in burst)
 
 
-async def test_priority_decides_who_goes_first(
-    served: tuple[InferenceService, ModelManager, CountingFactory], settings: Settings
-) -> None:
+async def test_priority_decides_who_goes_first(served: Served) -> None:
     svc, manager, _ = served
-    manager.settings.scheduler.max_batch_size = 1
     await svc.infer("fake", {"text": "warm"})
-    slot = manager.slots["fake"]
-    assert slot.scheduler is not None
-    slot.scheduler.limits = type(slot.scheduler.limits)(1, 0)
+    scheduler = _scheduler(manager)
+    scheduler.limits = type(scheduler.limits)(1, 0)
     order: list[str] = []
 
     async def call(text: str, priority: str) -> None:
         await svc.infer("fake", {"text": text}, priority=priority)
         order.append(text)
 
-    blocker = asyncio.ensure_future(svc.infer("fake", {"text": "sleep:200"}))
-    await asyncio.sleep(0.05)
+    blocker = await _busy(svc, manager, 200)
     tasks = [asyncio.ensure_future(call(f"low{i}", "low")) for i in range(3)]
-    await asyncio.sleep(0.01)
+    # low0 goes ahead of the worker (a full batch of one), the others wait in the queue.
+    await wait_for(lambda: scheduler.queued == 2 and scheduler.inflight == 2, what="lows queued")
     tasks.append(asyncio.ensure_future(call("critical", "critical")))
     await asyncio.gather(blocker, *tasks)
     # At most one batch waits in front of the worker and cannot be recalled: the critical
@@ -108,17 +111,15 @@ async def test_priority_decides_who_goes_first(
     assert order[order.index("critical") + 1 :] == [f"low{i}" for i in range(order.index("critical"), 3)]
 
 
-async def test_a_critical_batch_jumping_the_line_carries_no_low_work(
-    served: tuple[InferenceService, ModelManager, CountingFactory],
-) -> None:
+async def test_a_critical_batch_jumping_the_line_carries_no_low_work(served: Served) -> None:
     """While the worker computes, a critical request goes ahead alone: the low requests
     queued around it wait for their own batch instead of riding in front with it."""
-    svc, _, _ = served
+    svc, manager, _ = served
     await svc.infer("fake", {"text": "warm"})
-    blocker = asyncio.ensure_future(svc.infer("fake", {"text": "sleep:300"}))
-    await asyncio.sleep(0.05)
+    scheduler = _scheduler(manager)
+    blocker = await _busy(svc, manager, 300)
     lows = [asyncio.ensure_future(svc.infer("fake", {"text": f"low{i}"}, priority="low")) for i in range(3)]
-    await asyncio.sleep(0.01)
+    await wait_for(lambda: scheduler.queued == 3, what="lows queued")
     critical = await svc.infer("fake", {"text": "vip"}, priority="critical")
     assert critical["metadata"]["batch_size"] == 1
     assert all(not t.done() for t in lows)  # still waiting: the critical batch ran first
@@ -127,48 +128,42 @@ async def test_a_critical_batch_jumping_the_line_carries_no_low_work(
     await blocker
 
 
-async def test_deadline_passes_while_queued(
-    served: tuple[InferenceService, ModelManager, CountingFactory],
-) -> None:
-    svc, _, _ = served
+async def test_deadline_passes_while_queued(served: Served) -> None:
+    svc, manager, factory = served
     await svc.infer("fake", {"text": "warm"})
-    blocker = asyncio.ensure_future(svc.infer("fake", {"text": "sleep:400"}))
-    await asyncio.sleep(0.05)
+    blocker = await _busy(svc, manager, 400)
     with pytest.raises(ModelMoraError) as exc:
         await svc.infer("fake", {"text": "late"}, timeout_seconds=0.1)
     assert exc.value.code is ErrorCode.INFERENCE_TIMEOUT
     await blocker
+    assert "late" not in factory.runners[0].seen
 
 
-async def test_disconnected_client_is_dropped_before_it_runs(
-    served: tuple[InferenceService, ModelManager, CountingFactory],
-) -> None:
-    svc, manager, _ = served
+async def test_disconnected_client_is_dropped_before_it_runs(served: Served) -> None:
+    svc, manager, factory = served
     await svc.infer("fake", {"text": "warm"})
-    blocker = asyncio.ensure_future(svc.infer("fake", {"text": "sleep:300"}))
-    await asyncio.sleep(0.05)
+    scheduler = _scheduler(manager)
+    blocker = await _busy(svc, manager, 300)
     gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     call = asyncio.ensure_future(svc.infer("fake", {"text": "never"}, disconnected=gone))
-    await asyncio.sleep(0.02)
+    await wait_for(lambda: scheduler.queued == 1, what="the request queued")
     gone.set_result(None)
     with pytest.raises(ModelMoraError) as exc:
         await call
     assert exc.value.code is ErrorCode.CANCELLED
-    slot = manager.slots["fake"]
-    assert slot.scheduler is not None and slot.scheduler.queued == 0
+    assert scheduler.queued == 0
     await blocker
+    assert "never" not in factory.runners[0].seen
 
 
-async def test_crash_fails_queued_requests_and_the_next_request_reloads(
-    served: tuple[InferenceService, ModelManager, CountingFactory],
-) -> None:
+async def test_crash_fails_queued_requests_and_the_next_request_reloads(served: Served) -> None:
     svc, manager, factory = served
     await svc.infer("fake", {"text": "warm"})
-    blocker = asyncio.ensure_future(svc.infer("fake", {"text": "sleep:300"}))
-    await asyncio.sleep(0.05)
+    scheduler = _scheduler(manager)
+    blocker = await _busy(svc, manager, 300)
     queued = [asyncio.ensure_future(svc.infer("fake", {"text": f"q{i}"})) for i in range(5)]
-    await asyncio.sleep(0.02)
-    factory.runners[0].kill("simulated crash")
+    await wait_for(lambda: scheduler.queued == 5, what="five requests queued")
+    factory.runners[0].kill()
     outcomes = await asyncio.gather(*queued, return_exceptions=True)
     assert all(isinstance(o, ModelMoraError) and o.code is ErrorCode.WORKER_DIED for o in outcomes)
     await asyncio.gather(blocker, return_exceptions=True)
@@ -178,13 +173,13 @@ async def test_crash_fails_queued_requests_and_the_next_request_reloads(
 
 
 async def test_load_failure_backs_off_and_other_models_keep_serving(
-    settings: Settings, store: RegistryStore, tmp_path: Path
+    settings: Settings, store: RegistryStore, tmp_path: Path, factory: RecordingFactory
 ) -> None:
     _install(settings, store, make_fake_model(tmp_path / "ok"), "ok")
     _install(settings, store, make_fake_model(tmp_path / "bad", fail_load=True), "bad")
     settings.lifecycle.load_backoff_seconds = 30
     settings.lifecycle.load_retries = 0  # retries are covered in test_lifecycle
-    manager = ModelManager(settings, store, CountingFactory())
+    manager = ModelManager(settings, store, factory)
     svc = InferenceService(settings, manager)
     try:
         for _ in range(2):
@@ -198,9 +193,7 @@ async def test_load_failure_backs_off_and_other_models_keep_serving(
         await manager.shutdown()
 
 
-async def test_unknown_model_and_bad_input(
-    served: tuple[InferenceService, ModelManager, CountingFactory],
-) -> None:
+async def test_unknown_model_and_bad_input(served: Served) -> None:
     svc, _, factory = served
     with pytest.raises(ModelMoraError) as exc:
         await svc.infer("missing", {"text": "x"})
@@ -214,14 +207,14 @@ async def test_unknown_model_and_bad_input(
 async def test_process_worker_killed_mid_burst(
     settings: Settings, store: RegistryStore, tmp_path: Path
 ) -> None:
-    """A real worker process dies under a burst: every request ends, the next one succeeds."""
+    """A real worker process dies under a burst (its own os._exit, mid-batch): every request
+    ends, the next one succeeds. Process only: the in-process twin cannot exit on its own."""
     _install(settings, store, make_fake_model(tmp_path / "p"), "p")
     manager = ModelManager(settings, store, process_runner_factory)
     svc = InferenceService(settings, manager)
     try:
         await svc.infer("p", {"text": "warm"})
-        burst = [asyncio.ensure_future(svc.infer("p", {"text": "sleep:200"}))]
-        await asyncio.sleep(0.05)
+        burst: list[asyncio.Future[dict[str, Any]]] = [await _busy(svc, manager, 200, "p")]
         burst += [asyncio.ensure_future(svc.infer("p", {"text": t})) for t in ["a", "exit:boom", "b", "c"]]
         outcomes = await asyncio.wait_for(asyncio.gather(*burst, return_exceptions=True), 10)
         errors = [o for o in outcomes if isinstance(o, ModelMoraError)]
@@ -231,16 +224,12 @@ async def test_process_worker_killed_mid_burst(
         await manager.shutdown()
 
 
-async def test_batches_never_exceed_the_limit(
-    served: tuple[InferenceService, ModelManager, CountingFactory],
-) -> None:
+async def test_batches_never_exceed_the_limit(served: Served) -> None:
     svc, manager, _ = served
     await svc.infer("fake", {"text": "warm"})
-    slot = manager.slots["fake"]
-    assert slot.scheduler is not None
-    slot.scheduler.limits = type(slot.scheduler.limits)(4, 0)
-    blocker = asyncio.ensure_future(svc.infer("fake", {"text": "sleep:200"}))
-    await asyncio.sleep(0.05)
+    scheduler = _scheduler(manager)
+    scheduler.limits = type(scheduler.limits)(4, 0)
+    blocker = await _busy(svc, manager, 200)
     results = await asyncio.gather(
         *(svc.infer("fake", {"text": [f"a{i}", f"b{i}"] if i % 3 == 0 else f"c{i}"}) for i in range(20))
     )
@@ -250,19 +239,19 @@ async def test_batches_never_exceed_the_limit(
 
 
 async def test_a_full_queue_refuses_with_retry_after_but_critical_gets_in(
-    settings: Settings, store: RegistryStore, tmp_path: Path
+    settings: Settings, store: RegistryStore, tmp_path: Path, factory: RecordingFactory
 ) -> None:
     _install(settings, store, make_fake_model(tmp_path / "q"), "q")
     settings.scheduler.queue_size_per_model = 10
     settings.scheduler.critical_reserve = 4
-    manager = ModelManager(settings, store, CountingFactory())
+    manager = ModelManager(settings, store, factory)
     svc = InferenceService(settings, manager)
     try:
         await svc.infer("q", {"text": "warm"})
-        blocker = asyncio.ensure_future(svc.infer("q", {"text": "sleep:400"}))
-        await asyncio.sleep(0.05)
+        scheduler = _scheduler(manager, "q")
+        blocker = await _busy(svc, manager, 400, "q")
         normal = [asyncio.ensure_future(svc.infer("q", {"text": f"n{i}"})) for i in range(6)]
-        await asyncio.sleep(0.01)
+        await wait_for(lambda: scheduler.queued == 6, what="six requests queued")
         with pytest.raises(ModelMoraError) as exc:
             await svc.infer("q", {"text": "one too many"})
         assert exc.value.code is ErrorCode.QUEUE_FULL and exc.value.retry_after
@@ -273,22 +262,20 @@ async def test_a_full_queue_refuses_with_retry_after_but_critical_gets_in(
         await manager.shutdown()
 
 
-async def test_a_withdrawn_request_never_reaches_the_worker(
-    served: tuple[InferenceService, ModelManager, CountingFactory],
-) -> None:
-    svc, _, factory = served
+async def test_a_withdrawn_request_never_reaches_the_worker(served: Served) -> None:
+    svc, manager, factory = served
     await svc.infer("fake", {"text": "warm"})
-    blocker = asyncio.ensure_future(svc.infer("fake", {"text": "sleep:300"}))
-    await asyncio.sleep(0.05)
+    scheduler = _scheduler(manager)
+    blocker = await _busy(svc, manager, 300)
     with pytest.raises(ModelMoraError):
         await svc.infer("fake", {"text": "too late for me"}, timeout_seconds=0.05)
     gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     call = asyncio.ensure_future(svc.infer("fake", {"text": "client left"}, disconnected=gone))
-    await asyncio.sleep(0.01)
+    await wait_for(lambda: scheduler.queued == 1, what="the request queued")
     gone.set_result(None)
     with pytest.raises(ModelMoraError):
         await call
     await blocker
     await svc.infer("fake", {"text": "after"})
-    seen = factory.runners[0]._core.adapter.seen  # type: ignore[union-attr]
+    seen = factory.runners[0].seen
     assert "after" in seen and "too late for me" not in seen and "client left" not in seen

@@ -394,10 +394,32 @@ def test_local_empty_folder_and_broken_link(tmp_path: Path, staging: Path, cache
     assert_staging_empty(staging)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads everything")
-def test_local_unreadable_file(model_dir: Path, staging: Path, cache: Path) -> None:
+@pytest.mark.parametrize("how", ["chmod", "open-refused"])
+def test_local_unreadable_file(
+    model_dir: Path, staging: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """A file the server may not read. Root reads everything (CI runs as root), so besides a
+    real chmod the open itself is refused as the kernel would refuse it: every open of that
+    path (builtin `open`, and `Path.open` through `io.open`) raises EACCES."""
+    import builtins
+    import errno
+    import io
+
     secret = model_dir / "model.safetensors"
-    secret.chmod(0)
+    if how == "chmod":
+        if os.geteuid() == 0:
+            pytest.skip("root reads everything: the open-refused case covers it")
+        secret.chmod(0)
+    else:
+        real_open = builtins.open
+
+        def refusing_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+            if isinstance(file, str | os.PathLike) and os.path.realpath(file) == os.path.realpath(secret):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(file))
+            return real_open(file, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", refusing_open)
+        monkeypatch.setattr(io, "open", refusing_open)
     try:
         with pytest.raises(ModelMoraError) as info:
             fetch(None, str(model_dir), staging_dir=staging, cache_dir=cache, progress=False)

@@ -24,6 +24,7 @@ from modelmora.registry.installer import InstallRequest, install
 from modelmora.registry.store import RegistryStore
 from modelmora.services.inference import InferenceService
 from tests.conftest import make_fake_model
+from tests.waiting import wait_for
 
 
 @pytest.fixture(params=["in-process", "process"])
@@ -126,11 +127,7 @@ async def test_a_client_leaving_cancels_stepping_work_between_steps(svc: Inferen
     # The worker dropped it between steps: its batch comes back long before its 1000 steps.
     scheduler = svc.manager.slots["slowstep"].scheduler
     assert scheduler is not None
-    for _ in range(1000):
-        if scheduler.inflight == 0:
-            break
-        await asyncio.sleep(0.01)
-    assert scheduler.inflight == 0
+    await wait_for(lambda: scheduler.inflight == 0, timeout=10, what="the batch back")
 
 
 async def test_stream_error_event_after_tokens(svc: InferenceService) -> None:

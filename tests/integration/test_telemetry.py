@@ -1,4 +1,4 @@
-"""Spans and metrics of the service layer over the in-process runner: the spans a request
+"""Spans and metrics of the service layer over both runners: the spans a request
 yields (checked with OpenTelemetry's in-memory exporter), the worker's stats message, and
 the counters the scheduler and manager record."""
 
@@ -16,21 +16,21 @@ from opentelemetry.trace import SpanKind, StatusCode
 from modelmora.config import Settings
 from modelmora.errors import ModelMoraError
 from modelmora.lifecycle.manager import ModelManager
-from modelmora.lifecycle.runners import in_process_runner_factory
 from modelmora.observability.metrics import Metrics
 from modelmora.observability.tracing import SpanRecorder, build_span_recorder, current_parent_span
 from modelmora.registry.installer import InstallRequest, install
 from modelmora.registry.store import RegistryStore
 from modelmora.services.inference import InferenceService
 from tests.conftest import make_fake_model
+from tests.runners import RUNNER_KINDS, RecordingFactory
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = 0x00F067AA0BA902B7
 
 
-@pytest.fixture
+@pytest.fixture(params=RUNNER_KINDS)
 async def served(
-    settings: Settings, tmp_path: Path
+    settings: Settings, tmp_path: Path, request: pytest.FixtureRequest
 ) -> AsyncIterator[tuple[InferenceService, ModelManager, InMemorySpanExporter]]:
     store = RegistryStore(settings.database_url)
     store.create_schema()
@@ -38,7 +38,7 @@ async def served(
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    manager = ModelManager(settings, store, in_process_runner_factory, metrics=Metrics())
+    manager = ModelManager(settings, store, RecordingFactory(request.param), metrics=Metrics())
     yield InferenceService(settings, manager, spans=SpanRecorder(provider)), manager, exporter
     await manager.shutdown()
     store.close()

@@ -15,13 +15,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from modelmora.contracts.channel import ItemError, ItemOk, LoadSpec, WorkItem
+from modelmora.contracts.channel import Event, ItemError, ItemOk, LoadSpec, WorkItem
 from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.lifecycle.runners import ProcessRunner
+from tests.waiting import wait_for
 
 
-def _runner(exits: list[str] | None = None) -> ProcessRunner:
-    return ProcessRunner("t", lambda _e: None, (exits if exits is not None else []).append)
+def _runner(exits: list[str] | None = None, events: list[Event] | None = None) -> ProcessRunner:
+    on_event = events.append if events is not None else (lambda _e: None)
+    return ProcessRunner("t", on_event, (exits if exits is not None else []).append)
+
+
+async def _computing(events: list[Event], request_id: str) -> None:
+    """The worker is inside that request's batch: the fake in stepping mode reports each step."""
+    await wait_for(lambda: any(e.request_id == request_id for e in events), what=f"{request_id} computing")
 
 
 async def test_minilm_matches_sentence_transformers(minilm_path: Path) -> None:
@@ -88,10 +95,12 @@ async def test_a_crash_fails_the_batch_with_worker_died(fake_model_dir: Path) ->
 
 async def test_sigkill_of_the_worker_is_noticed(fake_model_dir: Path) -> None:
     exits: list[str] = []
-    runner = _runner(exits)
-    await runner.start(LoadSpec(str(fake_model_dir), "txt2embed", adapter="fake"), timeout=30)
-    pending = asyncio.ensure_future(runner.infer([WorkItem("slow", ["sleep:5000"])]))
-    await asyncio.sleep(0.3)
+    events: list[Event] = []
+    runner = _runner(exits, events)
+    steps = {"steps": 500, "step_ms": 10}  # 5 s if never stopped
+    await runner.start(LoadSpec(str(fake_model_dir), "txt2embed", adapter="fake", options=steps), timeout=30)
+    pending = asyncio.ensure_future(runner.infer([WorkItem("slow", ["x"])]))
+    await _computing(events, "slow")  # killed mid-batch
     assert runner.pid is not None
     os.kill(runner.pid, signal.SIGKILL)
     with pytest.raises(ModelMoraError) as exc:
@@ -174,8 +183,11 @@ def test_worker_exits_when_its_server_is_killed(fake_model_dir: Path, tmp_path: 
 
 
 async def test_a_waiting_critical_batch_runs_before_a_waiting_low_one(fake_model_dir: Path) -> None:
-    runner = _runner()
-    await runner.start(LoadSpec(str(fake_model_dir), "txt2embed", adapter="fake"), timeout=30)
+    events: list[Event] = []
+    runner = _runner(events=events)
+    # Stepping mode: each batch reports its steps, so the test sees the worker start one.
+    steps = {"steps": 2, "step_ms": 150}
+    await runner.start(LoadSpec(str(fake_model_dir), "txt2embed", adapter="fake", options=steps), timeout=30)
     finished: list[str] = []
 
     async def run(name: str, text: str, priority: int) -> None:
@@ -183,10 +195,10 @@ async def test_a_waiting_critical_batch_runs_before_a_waiting_low_one(fake_model
         finished.append(name)
 
     try:
-        busy = asyncio.ensure_future(run("busy", "sleep:300", 3))
-        await asyncio.sleep(0.1)
+        busy = asyncio.ensure_future(run("busy", "x", 3))
+        await _computing(events, "busy")
+        # Both wait in the worker's inbox while busy computes; sent low first.
         low = asyncio.ensure_future(run("low", "x", 4))
-        await asyncio.sleep(0.02)
         critical = asyncio.ensure_future(run("critical", "y", 1))
         await asyncio.gather(busy, low, critical)
     finally:
@@ -199,8 +211,11 @@ async def test_a_pipelined_worker_keeps_results_failures_and_priorities(tmp_path
     from tests.conftest import make_fake_model
 
     folder = make_fake_model(tmp_path / "piped", pipeline=True)
-    runner = _runner()
-    await runner.start(LoadSpec(str(folder), "txt2embed", adapter="fake", options={"pipeline": True}), 30)
+    events: list[Event] = []
+    runner = _runner(events=events)
+    # Stepping mode: each batch reports its steps, so the test sees the worker start one.
+    options = {"pipeline": True, "steps": 2, "step_ms": 150}
+    await runner.start(LoadSpec(str(folder), "txt2embed", adapter="fake", options=options), 30)
     finished: list[str] = []
 
     async def run(name: str, texts: list[str], priority: int = 3) -> object:
@@ -209,18 +224,16 @@ async def test_a_pipelined_worker_keeps_results_failures_and_priorities(tmp_path
         return done.outcomes[0]
 
     try:
-        busy = asyncio.ensure_future(run("busy", ["sleep:300"]))
-        await asyncio.sleep(0.1)
+        busy = asyncio.ensure_future(run("busy", ["x"]))
+        await _computing(events, "busy")
         ahead = asyncio.ensure_future(run("ahead", ["a"]))  # prepared while busy computes
-        await asyncio.sleep(0.05)
         low = asyncio.ensure_future(run("low", ["b"], 4))
-        await asyncio.sleep(0.02)
         critical = asyncio.ensure_future(run("critical", ["c"], 1))
         bad = asyncio.ensure_future(run("bad", ["fail:x"]))
         outcomes = await asyncio.gather(busy, ahead, low, critical, bad)
         assert [type(o).__name__ for o in outcomes] == ["ItemOk", "ItemOk", "ItemOk", "ItemOk", "ItemError"]
         assert finished.index("critical") < finished.index("low")
-        many = await asyncio.gather(*(run(f"m{i}", [f"t{i}"]) for i in range(20)))
+        many = await asyncio.gather(*(run(f"m{i}", [f"t{i}"]) for i in range(8)))
         assert all(isinstance(o, ItemOk) for o in many)
     finally:
         await runner.close(grace=5)
