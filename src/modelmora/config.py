@@ -9,13 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+
+from modelmora.contracts.tasks import TaskType
 
 DEFAULT_CONFIG_FILE = "modelmora.yaml"
 
@@ -95,15 +97,6 @@ class LifecycleSettings(_Section):
     load_timeout_seconds: float = Field(300.0, gt=0)
 
 
-_DEFAULT_TIMEOUTS: dict[str, float] = {
-    "txt2embed": 60.0,
-    "img2embed": 60.0,
-    "txt2txt": 300.0,
-    "txt2img": 600.0,
-    "img2txt": 300.0,
-}
-
-
 class SchedulerSettings(_Section):
     max_batch_size: int = Field(32, ge=1)
     max_wait_ms: float = Field(0.0, ge=0)
@@ -111,14 +104,9 @@ class SchedulerSettings(_Section):
     queue_size_per_model: int = Field(2_000, ge=1)
     critical_reserve: int = Field(64, ge=0)
     aging_seconds: float = Field(10.0, gt=0)
-    default_timeout_seconds: dict[str, float] = Field(default_factory=lambda: dict(_DEFAULT_TIMEOUTS))
-
-    @field_validator("default_timeout_seconds", mode="after")
-    @classmethod
-    def _keep_other_tasks(cls, value: dict[str, float]) -> dict[str, float]:
-        # Setting one task's timeout (YAML or MODELMORA_SCHEDULER__DEFAULT_TIMEOUT_SECONDS__X)
-        # must not drop the other tasks' defaults.
-        return {**_DEFAULT_TIMEOUTS, **value}
+    # Per task, overriding the task's own default (its spec's, in tasks/specs.py); a task not
+    # named keeps its default. A key that is no task type is an error, like a misspelt setting.
+    default_timeout_seconds: dict[TaskType, float] = Field(default_factory=dict)
 
 
 class JobsSettings(_Section):
@@ -222,9 +210,6 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.server.data_dir / "models"
-
-    def timeout_for(self, task_type: str) -> float:
-        return self.scheduler.default_timeout_seconds.get(task_type, 60.0)
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from modelmora.config import Settings
+from modelmora.contracts.channel import LoadFailure
 from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.lifecycle.manager import ModelManager
 from modelmora.lifecycle.runners import in_process_runner_factory, process_runner_factory
@@ -173,10 +174,12 @@ async def test_failed_health_check_marks_unhealthy_retries_then_recovers(
     assert exc.value.code is ErrorCode.MODEL_LOAD_FAILED and "health check" in exc.value.message
     slot = manager.slots["flaky"]
     assert slot.state is ModelState.UNHEALTHY and slot.failures == 2  # first try + one retry
+    assert slot.failure is LoadFailure.HEALTH_CHECK  # typed, across the worker channel
     assert slot.runner is None  # no request is routed to it
     marker.unlink()
     await wait_for(lambda: manager.clock() > slot.retry_at, what="the backoff over")
     assert (await svc.infer("flaky", {"text": "x"}))["metadata"]["model"] == "flaky"
+    assert slot.failure is None and slot.state is ModelState.READY
 
 
 async def test_a_crash_loop_backs_off(

@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 
+from modelmora.contracts.tasks import TaskType
 from modelmora.errors import ErrorCode, ModelMoraError
-from modelmora.registry.catalog import TaskType, detect_task
+from modelmora.registry.catalog import detect_task
 from modelmora.registry.sources import (
     FetchResult,
     classify_source,

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from modelmora.contracts.tasks import TaskType
 from modelmora.errors import ErrorCode, ModelMoraError
-from modelmora.registry.catalog import ModelVersion, TaskType
+from modelmora.registry.catalog import ModelVersion
 from modelmora.registry.store import RegistryStore
 
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from modelmora.contracts.tasks import TaskType
 from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.registry.catalog import (
     MANIFEST_FILE,
     ModelMetadata,
-    TaskType,
     derive_name,
     detect_task,
     is_hub_id,

@@ -9,6 +9,8 @@ import pytest
 from pydantic import ValidationError
 
 from modelmora.config import DEFAULT_CONFIG_FILE, Settings, load_settings
+from modelmora.contracts.tasks import TaskType
+from modelmora.tasks.specs import default_timeout
 
 
 @pytest.fixture(autouse=True)
@@ -157,10 +159,14 @@ def test_one_task_timeout_keeps_the_others(
     else:
         overrides = value  # type: ignore[assignment]
     s = load_settings(config, overrides)  # type: ignore[arg-type]
-    assert s.timeout_for("txt2embed") == 5
-    assert s.timeout_for("txt2img") == 600
-    assert s.timeout_for("txt2txt") == 300
-    assert s.timeout_for("unknown-task") == 60
+    assert default_timeout(s.scheduler, TaskType.TXT2EMBED) == 5
+    assert default_timeout(s.scheduler, TaskType.TXT2IMG) == 600  # the task's own default
+    assert default_timeout(s.scheduler, TaskType.TXT2TXT) == 300
+
+
+def test_a_timeout_for_no_task_type_is_refused(clean: Path) -> None:
+    with pytest.raises(ValidationError):
+        load_settings(None, {"scheduler": {"default_timeout_seconds": {"txt2embd": 5}}})
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,8 @@ import pytest
 
 from modelmora.config import LimitsSettings
 from modelmora.errors import ErrorCode, ModelMoraError
-from modelmora.tasks.inputs import ParsedInput, parse_input
+from modelmora.tasks.inputs import ParsedInput
+from modelmora.tasks.specs import parse_input
 
 LIMITS = LimitsSettings(max_items=3, max_text_chars=10)
 
@@ -97,11 +98,3 @@ def test_every_unknown_parameter_is_listed() -> None:
 def test_default_limits_allow_ordinary_input() -> None:
     parsed = parse_input("txt2embed", {"text": ["a"] * 256}, {}, LimitsSettings())
     assert len(parsed.inputs) == 256
-
-
-@pytest.mark.parametrize("task", ["nope", ""])
-def test_task_without_a_parser(task: str) -> None:
-    with pytest.raises(ModelMoraError) as info:
-        parse({"text": "hi"}, task=task)
-    assert info.value.code is ErrorCode.VALIDATION_ERROR
-    assert info.value.details["task_type"] == task

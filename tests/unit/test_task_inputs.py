@@ -13,7 +13,7 @@ from PIL import Image
 
 from modelmora.config import LimitsSettings
 from modelmora.errors import ErrorCode, ModelMoraError
-from modelmora.tasks.inputs import parse_input
+from modelmora.tasks.specs import parse_input
 
 LIMITS = LimitsSettings(max_items=4, max_text_chars=50, max_image_bytes=50_000, max_image_pixels=10_000)
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 import pickle
 import struct
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
+
+from modelmora.contracts.tasks import TaskType
 
 _HEADER = struct.Struct("!I")
 MAX_FRAME = 1 << 31
@@ -18,7 +21,7 @@ MAX_FRAME = 1 << 31
 @dataclass(slots=True)
 class LoadSpec:
     path: str
-    task_type: str
+    task_type: TaskType
     device: str = "auto"
     dtype: str = "auto"
     adapter: str | None = None  # None: the task's real adapter; "fake": tasks/fake.py
@@ -107,10 +110,21 @@ class Loaded:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+class LoadFailure(StrEnum):
+    """Why a load failed: the server reacts to this, never to the message (which is for
+    people and may say anything)."""
+
+    ERROR = "error"  # the adapter (or its import) raised while loading
+    HEALTH_CHECK = "health_check"  # loaded, but the task's sample request failed
+    TIMEOUT = "timeout"  # no answer within the load timeout
+    WORKER_DIED = "worker_died"  # the worker process ended during the load
+
+
 @dataclass(slots=True)
 class LoadFailed:
     message: str
     details: dict[str, Any] = field(default_factory=dict)
+    reason: LoadFailure = LoadFailure.ERROR
 
 
 @dataclass(slots=True)

@@ -31,6 +31,7 @@ from modelmora.contracts.channel import (
     Load,
     Loaded,
     LoadFailed,
+    LoadFailure,
     LoadSpec,
     Prepare,
     Prepared,
@@ -40,6 +41,7 @@ from modelmora.contracts.channel import (
 )
 from modelmora.contracts.runner import EventHandler, ExitHandler, Runner
 from modelmora.errors import ErrorCode, ModelMoraError
+from modelmora.lifecycle.state import LoadError
 from modelmora.lifecycle.worker import WorkerCore
 
 log = logging.getLogger("modelmora.runner")
@@ -101,15 +103,11 @@ async def _expect_loaded(fut: asyncio.Future[Loaded | LoadFailed], timeout: floa
     try:
         reply = await asyncio.wait_for(fut, timeout)
     except TimeoutError as exc:
-        raise ModelMoraError(
-            ErrorCode.MODEL_LOAD_FAILED, f"the model did not load within {timeout:.0f} s"
-        ) from exc
+        raise LoadError(LoadFailure.TIMEOUT, f"the model did not load within {timeout:.0f} s") from exc
     except ModelMoraError as exc:
-        raise ModelMoraError(
-            ErrorCode.MODEL_LOAD_FAILED, f"the worker died while loading: {exc.message}"
-        ) from exc
+        raise LoadError(LoadFailure.WORKER_DIED, f"the worker died while loading: {exc.message}") from exc
     if isinstance(reply, LoadFailed):
-        raise ModelMoraError(ErrorCode.MODEL_LOAD_FAILED, reply.message, reply.details)
+        raise LoadError(reply.reason, reply.message, reply.details)
     return reply
 
 

@@ -40,6 +40,7 @@ from modelmora.contracts.channel import (
     Load,
     Loaded,
     LoadFailed,
+    LoadFailure,
     LoadSpec,
     Outcome,
     Prepare,
@@ -48,7 +49,9 @@ from modelmora.contracts.channel import (
     WorkerStats,
     WorkItem,
 )
-from modelmora.tasks.base import SAMPLE_INPUTS, Emitter, TaskAdapter, adapter_for
+from modelmora.contracts.tasks import TaskType
+from modelmora.tasks.base import Emitter, TaskAdapter
+from modelmora.tasks.specs import spec_for
 
 log = logging.getLogger("modelmora.worker")
 
@@ -119,22 +122,28 @@ class WorkerCore:
     def load(self, spec: LoadSpec) -> Loaded | LoadFailed:
         started = time.perf_counter()
         try:
-            adapter = adapter_for(spec.task_type, spec.adapter)
+            task = spec_for(TaskType(spec.task_type))
+            adapter = task.adapter(spec.adapter).build()
             threads = _apply_threads(spec.options.get("threads"))
             adapter.load(Path(spec.path), spec.device, spec.dtype, spec.options)
             self.adapter, self.spec = adapter, spec
-            if spec.health_check and spec.task_type in SAMPLE_INPUTS:
-                sample = SAMPLE_INPUTS[spec.task_type]
-                done = self.infer(Infer(batch_id=-1, items=[sample]))
+            if spec.health_check:
+                done = self.infer(Infer(batch_id=-1, items=[task.health_item()]))
                 first = done.outcomes[0]
                 if isinstance(first, ItemError):
                     self.adapter = None
                     return LoadFailed(
-                        f"health check failed: {first.message}", {"health_check": first.details}
+                        f"health check failed: {first.message}",
+                        {"health_check": first.details},
+                        LoadFailure.HEALTH_CHECK,
                     )
         except Exception as exc:
             self.adapter = None
-            return LoadFailed(f"{type(exc).__name__}: {exc}", {"traceback": traceback.format_exc(limit=8)})
+            return LoadFailed(
+                f"{type(exc).__name__}: {exc}",
+                {"traceback": traceback.format_exc(limit=8)},
+                LoadFailure.ERROR,
+            )
         return Loaded(
             device=adapter.device,
             dtype=adapter.dtype,

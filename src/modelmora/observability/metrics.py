@@ -290,7 +290,7 @@ class Metrics:
         )
         self.unloads = Counter(
             "modelmora_model_unloads",
-            "Models unloaded, by reason (requested, keep_alive, eviction, shutdown, uninstall, other)",
+            "Models unloaded, by reason (requested, keep_alive, eviction, shutdown, uninstall)",
             ["model", "reason"],
             registry=r,
         )

@@ -1,4 +1,4 @@
-"""Catalog rules: task types, model names, versions, and task detection from metadata.
+"""Catalog rules: model names, versions, states, and task detection from metadata.
 
 Pure functions over plain data: no database, no network, no torch.
 """
@@ -14,15 +14,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from modelmora.contracts.tasks import TaskType
 from modelmora.errors import ErrorCode, ModelMoraError
-
-
-class TaskType(StrEnum):
-    TXT2EMBED = "txt2embed"
-    IMG2EMBED = "img2embed"
-    TXT2TXT = "txt2txt"
-    TXT2IMG = "txt2img"
-    IMG2TXT = "img2txt"
 
 
 class ModelState(StrEnum):

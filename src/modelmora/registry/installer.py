@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from modelmora.config import Settings
+from modelmora.contracts.tasks import TaskType
 from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.registry.catalog import (
     CONFIG_KEYS,
     ModelRecord,
     ModelVersion,
-    TaskType,
     derive_name,
     detect_task,
     is_hub_id,

@@ -22,8 +22,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from modelmora.contracts.tasks import TaskType
 from modelmora.errors import ErrorCode, ModelMoraError
-from modelmora.registry.catalog import TaskType, validate_name, validate_version
+from modelmora.registry.catalog import validate_name, validate_version
 
 LOCK_VERSION = 1
 LOCK_FILE_NAME = "modelmora.lock"

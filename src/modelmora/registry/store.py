@@ -29,8 +29,9 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
+from modelmora.contracts.tasks import TaskType
 from modelmora.errors import ErrorCode, ModelMoraError
-from modelmora.registry.catalog import ModelRecord, ModelVersion, TaskType
+from modelmora.registry.catalog import ModelRecord, ModelVersion
 
 
 class _Base(DeclarativeBase):

@@ -7,7 +7,6 @@ between interfaces.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import itertools
 import logging
@@ -25,9 +24,9 @@ from modelmora.observability.metrics import current_protocol
 from modelmora.observability.tracing import SpanRecorder
 from modelmora.registry.catalog import ModelRecord, validate_name
 from modelmora.results.store import ResultStore, build_result_store, new_key
-from modelmora.tasks.base import SAMPLE_INPUTS
-from modelmora.tasks.image_urls import IMAGE_INPUT_TASKS, fetch_image_urls
-from modelmora.tasks.inputs import STREAMING_TASKS, ParsedInput, parse_input
+from modelmora.tasks.image_urls import fetch_image_urls
+from modelmora.tasks.inputs import ParsedInput
+from modelmora.tasks.specs import SPECS, TaskSpec, default_timeout
 
 log = logging.getLogger("modelmora.requests")
 
@@ -41,6 +40,7 @@ class _Call:
 
     name: str
     record: ModelRecord
+    spec: TaskSpec
     parsed: ParsedInput
     item: WorkItem
     level: Priority
@@ -70,6 +70,7 @@ class InferenceService:
         self.slow_seconds = settings.telemetry.slow_request_seconds
         # Where large results (images) go; the response then carries a URL.
         self.results = results or build_result_store(settings)
+        self._sink = _StoreSink(self)
 
     async def infer(
         self,
@@ -110,12 +111,11 @@ class InferenceService:
         load failure) is raised as ModelMoraError instead, so a door can still answer it with
         a plain status. Closing the iterator early cancels the request, in the worker too."""
         call = await self.prepare(name, input_data, parameters, priority, timeout_seconds, trace_id)
-        task_type = call.record.task_type.value
-        if task_type not in STREAMING_TASKS:
+        if call.spec.stream is None:
             raise ModelMoraError(
                 ErrorCode.VALIDATION_ERROR,
                 "streaming is for generation tasks",
-                {"errors": [{"field": "stream", "message": f"not supported for {task_type}"}]},
+                {"errors": [{"field": "stream", "message": f"not supported for {call.spec.task.value}"}]},
             )
         call.item.params["stream"] = True  # the adapter emits per-token events only when asked
         events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
@@ -192,16 +192,17 @@ class InferenceService:
         known.append(record)
         defaults = record.config.get("parameters") or {}
         params = {**defaults, **(parameters or {})}
-        task = record.task_type.value
-        if task in IMAGE_INPUT_TASKS:
+        spec = SPECS[record.task_type]
+        if spec.image_inputs:
             input_data = await fetch_image_urls(input_data, self.settings.limits)
-        parsed = parse_input(task, input_data, params, self.settings.limits)
+        parsed = spec.parse_request(input_data, params, self.settings.limits)
         level = parse_priority(priority)
         timeout = timeout_seconds or float(
-            record.config.get("default_timeout_seconds") or self.settings.timeout_for(task)
+            record.config.get("default_timeout_seconds")
+            or default_timeout(self.settings.scheduler, spec.task)
         )
         item = WorkItem(f"r{next(_request_ids)}", parsed.inputs, dict(parsed.params), trace_id)
-        return _Call(name, record, parsed, item, level, timeout, received)
+        return _Call(name, record, spec, parsed, item, level, timeout, received)
 
     async def _run(
         self,
@@ -321,7 +322,7 @@ class InferenceService:
         finally:
             slot.event_handlers.pop(item.request_id, None)
             self.manager.release(slot, keep_alive)
-        result = await self._result(record, done, call.parsed)
+        result = await call.spec.shape(done.value, call.parsed, self._sink)
         total_ms = (self.manager.clock() - call.received) * 1000
         return {
             "result": result,
@@ -340,54 +341,33 @@ class InferenceService:
             },
         }
 
-    async def _result(self, record: ModelRecord, done: Completed, parsed: ParsedInput) -> dict[str, Any]:
-        task = record.task_type.value
-        value: Any = done.value
-        if task == "txt2img":
-            return await self._images(value, parsed.params)
-        if task in ("txt2txt", "img2txt"):
-            return generation_result(value, parsed.single)
-        if parsed.single:
-            value = value[0]
-        return {"embeddings": value}
-
-    async def _images(self, value: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-        """PNGs inline (`b64_json`, when small enough) or in the result store (a URL)."""
-        inline_max = self.settings.results.inline_max_bytes
-        images: list[dict[str, str]] = []
-        for png in value["images"]:
-            if params.get("response_format") == "b64_json" and len(png) * 4 // 3 <= inline_max:
-                images.append({"b64_json": base64.b64encode(png).decode("ascii")})
-            else:
-                images.append({"url": await self.results.put(new_key(".png"), png)})
-        return {"images": images, "seed": value["seed"]}
-
     async def warmup(self, name: str) -> dict[str, Any]:
         """Load the model and run the task's built-in sample through the real path (queue,
         batcher, worker), so the first user request meets warm caches."""
         record = await self.manager.record(validate_name(name))
-        sample = SAMPLE_INPUTS.get(record.task_type.value)
-        if sample is None or record.task_type.value != "txt2embed":
-            # Other tasks' samples are not REST inputs (image bytes); the load runs them.
+        request = SPECS[record.task_type].warmup
+        if request is None:
+            # The load's own health check is this task's warm-up.
             await self.manager.load(name)
             return {"name": name, "warmed": False}
-        response = await self.infer(name, {"text": sample.inputs}, dict(sample.params))
+        response = await self.infer(name, dict(request.input_data), dict(request.parameters))
         return {"name": name, "warmed": True, "timing": response["timing"]}
 
 
-def generation_result(rows: list[dict[str, Any]], single: bool) -> dict[str, Any]:
-    """txt2txt and img2txt: `text` and `finish_reason` (one, or a list), `usage` summed."""
-    usage = {
-        "prompt_tokens": sum(int(r.get("prompt_tokens", 0)) for r in rows),
-        "completion_tokens": sum(int(r.get("completion_tokens", 0)) for r in rows),
-    }
-    texts = [r["text"] for r in rows]
-    reasons = [r["finish_reason"] for r in rows]
-    return {
-        "text": texts[0] if single else texts,
-        "finish_reason": reasons[0] if single else reasons,
-        "usage": usage,
-    }
+class _StoreSink:
+    """The result store as the task shapers see it (`tasks.outputs.ResultSink`)."""
+
+    __slots__ = ("service",)
+
+    def __init__(self, service: InferenceService) -> None:
+        self.service = service
+
+    @property
+    def inline_max_bytes(self) -> int:
+        return self.service.settings.results.inline_max_bytes
+
+    async def put(self, data: bytes, suffix: str) -> str:
+        return await self.service.results.put(new_key(suffix), data)
 
 
 async def _wait(

@@ -16,6 +16,7 @@ from typing import Any
 from modelmora.config import Settings
 from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.lifecycle.manager import ModelManager
+from modelmora.lifecycle.state import UnloadKind
 from modelmora.registry.catalog import ModelRecord, ModelState
 from modelmora.registry.store import RegistryStore
 
@@ -90,7 +91,7 @@ class RegistryService:
                         f"model {name!r} is loaded; unload it first or pass force",
                         {"model": name, "state": slot.state.value},
                     )
-                await self.manager.unload(name, "uninstalled", force=True)
+                await self.manager.unload(name, "uninstalled", force=True, kind=UnloadKind.UNINSTALL)
             self.manager.forget(name)
         deleted = await asyncio.to_thread(self.store.delete, record.name, version)
         remove_files(self.settings, deleted)

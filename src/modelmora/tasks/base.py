@@ -1,13 +1,13 @@
-"""The adapter contract the worker drives, and how the worker finds an adapter.
+"""The adapter contract the worker drives.
 
-Adapters are imported lazily by name so that a worker pays for torch only when its model
-needs it, and the server process (which imports this module for `SAMPLE_INPUTS`) never does.
+Which adapter serves which task is in the task specs (`tasks/specs.py`), by module path: an
+adapter is imported only in the worker that loads it, so a worker pays for torch only when
+its model needs it, and the server process never does.
 """
 
 from __future__ import annotations
 
 import base64
-import importlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -43,25 +43,13 @@ class Emitter:
         return request_id in self._cancelled
 
 
+# The request id of the health check run after a load (the fake adapter fails it on demand).
 HEALTH_CHECK_ID = "health-check"
 
-# A built-in sample per task for the health check after load.
 # A 16x16 PNG: image tasks check themselves with it (no Pillow needed to build it here).
 SAMPLE_PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAACQkWg2AAAAGklEQVR42mOssDnBQApgYiARjGoY1TB0NAAAvMQBnP/YHNIAAAAASUVORK5CYII="
 )
-_GREEDY_ONE = {"max_tokens": 1, "temperature": 0.0}
-
-SAMPLE_INPUTS: dict[str, WorkItem] = {
-    "txt2embed": WorkItem(request_id=HEALTH_CHECK_ID, inputs=["ModelMora health check."]),
-    "txt2txt": WorkItem(HEALTH_CHECK_ID, ["ModelMora health check."], dict(_GREEDY_ONE)),
-    "img2embed": WorkItem(HEALTH_CHECK_ID, [SAMPLE_PNG], {"normalize": False}),
-    "img2txt": WorkItem(HEALTH_CHECK_ID, [SAMPLE_PNG], dict(_GREEDY_ONE)),
-    # One small step: proves the whole pipeline runs without the cost of a real picture.
-    "txt2img": WorkItem(
-        HEALTH_CHECK_ID, ["health check"], {"steps": 1, "width": 64, "height": 64, "guidance_scale": 0.0}
-    ),
-}
 
 
 class TaskAdapter(Protocol):
@@ -82,19 +70,8 @@ class TaskAdapter(Protocol):
     def info(self) -> dict[str, Any]: ...
 
 
-_ADAPTERS: dict[tuple[str, str | None], str] = {
-    ("txt2embed", None): "modelmora.tasks.txt2embed:SentenceEmbedder",
-    ("txt2embed", "fake"): "modelmora.tasks.fake:FakeEmbedder",
-    ("txt2txt", None): "modelmora.tasks.txt2txt:TextGenerator",
-    ("txt2txt", "fake"): "modelmora.tasks.fake:FakeGenerator",
-    ("img2embed", None): "modelmora.tasks.img2embed:ImageEmbedder",
-    ("img2txt", None): "modelmora.tasks.img2txt:ImageCaptioner",
-    ("txt2img", None): "modelmora.tasks.txt2img:ImageGenerator",
-}
-
-
-# What a warm spare imports ahead of time: the libraries the real adapters load. A task whose
-# adapter needs none of them (the fake one) does not use the spare.
+# What a warm spare imports ahead of time: the libraries the real adapters load. An adapter
+# whose spec says it needs no torch (`AdapterRef.uses_torch`: the fake ones) does not use it.
 SPARE_MODULES = [
     "torch",
     "sentence_transformers",
@@ -102,17 +79,3 @@ SPARE_MODULES = [
     "modelmora.tasks.txt2embed",
     "modelmora.tasks.txt2txt",
 ]
-
-
-def uses_spare(task_type: str, adapter: str | None) -> bool:
-    return adapter != "fake"
-
-
-def adapter_for(task_type: str, adapter: str | None) -> TaskAdapter:
-    target = _ADAPTERS.get((task_type, adapter))
-    if target is None:
-        raise LookupError(f"no adapter {adapter or 'default'!r} for task {task_type!r} yet")
-    module_name, _, cls_name = target.partition(":")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    instance: TaskAdapter = cls()
-    return instance

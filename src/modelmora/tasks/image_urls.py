@@ -1,4 +1,5 @@
-"""Image URLs in `input_data.image`: fetched by the server only from allowed hosts.
+"""Image URLs in `input_data.image` (of the tasks whose spec has `image_inputs`): fetched by
+the server only from allowed hosts.
 
 A server that fetches any URL a client names can be pointed at its own network (server-side
 request forgery), so URLs are refused unless their host is listed in
@@ -17,7 +18,6 @@ import httpx
 from modelmora.config import LimitsSettings
 from modelmora.errors import ErrorCode, ModelMoraError
 
-IMAGE_INPUT_TASKS = frozenset({"img2embed", "img2txt"})
 FETCH_TIMEOUT_SECONDS = 10.0
 
 

@@ -1,4 +1,5 @@
-"""Server-side validation of each task's `input_data` and `parameters`.
+"""Server-side validation of each task's `input_data` and `parameters`: the parsers that the
+task specs (`tasks/specs.py`) name.
 
 Runs before a request is queued, so bad input fails alone, costs no worker round trip and can
 never poison a batch. Pure: no torch.
@@ -9,11 +10,13 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from modelmora.config import LimitsSettings
 from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.tasks.images import b64_bytes, check_image
+
+if TYPE_CHECKING:  # the worker imports the task specs, and with them this module: no pydantic there
+    from modelmora.config import LimitsSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,36 +296,8 @@ def parse_txt2img(input_data: dict[str, Any], params: dict[str, Any], limits: Li
     return ParsedInput(texts, out, True, group)
 
 
-_PARSERS = {
-    "txt2embed": parse_txt2embed,
-    "txt2txt": parse_txt2txt,
-    "img2embed": parse_img2embed,
-    "img2txt": parse_img2txt,
-    "txt2img": parse_txt2img,
-}
-# What each task reads from `input_data`; anything else is refused, never silently dropped.
-_INPUT_FIELDS = {
-    "txt2embed": {"text"},
-    "txt2txt": {"text", "messages"},
-    "img2embed": {"image"},
-    "img2txt": {"image"},
-    "txt2img": {"text"},
-}
-# Tasks whose work comes in steps that can be streamed as events (SSE, gRPC Generate).
-STREAMING_TASKS = frozenset({"txt2txt", "txt2img", "img2txt"})
-
-
-def parse_input(
-    task_type: str, input_data: dict[str, Any], params: dict[str, Any], limits: LimitsSettings
-) -> ParsedInput:
-    parser = _PARSERS.get(task_type)
-    if parser is None:
-        raise ModelMoraError(
-            ErrorCode.VALIDATION_ERROR,
-            f"task {task_type!r} is registered but not served yet",
-            {"task_type": task_type},
-        )
-    unknown = sorted(set(input_data) - _INPUT_FIELDS[task_type])
+def refuse_unknown_fields(task: str, input_data: dict[str, Any], fields: frozenset[str]) -> None:
+    """What a task does not read from `input_data` is refused, never silently dropped."""
+    unknown = sorted(set(input_data) - fields)
     if unknown:
-        raise _invalid(f"input_data.{unknown[0]}", f"not an input of {task_type}")
-    return parser(input_data, params, limits)
+        raise _invalid(f"input_data.{unknown[0]}", f"not an input of {task}")

@@ -2,7 +2,9 @@
 
 `encode()` would do all three in one call; splitting them lets one batch carry texts of several
 requests with different `normalize` settings, and is the seam where tokenizing the next batch
-can overlap the model's work on the current one (the scheduler does not pipeline yet).
+overlaps the model's work on the current one: the scheduler sends a full batch ahead while the
+worker computes, and a pipelined worker (on a GPU, or with the model option `pipeline`; see
+lifecycle/worker.py) preprocesses it in its main thread while its model thread runs forward.
 """
 
 from __future__ import annotations
