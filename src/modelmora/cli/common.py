@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from modelmora.config import Settings, load_settings
 from modelmora.errors import ErrorCode, ModelMoraError
@@ -97,15 +98,15 @@ def fail(exc: ModelMoraError) -> typer.Exit:
 
 @contextlib.contextmanager
 def needs_server_extra() -> Iterator[None]:
-    """A library of the server extra missing (sqlalchemy, fastapi, huggingface_hub...), at
-    import or lazily inside the command: say which extra to install, exit 2. A missing module
-    of our own is a bug and stays a traceback."""
+    """A library of the server extra missing (sqlalchemy, fastapi, uvicorn...), at import or
+    lazily inside the command: say which extra to install, exit 2. A missing module of our
+    own is a bug and stays a traceback."""
     try:
         yield
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] == "modelmora":
             raise
-        err.print(f"[bold red]error[/]: {SERVER_EXTRA_HINT} (missing: {exc.name})", highlight=False)
+        err.print(f"[bold red]error[/]: {escape(SERVER_EXTRA_HINT)} (missing: {exc.name})", highlight=False)
         raise typer.Exit(EXIT_USAGE) from None
 
 
