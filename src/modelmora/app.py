@@ -31,6 +31,7 @@ from modelmora.registry.catalog import ModelState
 from modelmora.registry.store import RegistryStore
 from modelmora.results.store import ResultStore, build_result_store
 from modelmora.services.inference import InferenceService
+from modelmora.services.management import ManagementService
 from modelmora.services.registry import RegistryService
 
 if TYPE_CHECKING:
@@ -51,7 +52,9 @@ class ModelMora:
         self.results: ResultStore = build_result_store(settings)
         spans = build_span_recorder(settings.telemetry.otlp_endpoint, settings.telemetry.service_name)
         self.inference = InferenceService(settings, self.manager, self.results, spans)
+        # The doors (api/) call these two and `inference`, one method per operation.
         self.registry = RegistryService(settings, self.store, self.manager)
+        self.management = ManagementService(self.manager, self.inference, self.full_status)
         self.job_store = build_job_store(settings)
         self.dispatcher = JobDispatcher(settings, self.job_store, self.inference, self.results)
         self.jobs = JobService(settings, self.job_store, self.dispatcher, self.results)

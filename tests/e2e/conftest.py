@@ -84,13 +84,14 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def start_server(data_dir: Path, log: Path, **env_extra: str) -> Server:
+def start_server(data_dir: Path, log: Path, command: list[str] = CLI, **env_extra: str) -> Server:
+    """`command`: how `modelmora` is run (another entry point wrapping the CLI's main)."""
     port, grpc_port = free_port(), free_port()  # gRPC is on by default: never the shared 50051
     env = clean_env(data_dir, **env_extra)
     started = time.monotonic()
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [*CLI, "serve", "--port", str(port), "--grpc-port", str(grpc_port)],
+            [*command, "serve", "--port", str(port), "--grpc-port", str(grpc_port)],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
@@ -23,9 +22,7 @@ from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.observability import tracing
 from modelmora.observability.metrics import current_protocol
 from modelmora.observability.tracing import current_trace_id, trace_id_from
-from modelmora.registry.catalog import parse_ref, validate_name
-from modelmora.registry.installer import InstallRequest, install, lock_entries, validate_config
-from modelmora.registry.lockfile import build_lock
+from modelmora.registry.installer import InstallRequest
 from modelmora.v1 import modelmora_pb2 as pb
 from modelmora.v1 import modelmora_pb2_grpc as pb_grpc
 from modelmora.v1.convert import (
@@ -368,10 +365,7 @@ def _page(page: int, page_size: int, limit: int = 500) -> tuple[int, int]:
 class RegistryServicer(pb_grpc.RegistryServiceServicer):
     def __init__(self, door: Door) -> None:
         self.door = door
-        self.mm = door.mm
-
-    def _model(self, record: Any) -> pb.Model:
-        return from_dict(self.mm.registry.describe(record), pb.Model())
+        self.registry = door.mm.registry
 
     async def RegisterModel(self, request: pb.RegisterModelRequest, context: Ctx) -> pb.Model:
         async with self.door.call(context, "RegisterModel"):
@@ -387,14 +381,13 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
                 config=struct_to_dict(request.config),
                 resource_requirements=struct_to_dict(request.resource_requirements),
             )
-            record = await asyncio.to_thread(install, self.mm.settings, self.mm.store, req, False)
-            return self._model(record)
+            return from_dict(await self.registry.install(req), pb.Model())
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Ctx) -> pb.ListModelsResponse:
         async with self.door.call(context, "ListModels"):
             page, page_size = _page(request.page, request.page_size)
-            listed = await self.mm.registry.list(
+            listed = await self.registry.list(
                 request.task_type or None, request.status or None, page, page_size
             )
             return pb.ListModelsResponse(
@@ -405,52 +398,43 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
 
     async def GetModel(self, request: pb.ModelRef, context: Ctx) -> pb.Model:
         async with self.door.call(context, "GetModel"):
-            record = await asyncio.to_thread(self.mm.store.get, validate_name(request.name))
-            return self._model(record)
+            return from_dict(await self.registry.get(request.name), pb.Model())
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def UpdateModel(self, request: pb.UpdateModelRequest, context: Ctx) -> pb.Model:
         async with self.door.call(context, "UpdateModel"):
-            changes: dict[str, Any] = validate_config(struct_to_dict(request.config))
+            fields: dict[str, Any] = {}
             if request.HasField("display_name"):
-                changes["display_name"] = request.display_name
+                fields["display_name"] = request.display_name
             if request.HasField("description"):
-                changes["description"] = request.description
+                fields["description"] = request.description
             if request.HasField("resource_requirements"):
-                changes["resource_requirements"] = struct_to_dict(request.resource_requirements)
-            record = await asyncio.to_thread(self.mm.store.update, validate_name(request.name), changes)
-            return self._model(record)
+                fields["resource_requirements"] = struct_to_dict(request.resource_requirements)
+            updated = await self.registry.update(request.name, struct_to_dict(request.config), fields)
+            return from_dict(updated, pb.Model())
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def DeleteModel(self, request: pb.DeleteModelRequest, context: Ctx) -> pb.DeleteModelResponse:
         async with self.door.call(context, "DeleteModel"):
-            model, version = parse_ref(request.name)
-            deleted = await self.mm.registry.delete(model, version, request.force)
-            return pb.DeleteModelResponse(
-                deleted=deleted.name, versions=[v.version for v in deleted.versions]
+            return from_dict(
+                await self.registry.uninstall(request.name, request.force), pb.DeleteModelResponse()
             )
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def DownloadModel(self, request: pb.DownloadModelRequest, context: Ctx) -> pb.DownloadModelResponse:
         async with self.door.call(context, "DownloadModel"):
-            verified = await asyncio.to_thread(
-                self.mm.registry.verify, validate_name(request.name), request.version or None
-            )
+            verified = await self.registry.verify(request.name, request.version or None)
             return from_dict(verified, pb.DownloadModelResponse())
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def SetActiveVersion(self, request: pb.SetActiveVersionRequest, context: Ctx) -> pb.Model:
         async with self.door.call(context, "SetActiveVersion"):
-            model, _ = parse_ref(f"{request.name}@{request.version}")
-            record = await asyncio.to_thread(self.mm.store.set_active, model, request.version)
-            return self._model(record)
+            return from_dict(await self.registry.use(request.name, request.version), pb.Model())
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def GenerateLock(self, request: pb.GenerateLockRequest, context: Ctx) -> pb.Lock:
         async with self.door.call(context, "GenerateLock"):
-            records, _ = await asyncio.to_thread(self.mm.store.list, None, 1, 1_000_000)
-            lock = build_lock(lock_entries(records), datetime.now(UTC))
-            return from_dict({"lock": lock}, pb.Lock())
+            return from_dict({"lock": await self.registry.lock()}, pb.Lock())
         raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -460,33 +444,30 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
 class ManagementServicer(pb_grpc.ManagementServiceServicer):
     def __init__(self, door: Door) -> None:
         self.door = door
-        self.mm = door.mm
+        self.management = door.mm.management
 
     async def LoadModel(self, request: pb.ModelRef, context: Ctx) -> pb.ModelStatus:
         async with self.door.call(context, "LoadModel"):
-            slot = await self.mm.manager.load(validate_name(request.name))
-            return from_dict(slot.status(self.mm.manager.clock()), pb.ModelStatus())
+            return from_dict(await self.management.load(request.name), pb.ModelStatus())
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def UnloadModel(self, request: pb.UnloadModelRequest, context: Ctx) -> pb.UnloadModelResponse:
         async with self.door.call(context, "UnloadModel"):
-            name = validate_name(request.name)
-            await asyncio.to_thread(self.mm.store.get, name)  # MODEL_NOT_FOUND for an unknown model
-            unloaded = await self.mm.manager.unload(name, "requested", force=request.force)
-            return pb.UnloadModelResponse(name=name, unloaded=unloaded)
+            unloaded = await self.management.unload(request.name, request.force)
+            return from_dict(unloaded, pb.UnloadModelResponse())
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def WarmupModel(self, request: pb.ModelRef, context: Ctx) -> pb.WarmupResponse:
         async with self.door.call(context, "WarmupModel"):
-            return from_dict(await self.mm.inference.warmup(request.name), pb.WarmupResponse())
+            return from_dict(await self.management.warmup(request.name), pb.WarmupResponse())
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def GetSystemStatus(self, request: pb.GetSystemStatusRequest, context: Ctx) -> pb.SystemStatus:
         async with self.door.call(context, "GetSystemStatus"):
-            return from_dict(await self.mm.full_status(), pb.SystemStatus())
+            return from_dict(await self.management.status(), pb.SystemStatus())
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def GetModelHealth(self, request: pb.GetModelHealthRequest, context: Ctx) -> pb.ModelHealth:
         async with self.door.call(context, "GetModelHealth"):
-            return from_dict({"models": self.mm.manager.statuses()}, pb.ModelHealth())
+            return from_dict(self.management.health(), pb.ModelHealth())
         raise AssertionError("unreachable")  # pragma: no cover

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -30,9 +29,8 @@ from modelmora.contracts.encoding import JSON_OPTIONS
 from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.observability.metrics import CONTENT_TYPE_LATEST
 from modelmora.observability.tracing import current_trace_id
-from modelmora.registry.catalog import parse_ref, validate_name
-from modelmora.registry.installer import InstallRequest, install, lock_entries, validate_config
-from modelmora.registry.lockfile import build_lock
+from modelmora.registry.installer import InstallRequest
+from modelmora.services.registry import RECORD_FIELDS
 
 if TYPE_CHECKING:
     from modelmora.app import ModelMora
@@ -130,7 +128,6 @@ def build_router() -> APIRouter:
 
     @r.post("/api/v1/models", status_code=201, responses=_ERRORS, tags=["registry"])
     async def register_model(request: Request, body: RegisterModelRequest) -> Response:
-        mm = _mm(request)
         req = InstallRequest(
             model_id=body.model_id,
             source=body.source,
@@ -143,8 +140,7 @@ def build_router() -> APIRouter:
             config=body.config,
             resource_requirements=body.resource_requirements,
         )
-        record = await asyncio.to_thread(install, mm.settings, mm.store, req, False)
-        return JSON(mm.registry.describe(record), status_code=201)
+        return JSON(await _mm(request).registry.install(req), status_code=201)
 
     @r.get("/api/v1/models", tags=["registry"], responses=_ERRORS)
     async def list_models(
@@ -158,69 +154,47 @@ def build_router() -> APIRouter:
 
     @r.get("/api/v1/models/{name:path}", tags=["registry"], responses=_ERRORS)
     async def get_model(request: Request, name: str) -> Response:
-        mm = _mm(request)
-        record = await asyncio.to_thread(mm.store.get, validate_name(name))
-        return JSON(mm.registry.describe(record))
+        return JSON(await _mm(request).registry.get(name))
 
     @r.put("/api/v1/models/{name:path}", tags=["registry"], responses=_ERRORS)
     async def update_model(request: Request, name: str, body: UpdateModelRequest) -> Response:
-        mm = _mm(request)
-        changes: dict[str, Any] = validate_config(body.config)
-        for key in ("display_name", "description", "resource_requirements"):
-            if key in body.model_fields_set:
-                changes[key] = getattr(body, key)
-        record = await asyncio.to_thread(mm.store.update, validate_name(name), changes)
-        return JSON(mm.registry.describe(record))
+        fields = {k: getattr(body, k) for k in RECORD_FIELDS if k in body.model_fields_set}
+        return JSON(await _mm(request).registry.update(name, body.config, fields))
 
     @r.delete("/api/v1/models/{name:path}", tags=["registry"], responses=_ERRORS)
     async def delete_model(request: Request, name: str, force: bool = False) -> Response:
-        mm = _mm(request)
-        model, version = parse_ref(name)
-        deleted = await mm.registry.delete(model, version, force)
-        return JSON({"deleted": deleted.name, "versions": [v.version for v in deleted.versions]})
+        return JSON(await _mm(request).registry.uninstall(name, force))
 
     @r.post("/api/v1/models/{name}/versions/{version}", tags=["registry"], responses=_ERRORS)
     async def set_active_version(request: Request, name: str, version: str) -> Response:
-        mm = _mm(request)
-        model, _ = parse_ref(f"{name}@{version}")
-        record = await asyncio.to_thread(mm.store.set_active, model, version)
-        return JSON(mm.registry.describe(record))
+        return JSON(await _mm(request).registry.use(name, version))
 
     @r.get("/api/v1/lock", tags=["registry"])
     async def generate_lock(request: Request) -> Response:
-        mm = _mm(request)
-        records, _ = await asyncio.to_thread(mm.store.list, None, 1, 1_000_000)
-        return JSON(build_lock(lock_entries(records), datetime.now(UTC)))
+        return JSON(await _mm(request).registry.lock())
+
+    @r.post("/api/v1/models/{name}/download", tags=["registry"], responses=_ERRORS)
+    async def download_model(request: Request, name: str, version: str | None = None) -> Response:
+        """Files are fetched at install; this verifies they are present and intact."""
+        return JSON(await _mm(request).registry.verify(name, version))
 
     # -- management ------------------------------------------------------------------------
 
     @r.post("/api/v1/models/{name}/load", tags=["management"], responses=_ERRORS)
     async def load_model(request: Request, name: str) -> Response:
-        mm = _mm(request)
-        slot = await mm.manager.load(validate_name(name))
-        return JSON(slot.status(mm.manager.clock()))
+        return JSON(await _mm(request).management.load(name))
 
     @r.post("/api/v1/models/{name}/unload", tags=["management"], responses=_ERRORS)
     async def unload_model(request: Request, name: str, force: bool = False) -> Response:
-        mm = _mm(request)
-        name = validate_name(name)
-        await asyncio.to_thread(mm.store.get, name)  # 404 for an unknown model
-        unloaded = await mm.manager.unload(name, "requested", force=force)
-        return JSON({"name": name, "unloaded": unloaded})
+        return JSON(await _mm(request).management.unload(name, force))
 
     @r.post("/api/v1/models/{name}/warmup", tags=["management"], responses=_ERRORS)
     async def warmup_model(request: Request, name: str) -> Response:
-        return JSON(await _mm(request).inference.warmup(name))
-
-    @r.post("/api/v1/models/{name}/download", tags=["registry"], responses=_ERRORS)
-    async def download_model(request: Request, name: str, version: str | None = None) -> Response:
-        """Files are fetched at install; this verifies they are present and intact."""
-        mm = _mm(request)
-        return JSON(await asyncio.to_thread(mm.registry.verify, validate_name(name), version))
+        return JSON(await _mm(request).management.warmup(name))
 
     @r.get("/api/v1/status", tags=["management"])
     async def status(request: Request) -> Response:
-        return JSON(await _mm(request).full_status())
+        return JSON(await _mm(request).management.status())
 
     async def metrics(request: Request) -> Response:
         """Prometheus text exposition of every metric (observability/metrics.py)."""
@@ -260,7 +234,7 @@ def build_router() -> APIRouter:
 
     @r.get("/health/models", tags=["health"])
     async def models_health(request: Request) -> Response:
-        return JSON({"models": _mm(request).manager.statuses()})
+        return JSON(_mm(request).management.health())
 
     return r
 

@@ -1,0 +1,51 @@
+"""Management of the running server's models: load, unload, warm up, status, health.
+
+One method per management operation of the API contract, called by REST and gRPC (the CLI's
+`load`, `unload`, `status` and `health` reach these through a running server). Unlike the
+catalog (services/registry.py) these need the server's `ModelManager`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from modelmora.lifecycle.manager import ModelManager
+from modelmora.registry.catalog import validate_name
+from modelmora.services.inference import InferenceService
+
+StatusSource = Callable[[], Awaitable[dict[str, Any]]]
+
+
+class ManagementService:
+    def __init__(self, manager: ModelManager, inference: InferenceService, status: StatusSource) -> None:
+        self.manager = manager
+        self.inference = inference
+        # The status document reads what only the composition root holds (readiness, drain,
+        # requests in flight at the edge, job counts), so the root passes its builder in.
+        self._status = status
+
+    async def load(self, name: str) -> dict[str, Any]:
+        """Load the model now (bounded like a request: INSUFFICIENT_MEMORY past its deadline)."""
+        slot = await self.manager.load(validate_name(name))
+        return slot.status(self.manager.clock())
+
+    async def unload(self, name: str, force: bool = False) -> dict[str, Any]:
+        """End the model's worker; refused with MODEL_LOADED while requests run, unless `force`."""
+        name = validate_name(name)
+        await asyncio.to_thread(self.manager.store.get, name)  # MODEL_NOT_FOUND for an unknown model
+        unloaded = await self.manager.unload(name, "requested", force=force)
+        return {"name": name, "unloaded": unloaded}
+
+    async def warmup(self, name: str) -> dict[str, Any]:
+        """Load the model and run its task's sample through the real request path."""
+        return await self.inference.warmup(name)
+
+    async def status(self) -> dict[str, Any]:
+        """Version, uptime, readiness, models, memory, queues, workers, GPUs, jobs."""
+        return await self._status()
+
+    def health(self) -> dict[str, Any]:
+        """Each known model's state, worker, queue and memory."""
+        return {"models": self.manager.statuses()}
