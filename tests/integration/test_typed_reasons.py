@@ -198,7 +198,7 @@ async def test_each_unload_kind_is_counted_under_its_own_label(
     assert manager.slots["victim"].state is ModelState.UNLOADED
     # Uninstall, through the registry service every door calls.
     await manager.load("gone")
-    await RegistryService(settings, store, manager).delete("gone", None, force=True)
+    await RegistryService(settings, store, manager).uninstall("gone", force=True)
     # Shutdown.
     await manager.load("last")
     await manager.shutdown()
