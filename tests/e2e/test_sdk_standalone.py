@@ -13,7 +13,6 @@ skipped: CI runs it.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -66,9 +65,7 @@ def sdk_venv(tmp_path_factory: pytest.TempPathFactory) -> SdkVenv:
     source.mkdir()
     shutil.copy2(ROOT / "pyproject.toml", source)
     shutil.copy2(ROOT / "README.md", source)
-    shutil.copytree(
-        ROOT / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
-    )
+    shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     wheels = tmp / "wheels"
     _checked(
         subprocess.run(
@@ -84,7 +81,8 @@ def sdk_venv(tmp_path_factory: pytest.TempPathFactory) -> SdkVenv:
     venv = tmp / "venv"
     # sys.executable is this test environment's venv: `-m venv` builds on its base interpreter
     # and, without --system-site-packages, sees none of the packages installed here.
-    _checked(subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True), "venv")
+    made = subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True)
+    _checked(made, "python -m venv")
     env = clean_env(tmp / "data")
     # PYTHONPATH would import ./src instead of the wheel; GRPC_ENABLE_FORK_SUPPORT is set in this
     # process by the server code the other tests import, and a user's process has none.
