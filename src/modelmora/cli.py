@@ -588,7 +588,7 @@ def db_upgrade(ctx: typer.Context) -> None:
         except (SQLAlchemyError, RuntimeError) as exc:
             err.print(f"[bold red]error[/]: {label} ({_shown(url)}): {exc}", highlight=False)
             raise typer.Exit(1) from None
-        change = f"upgraded {before or 'empty'} -> {after}" if before != after else f"at {after} (head)"
+        change = f"upgraded {before or 'no history'} -> {after}" if before != after else f"at {after} (head)"
         out.print(f"{label}: {change}  {_shown(url)}", highlight=False)
 
 
