@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -113,7 +113,7 @@ CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at);
 
 
 @pytest.fixture
-def pg_database(postgres_url: str) -> Iterator[Iterator[str]]:
+def pg_database(postgres_url: str) -> Iterator[Callable[[], str]]:
     """A factory of empty databases on the machine's PostgreSQL (`postgres_url` first, so
     this skips or fails as every PostgreSQL test does); each is dropped when done."""
     import psycopg
@@ -122,15 +122,14 @@ def pg_database(postgres_url: str) -> Iterator[Iterator[str]]:
     base = postgres_url.rsplit("/", 1)[0]
     made: list[str] = []
 
-    def databases() -> Iterator[str]:
-        while True:
-            name = f"modelmora_mig_{uuid.uuid4().hex[:10]}"
-            admin.execute(f'CREATE DATABASE "{name}"')
-            made.append(name)
-            yield f"{base}/{name}"
+    def database() -> str:
+        name = f"modelmora_mig_{uuid.uuid4().hex[:10]}"
+        admin.execute(f'CREATE DATABASE "{name}"')
+        made.append(name)
+        return f"{base}/{name}"
 
     try:
-        yield databases()
+        yield database
     finally:
         for name in made:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -152,14 +151,14 @@ def _connection(url: str) -> Iterator[Connection]:
 # What each replica runs: the server's start-up path (ModelMora.start opens the registry with
 # create_schema and then the job store), released by one file so that all three arrive at once.
 _REPLICA = """
-import asyncio, sys
+import asyncio, sys, time
 from pathlib import Path
 from modelmora.registry.store import RegistryStore
 url, jobs, ready, go = sys.argv[1:5]
 store = RegistryStore(url)
 Path(ready).touch()
 while not Path(go).exists():
-    pass
+    time.sleep(0.001)
 store.create_schema()
 store.close()
 if jobs:
@@ -210,9 +209,9 @@ def _assert_usable(url: str) -> None:
 
 
 @pytest.mark.postgres
-def test_three_replicas_on_an_empty_postgres_database(pg_database: Iterator[str], tmp_path: Path) -> None:
+def test_three_replicas_on_an_empty_postgres_database(pg_database: Callable[[], str], tmp_path: Path) -> None:
     for round_ in range(10):
-        url = next(pg_database)
+        url = pg_database()
         _start_together(url, None, tmp_path / f"round{round_}")
         _assert_usable(url)
         with _connection(url) as conn:
@@ -284,9 +283,9 @@ def test_sqlite_registry_made_before_migrations_is_stamped_and_keeps_its_rows(tm
 
 @pytest.mark.postgres
 def test_postgres_registry_made_before_migrations_is_stamped_and_keeps_its_rows(
-    pg_database: Iterator[str],
+    pg_database: Callable[[], str],
 ) -> None:
-    url = next(pg_database)
+    url = pg_database()
     with _connection(url) as conn:
         for statement in OLD_REGISTRY_DDL["postgresql"].split(";"):
             if statement.strip():
@@ -369,9 +368,7 @@ def test_registry_head_matches_the_models(
 ) -> None:
     """A table change without its revision fails here: `modelmora db revision` writes one."""
     url = (
-        f"sqlite:///{tmp_path / 'r.db'}"
-        if backend == "sqlite"
-        else next(request.getfixturevalue("pg_database"))
+        f"sqlite:///{tmp_path / 'r.db'}" if backend == "sqlite" else request.getfixturevalue("pg_database")()
     )
     migrations.upgrade(url, migrations.REGISTRY)
     assert migrations.schema_diff(url, REGISTRY_METADATA) == []

@@ -6,7 +6,7 @@ here in code, so no alembic.ini is read at run time. `upgrade` is what a server 
 - Replicas may start together on one empty database, so the upgrade runs under a lock: a
   PostgreSQL advisory lock taken in the migrating transaction (released by its commit), or a
   `flock` on `<file>.lock` for SQLite. The second replica waits, then finds the head and does
-  nothing. A database already at head is recognised without taking the lock.
+  nothing. A PostgreSQL database already at head is recognised without taking the lock.
 - The whole upgrade is one transaction: PostgreSQL has transactional DDL, and SQLite gets it
   here by issuing `BEGIN IMMEDIATE` itself (pysqlite would otherwise commit before each DDL).
 - A database made before migrations existed (by `metadata.create_all`: the tables, no
@@ -35,6 +35,9 @@ from sqlalchemy import Connection, Engine, MetaData, create_engine, event, inspe
 from sqlalchemy.pool import NullPool
 
 log = logging.getLogger("modelmora.migrations")
+# Alembic says "Context impl ..." and "Will assume ... DDL" each time a database is looked at,
+# i.e. at every start; what changed is logged here instead, once.
+logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
 
 _HERE = Path(__file__).resolve().parent
 
@@ -82,6 +85,11 @@ def _engine(url: str) -> Engine:
 
     @event.listens_for(engine, "connect")
     def _no_driver_transactions(dbapi_conn: Any, _record: Any) -> None:
+        # Both stores run SQLite in WAL mode and say so on every connection; a file still in
+        # rollback mode makes two such connections deadlock on the switch ("database is
+        # locked" at once, whatever the busy timeout). The first migration, under the file
+        # lock, switches a new file before anyone else opens it.
+        dbapi_conn.execute("PRAGMA journal_mode=WAL")
         dbapi_conn.isolation_level = None  # we say BEGIN ourselves, so DDL is transactional
 
     @event.listens_for(engine, "begin")
@@ -138,22 +146,20 @@ def upgrade(url: str, db: Database, revision: str = "head") -> str:
     file = _sqlite_file(url)
     engine = _engine(url)
     try:
-        if file is None or file.exists():
+        # SQLite: every look at the file is under the file lock (it is cheap, and nobody
+        # opens a new file before it is in WAL mode); PostgreSQL: no lock for the look.
+        with _file_lock(file):
             with engine.connect() as conn:
-                if _revision(conn) == target:  # the usual restart: no lock, no transaction
+                if _revision(conn) == target:  # the usual restart: no write, no wait
                     return target
-        with (
-            _file_lock(file),
-            engine.connect().execution_options(immediate=True) as conn,
-            conn.begin(),
-        ):
-            if engine.dialect.name == "postgresql":
-                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": db.lock_key})
-            before = _revision(conn)
-            if before is None:
-                _stamp_if_premigration(conn, db)
-            command.upgrade(config(db, conn), target)
-            after = _revision(conn)
+            with engine.connect().execution_options(immediate=True) as conn, conn.begin():
+                if engine.dialect.name == "postgresql":
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": db.lock_key})
+                before = _revision(conn)
+                if before is None:
+                    _stamp_if_premigration(conn, db)
+                command.upgrade(config(db, conn), target)
+                after = _revision(conn)
         if after != before:
             log.info("database schema upgraded", extra={"database": db.name, "from": before, "to": after})
         return after or target
