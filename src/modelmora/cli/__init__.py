@@ -6,6 +6,7 @@ One module per kind of command, each adding its commands to the one Typer `app`
 - server_cmds: `init`, `serve` (serve needs the server extra);
 - registry_cmds: `install`, `list`, `info`, `update`, `use`, `uninstall`, `lock`: the catalog in
   the data dir, without a server, through the service layer (need the server extra);
+- db_cmds: `db upgrade`, `db current` (and the hidden developer command `db revision`);
 - client_cmds: `health`, `status`, `load`, `unload`, `jobs`: a running server, over HTTP
   (the base install suffices).
 
@@ -23,9 +24,13 @@ from modelmora.errors import ModelMoraError
 # The order of these imports is the order of `modelmora --help`.
 # isort: off
 from modelmora.cli import server_cmds, registry_cmds, client_cmds
-# isort: on
 
-__all__ = ["app", "client_cmds", "main", "registry_cmds", "server_cmds"]
+# isort: on
+from modelmora.cli.db_cmds import db_app
+
+app.add_typer(db_app, name="db")
+
+__all__ = ["app", "client_cmds", "db_app", "main", "registry_cmds", "server_cmds"]
 
 
 def main() -> None:

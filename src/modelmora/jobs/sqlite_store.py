@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
+from sqlalchemy import REAL, Column, Index, Integer, LargeBinary, MetaData, Table, Text, text
 
+from modelmora import migrations
 from modelmora.jobs.store import (
     IDEMPOTENCY_TTL_SECONDS,
     JobRecord,
@@ -29,29 +31,33 @@ from modelmora.jobs.store import (
 
 T = TypeVar("T")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    job_id TEXT PRIMARY KEY,
-    model TEXT NOT NULL,
-    request BLOB NOT NULL,
-    priority INTEGER NOT NULL,
-    status TEXT NOT NULL,
-    progress REAL,
-    created_at REAL NOT NULL,
-    started_at REAL,
-    completed_at REAL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    error BLOB,
-    response BLOB,
-    result_key TEXT,
-    idempotency_key TEXT UNIQUE,
-    request_hash TEXT NOT NULL,
-    trace_id TEXT,
-    cancel_requested INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, priority, created_at);
-CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at);
-"""
+# The table as the queries below expect it. The schema itself is Alembic's
+# (modelmora/migrations/jobs), applied when the store opens; a test compares the two, so a
+# change here needs a new revision there (`modelmora db revision --jobs`).
+METADATA = MetaData()
+JOBS = Table(
+    "jobs",
+    METADATA,
+    Column("job_id", Text, primary_key=True, nullable=True),  # SQLite's quirk, as the DDL made it
+    Column("model", Text, nullable=False),
+    Column("request", LargeBinary, nullable=False),
+    Column("priority", Integer, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("progress", REAL),
+    Column("created_at", REAL, nullable=False),
+    Column("started_at", REAL),
+    Column("completed_at", REAL),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("error", LargeBinary),
+    Column("response", LargeBinary),
+    Column("result_key", Text),
+    Column("idempotency_key", Text, unique=True),
+    Column("request_hash", Text, nullable=False),
+    Column("trace_id", Text),
+    Column("cancel_requested", Integer, nullable=False, server_default=text("0")),
+    Index("jobs_queue", "status", "priority", "created_at"),
+    Index("jobs_created", "created_at"),
+)
 
 _COLUMNS = (
     "job_id, model, request, priority, status, progress, created_at, started_at, completed_at, "
@@ -97,11 +103,10 @@ class SqliteJobStore:
 
     async def open(self) -> None:
         def connect() -> None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            migrations.upgrade(f"sqlite:///{self.path}", migrations.JOBS)
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(_SCHEMA)
             # This server owns the file: whatever was processing belonged to a run that died.
             db.execute(
                 "UPDATE jobs SET status = 'queued', progress = NULL, cancel_requested = 0 "

@@ -2,6 +2,9 @@
 
 The server and the CLI may both write (a CLI `install` while the server runs), so SQLite runs
 in WAL mode with a busy timeout, and every change is one short transaction.
+
+The schema is Alembic's (modelmora/migrations/registry): a change to the tables below is a new
+revision there (`modelmora db revision`), which a test compares with these definitions.
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ from sqlalchemy import (
     event,
     func,
     select,
+    text,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
+from modelmora import migrations
 from modelmora.contracts.tasks import TaskType
 from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.registry.catalog import ModelRecord, ModelVersion
@@ -76,6 +81,10 @@ class _Version(_Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     installed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
     model: Mapped[_Model] = relationship(back_populates="versions")
+
+
+# The tables as the code expects them; migrations/registry must produce the same.
+METADATA = _Base.metadata
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -131,10 +140,15 @@ class RegistryStore:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def create_schema(self) -> None:
-        _Base.metadata.create_all(self.engine)
+        """Create the schema or upgrade it to the latest revision; safe when several processes
+        start on one database at once (see modelmora.migrations)."""
+        migrations.upgrade(self.url, migrations.REGISTRY)
 
     def drop_schema(self) -> None:
-        _Base.metadata.drop_all(self.engine)
+        """Drop the tables and the migration history (tests start again from nothing)."""
+        METADATA.drop_all(self.engine)
+        with self.engine.begin() as conn:
+            conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
 
     def close(self) -> None:
         self.engine.dispose()

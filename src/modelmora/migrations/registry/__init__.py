@@ -1,0 +1,1 @@
+"""Alembic script directory of the registry database (models, versions)."""

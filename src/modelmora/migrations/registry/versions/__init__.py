@@ -1,0 +1,1 @@
+"""Revisions of the registry database, oldest first (v<rev>_<slug>.py)."""
