@@ -151,7 +151,7 @@ def build_router() -> APIRouter:
         request: Request,
         task_type: str | None = None,
         status: str | None = None,
-        page: int = Query(1, ge=1),
+        page: int = Query(1, ge=1, le=1_000_000),
         page_size: int = Query(50, ge=1, le=500),
     ) -> Response:
         return JSON(await _mm(request).registry.list(task_type, status, page, page_size))
