@@ -74,6 +74,9 @@ class RegistrySettings(_Section):
     hub_token: str | None = None
     # s3:// sources; None: boto3's AWS_ENDPOINT_URL(_S3) or AWS itself.
     s3_endpoint_url: str | None = None
+    # -- bounded resources (issue 14): what one archive source may expand to.
+    max_archive_bytes: int = Field(64 << 30, ge=1)
+    max_archive_files: int = Field(10_000, ge=1)
 
 
 class ResourcesSettings(_Section):
