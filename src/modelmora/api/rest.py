@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modelmora import __version__
 from modelmora.api import fastpath
-from modelmora.api.edge import EdgeMiddleware, error_response_parts
+from modelmora.api.edge import EdgeLimits, EdgeMiddleware, error_response_parts
 from modelmora.api.jobs import build_jobs_router
 from modelmora.api.schemas import (
     ErrorBody,
@@ -315,4 +315,5 @@ def asgi_app(mm: ModelMora) -> EdgeMiddleware:
         fast=fast,
         metrics=mm.metrics,
         tracing_on=lambda: mm.inference.spans is not None,
+        limits=EdgeLimits.from_settings(mm.settings),
     )
