@@ -273,6 +273,8 @@ def serve(settings: Settings) -> None:
             run_grpc_only(mm)
             return
         grpc_server = GrpcServer(mm)
+    from modelmora.api.http_protocol import edge_protocol
+
     app = asgi_app(mm)
     config = uvicorn.Config(
         app,
@@ -281,7 +283,11 @@ def serve(settings: Settings) -> None:
         log_config=None,  # our structlog setup owns the root logger
         access_log=False,
         loop="auto",
-        http="auto",
+        # httptools with a header timeout, a header size cap and JSON protocol errors
+        # (api/http_protocol.py); the body's limits are the edge's (docs/security.md).
+        http=edge_protocol(settings.server),
+        timeout_keep_alive=max(1, round(settings.server.keep_alive_timeout_seconds)),  # the class's wins
+        h11_max_incomplete_event_size=settings.server.max_header_bytes,  # if h11 is ever chosen
         timeout_graceful_shutdown=max(1, int(settings.server.drain_seconds)),
     )
     _DrainingServer(config, mm, grpc_server).run()

@@ -58,6 +58,13 @@ class ServerSettings(_Section):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console", "auto"] = "auto"
     drain_seconds: float = Field(30.0, ge=0)
+    # -- connection limits (issue 14; docs/security.md "Limits"): the head's are enforced by
+    # api/http_protocol.py, the body's by the ASGI edge (api/edge.py).
+    header_timeout_seconds: float = Field(10.0, gt=0)  # connect (or first byte) to end of headers
+    body_timeout_seconds: float = Field(30.0, gt=0)  # longest wait for the next body chunk
+    body_deadline_seconds: float = Field(300.0, gt=0)  # the whole body, from the end of headers
+    keep_alive_timeout_seconds: float = Field(5.0, gt=0)  # idle between requests on one connection
+    max_header_bytes: int = Field(64 << 10, ge=1024)  # request line and headers
 
     @model_validator(mode="after")
     def _expand(self) -> ServerSettings:
@@ -76,6 +83,9 @@ class RegistrySettings(_Section):
     hub_token: str | None = None
     # s3:// sources; None: boto3's AWS_ENDPOINT_URL(_S3) or AWS itself.
     s3_endpoint_url: str | None = None
+    # -- bounded resources (issue 14): what one archive source may expand to.
+    max_archive_bytes: int = Field(64 << 30, ge=1)
+    max_archive_files: int = Field(10_000, ge=1)
 
 
 class ResourcesSettings(_Section):
@@ -146,6 +156,15 @@ class LimitsSettings(_Section):
     max_image_bytes: int = Field(20 << 20, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
     allowed_image_url_hosts: list[str] = Field(default_factory=list)
+    # -- bounded resources at the edge (issue 14; docs/security.md "Limits").
+    max_multipart_parts: int = Field(300, ge=2)  # parts of one multipart/form-data body
+    max_buffered_bytes: int = Field(128 << 20, ge=1)  # request bodies held at once, all connections
+
+    @model_validator(mode="after")
+    def _buffer_fits_a_request(self) -> LimitsSettings:
+        if self.max_buffered_bytes < self.max_request_bytes:
+            raise ValueError("max_buffered_bytes must be at least max_request_bytes")
+        return self
 
 
 class TelemetrySettings(_Section):
@@ -165,7 +184,7 @@ class Settings(BaseSettings):
     )
 
     server: ServerSettings = Field(default_factory=ServerSettings)  # type: ignore[arg-type]
-    registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)  # type: ignore[arg-type]
     resources: ResourcesSettings = Field(default_factory=ResourcesSettings)  # type: ignore[arg-type]
     lifecycle: LifecycleSettings = Field(default_factory=LifecycleSettings)  # type: ignore[arg-type]
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)  # type: ignore[arg-type]

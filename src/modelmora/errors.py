@@ -46,6 +46,8 @@ class ErrorCode(StrEnum):
     INTERNAL_ERROR = "INTERNAL_ERROR"
     NOT_FOUND = "NOT_FOUND"  # no such route
     METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
+    BAD_REQUEST = "BAD_REQUEST"  # malformed HTTP, answered before any route
+    REQUEST_TIMEOUT = "REQUEST_TIMEOUT"  # headers or body not received in time
 
     @property
     def http_status(self) -> int:
@@ -90,6 +92,8 @@ _TABLE: dict[ErrorCode, _Meta] = {
     ErrorCode.INTERNAL_ERROR: _Meta(500, "INTERNAL", False),
     ErrorCode.NOT_FOUND: _Meta(404, "UNIMPLEMENTED", False),
     ErrorCode.METHOD_NOT_ALLOWED: _Meta(405, "UNIMPLEMENTED", False),
+    ErrorCode.BAD_REQUEST: _Meta(400, "INVALID_ARGUMENT", False),
+    ErrorCode.REQUEST_TIMEOUT: _Meta(408, "DEADLINE_EXCEEDED", False),
 }
 
 

@@ -38,8 +38,15 @@ API_TABLE: dict[str, tuple[int, str, bool]] = {
 }
 
 # Codes the server needs beyond API.md's table (unexpected failures, unknown routes,
-# cancelling a job that already finished).
-EXTRA_CODES = {"INTERNAL_ERROR", "NOT_FOUND", "METHOD_NOT_ALLOWED", "JOB_FINISHED"}
+# cancelling a job that already finished, malformed HTTP and read timeouts at the edge).
+EXTRA_CODES = {
+    "INTERNAL_ERROR",
+    "NOT_FOUND",
+    "METHOD_NOT_ALLOWED",
+    "JOB_FINISHED",
+    "BAD_REQUEST",
+    "REQUEST_TIMEOUT",
+}
 
 GRPC_STATUS_NAMES = {
     "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",

@@ -1,13 +1,20 @@
-"""The ASGI edge in front of every route: trace ids, body size limit, drain, one error shape.
+"""The ASGI edge in front of every route: trace ids, body limits, drain, one error shape.
 
-A plain ASGI middleware (not BaseHTTPMiddleware): it adds no task or copy per request.
+A plain ASGI middleware (not BaseHTTPMiddleware): it adds no task per request. Every request
+body is read here, before any route runs, so that one place bounds it: its size
+(`limits.max_request_bytes`), the wait for each chunk and for the whole body
+(`server.body_timeout_seconds`, `body_deadline_seconds`), and the bytes that all requests in
+progress hold at once (`limits.max_buffered_bytes`). A multipart body is parsed as it arrives,
+off the event loop (`fastpath.MultipartForm`), never held whole.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -16,6 +23,9 @@ from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.observability import tracing
 from modelmora.observability.metrics import Metrics, current_protocol
 from modelmora.observability.tracing import current_trace_id, trace_id_from, traceparent_for
+
+if TYPE_CHECKING:
+    from modelmora.config import Settings
 
 log = logging.getLogger("modelmora.api")
 
@@ -41,6 +51,27 @@ def error_response_parts(
     return error.code.http_status, headers, body
 
 
+@dataclass(frozen=True)
+class EdgeLimits:
+    """What the edge bounds per request body (docs/security.md, "Limits")."""
+
+    max_body: int
+    max_buffered: int = 128 << 20
+    body_timeout: float = 30.0
+    body_deadline: float = 300.0
+    max_parts: int = 300
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EdgeLimits:
+        return cls(
+            max_body=settings.limits.max_request_bytes,
+            max_buffered=settings.limits.max_buffered_bytes,
+            body_timeout=settings.server.body_timeout_seconds,
+            body_deadline=settings.server.body_deadline_seconds,
+            max_parts=settings.limits.max_multipart_parts,
+        )
+
+
 class EdgeMiddleware:
     def __init__(
         self,
@@ -52,14 +83,19 @@ class EdgeMiddleware:
         fast: FastHandler | None = None,
         metrics: Metrics | None = None,
         tracing_on: Callable[[], bool] = lambda: False,
+        limits: EdgeLimits | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.tracing_on = tracing_on
         self.fast = fast
-        self.max_body = max_body
+        self.limits = limits or EdgeLimits(max_body=max_body, max_buffered=max(max_body, 128 << 20))
+        self.max_body = self.limits.max_body
         self.is_draining = is_draining
         self.counter = counter  # has .inflight (int), read by the drain
+        # Body bytes that requests in progress hold or have been promised (a declared
+        # Content-Length is reserved whole, before its first byte is read).
+        self.buffered = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -84,8 +120,12 @@ class EdgeMiddleware:
                 message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
+        reader = _BodyReader(self, receive, headers)
+
         async def reject(error: ModelMoraError) -> None:
             status, hdrs, body = error_response_parts(error, trace_id)
+            if not reader.done:  # the rest of the body is never read: the connection must go
+                hdrs.append((b"connection", b"close"))
             await send_with_trace({"type": "http.response.start", "status": status, "headers": hdrs})
             await send_with_trace({"type": "http.response.body", "body": body})
 
@@ -96,34 +136,28 @@ class EdgeMiddleware:
                     ModelMoraError(ErrorCode.SHUTTING_DOWN, "the server is shutting down", retry_after=5)
                 )
                 return
-            length = headers.get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.max_body:
-                await reject(_too_large(int(length), self.max_body))
-                return
             ctype = headers.get(b"content-type", b"")
             if scope["method"] in ("POST", "PUT") and (not ctype or ctype.startswith(_FORM)):
                 # `curl -d '{...}'` sends a form content type; every body here is JSON.
                 scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-type"] + [
                     (b"content-type", b"application/json")
                 ]
-            app_receive = receive
             route = fastpath.match(scope["method"], path, ctype) if self.fast is not None else None
-            body: bytes | None = None
-            if route is not None or (length is None and scope["method"] in ("POST", "PUT", "PATCH")):
-                # The inference fast path takes the body whole; a chunked body has no length
-                # to check up front, so it is read here within the limit too (the parsers
-                # downstream would turn an error raised mid-read into a generic 400).
-                body, size = await _read_limited(receive, self.max_body)
-                if body is None:
-                    await reject(_too_large(size, self.max_body))
-                    return
-                app_receive = _replay(body, receive)
-
             self.counter.inflight += 1
             try:
+                reader.admit()
                 if route is not None and self.fast is not None:
-                    await self.fast(route[0], route[1], body or b"", receive, send_with_trace)
+                    schema = route[1]
+                    if isinstance(schema, fastpath.MultipartForm):
+                        parsed = await schema.parse(reader.chunks(), self.limits.max_parts)
+                        await self.fast(route[0], parsed, b"", receive, send_with_trace)
+                    else:
+                        body = await reader.read_all()
+                        await self.fast(route[0], schema, body, receive, send_with_trace)
                 else:
+                    # Read here whole, within the limits: the parsers downstream would turn
+                    # an error raised mid-read into a generic 400.
+                    app_receive = _replay(await reader.read_all(), receive) if reader.has_body else receive
                     await self.app(scope, app_receive, send_with_trace)
             except ModelMoraError as exc:  # raised while no app handler was in place
                 if not started:
@@ -136,6 +170,7 @@ class EdgeMiddleware:
                     )
             finally:
                 self.counter.inflight -= 1
+                reader.release()
         finally:
             current_trace_id.reset(token)
             current_protocol.reset(door)
@@ -169,21 +204,83 @@ def _handler(path: str) -> str:
     return "other"
 
 
-async def _read_limited(receive: Receive, limit: int) -> tuple[bytes | None, int]:
-    """The whole body, or None once it passes `limit` (with the size read so far)."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message: Message = await receive()
-        if message["type"] != "http.request":
-            return b"".join(chunks), size
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return None, size
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks), size
+class _BodyReader:
+    """One request's body, read within the edge's limits; its bytes count against the bytes
+    all requests hold (`EdgeMiddleware.buffered`) until the request ends (`release`)."""
+
+    def __init__(self, edge: EdgeMiddleware, receive: Receive, headers: dict[bytes, bytes]) -> None:
+        self.edge = edge
+        self.limits = edge.limits
+        self.receive = receive
+        length = headers.get(b"content-length")
+        self.declared = int(length) if length is not None and length.isdigit() else None
+        self.has_body = bool(self.declared) or (self.declared is None and b"transfer-encoding" in headers)
+        self.done = not self.has_body
+        self.size = 0
+        self.reserved = 0
+        self.deadline = 0.0
+
+    def admit(self) -> None:
+        """Refuse up front what the declared length already rules out; reserve the rest."""
+        if self.declared is not None and self.declared > self.limits.max_body:
+            raise _too_large(self.declared, self.limits.max_body)
+        if self.declared:
+            self._reserve(self.declared)
+        self.deadline = asyncio.get_running_loop().time() + self.limits.body_deadline
+
+    def _reserve(self, size: int) -> None:
+        edge = self.edge
+        if edge.buffered + size > self.limits.max_buffered:
+            raise ModelMoraError(
+                ErrorCode.INSUFFICIENT_MEMORY,
+                f"the server holds {edge.buffered} bytes of request bodies; {size} more would pass "
+                f"its limit of {self.limits.max_buffered} (limits.max_buffered_bytes)",
+                {"limit_bytes": self.limits.max_buffered, "setting": "limits.max_buffered_bytes"},
+                retry_after=1,
+            )
+        edge.buffered += size
+        self.reserved += size
+
+    def release(self) -> None:
+        self.edge.buffered -= self.reserved
+        self.reserved = 0
+
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
+        loop = asyncio.get_running_loop()
+        while not self.done:
+            wait = min(self.limits.body_timeout, self.deadline - loop.time())
+            try:
+                if wait <= 0:
+                    raise TimeoutError
+                async with asyncio.timeout(wait):
+                    message: Message = await self.receive()
+            except TimeoutError:
+                raise ModelMoraError(
+                    ErrorCode.REQUEST_TIMEOUT,
+                    "request body not received in time: no bytes for "
+                    f"{self.limits.body_timeout:g} s (server.body_timeout_seconds) or not complete "
+                    f"within {self.limits.body_deadline:g} s (server.body_deadline_seconds)",
+                    {
+                        "received_bytes": self.size,
+                        "body_timeout_seconds": self.limits.body_timeout,
+                        "body_deadline_seconds": self.limits.body_deadline,
+                    },
+                ) from None
+            if message["type"] != "http.request":
+                self.done = True  # nobody is left to answer
+                raise ModelMoraError(ErrorCode.CANCELLED, "client disconnected before the body was complete")
+            chunk: bytes = message.get("body", b"")
+            self.size += len(chunk)
+            if self.size > self.limits.max_body:
+                raise _too_large(self.size, self.limits.max_body)
+            if self.size > self.reserved:  # a chunked body: reserved as it arrives
+                self._reserve(self.size - self.reserved)
+            self.done = not message.get("more_body", False)
+            if chunk:
+                yield chunk
+
+    async def read_all(self) -> bytes:
+        return b"".join([chunk async for chunk in self.chunks()])
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -11,13 +11,14 @@ same service call and the same error shape.
 from __future__ import annotations
 
 import asyncio
-import email.parser
-import email.policy
+import contextlib
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from pydantic import BaseModel, ValidationError
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
 from modelmora.api.schemas import InferRequest, ShortInferRequest
 from modelmora.contracts.encoding import JSON_OPTIONS
@@ -54,35 +55,107 @@ def match(method: str, path: str, content_type: bytes = b"") -> tuple[str, Any] 
 
 class MultipartForm:
     """`multipart/form-data` for image tasks: one or more `image` file parts, and the other
-    request fields as plain parts (`parameters` as JSON text). Parsed by the standard
-    library's MIME parser: the body is already whole and within the size limit here."""
+    request fields as plain parts (`parameters` as JSON text).
+
+    Parsed as the body arrives, by python-multipart's streaming parser, each chunk in a worker
+    thread: a body crafted to be slow to parse (tens of thousands of tiny parts) costs a
+    thread, never the event loop that answers every other request and health probe. Parts past
+    `limits.max_multipart_parts` stop the parse and the read (413)."""
 
     _SCALARS = ("priority", "timeout_seconds", "keep_alive", "stream")
 
     def __init__(self, content_type: bytes) -> None:
         self.content_type = content_type
 
-    def model_validate_json(self, body: bytes) -> InferRequest:
-        head = b"Content-Type: " + self.content_type + b"\r\nMIME-Version: 1.0\r\n\r\n"
-        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
-        if not message.is_multipart():
-            raise _form_error("body", "not a multipart/form-data body")
+    async def parse(self, chunks: AsyncGenerator[bytes, None], max_parts: int) -> InferRequest:
+        form = _FormParts(self.content_type, max_parts)
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                await asyncio.to_thread(form.write, chunk)
+        form.finish()
+        return form.request(self._SCALARS)
+
+
+class _FormParts:
+    """python-multipart's callbacks collecting the parts of one form (used by one thread at a
+    time: each chunk is written after the previous one returned)."""
+
+    def __init__(self, content_type: bytes, max_parts: int) -> None:
+        _, params = parse_options_header(content_type)
+        boundary = params.get(b"boundary")
+        if not boundary:
+            raise _form_error("body", "multipart/form-data without a boundary")
+        self.max_parts = max_parts
+        self.parts: list[tuple[str | None, bytearray]] = []
+        self._field = bytearray()
+        self._value = bytearray()
+        self._disposition: bytes | None = None
+        self._parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": self._part_begin,
+                "on_part_data": self._part_data,
+                "on_header_field": self._header_field,
+                "on_header_value": self._header_value,
+                "on_header_end": self._header_end,
+                "on_headers_finished": self._headers_finished,
+            },
+        )
+        self._ended = False
+
+    def write(self, chunk: bytes) -> None:
+        try:
+            self._parser.write(chunk)
+        except MultipartParseError as exc:
+            raise _form_error("body", f"malformed multipart body: {exc}") from None
+
+    def finish(self) -> None:
+        if self._parser.state != MultipartState.END:
+            raise _form_error("body", "multipart body ends before its closing boundary")
+
+    def _part_begin(self) -> None:
+        if len(self.parts) >= self.max_parts:
+            raise ModelMoraError(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"multipart body has more than {self.max_parts} parts (limits.max_multipart_parts)",
+                {"limit_parts": self.max_parts, "setting": "limits.max_multipart_parts"},
+            )
+        self._disposition = None
+        self.parts.append((None, bytearray()))
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        self.parts[-1][1].extend(data[start:end])
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._field.extend(data[start:end])
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value.extend(data[start:end])
+
+    def _header_end(self) -> None:
+        if bytes(self._field).strip().lower() == b"content-disposition":
+            self._disposition = bytes(self._value)
+        self._field.clear()
+        self._value.clear()
+
+    def _headers_finished(self) -> None:
+        _, params = parse_options_header(self._disposition)
+        name = params.get(b"name")
+        self.parts[-1] = (name.decode("utf-8", "replace") if name is not None else None, self.parts[-1][1])
+
+    def request(self, scalars: tuple[str, ...]) -> InferRequest:
         images: list[bytes] = []
         fields: dict[str, Any] = {}
-        for part in message.iter_parts():
-            name = part.get_param("name", header="content-disposition")
-            payload = part.get_payload(decode=True)
-            data = payload if isinstance(payload, bytes) else b""
+        for name, data in self.parts:
             if name == "image":
-                images.append(data)
+                images.append(bytes(data))
             elif name == "parameters":
                 try:
                     fields["parameters"] = orjson.loads(data or b"{}")
                 except orjson.JSONDecodeError:
                     raise _form_error("parameters", "must be a JSON object") from None
-            elif name in self._SCALARS:
-                text = data.decode("utf-8", "replace").strip()
-                fields[str(name)] = text.lower() in ("1", "true", "yes") if name == "stream" else text
+            elif name in scalars:
+                fields[name] = _form_scalar(name, data.decode("utf-8", "replace").strip())
             else:
                 raise _form_error(str(name), "not a field of an inference form")
         if not images:
@@ -92,6 +165,20 @@ class MultipartForm:
             return InferRequest.model_validate({"input_data": input_data, **fields})
         except ValidationError as exc:
             raise validation_error(exc.errors(include_url=False)) from None  # type: ignore[arg-type]
+
+
+def _form_scalar(name: str, text: str) -> Any:
+    """A form field is text: typed here, as strictly as the JSON body's field."""
+    if name == "stream":
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise _form_error(name, "must be true or false")
+        return text.lower() in ("true", "1")
+    if name == "priority":
+        return text
+    try:
+        return float(text)  # NaN and infinities pass here and are refused by the schema
+    except ValueError:
+        raise _form_error(name, "must be a number") from None
 
 
 def _form_error(field: str, message: str) -> ModelMoraError:
@@ -200,11 +287,15 @@ def _disconnect(receive: Receive) -> asyncio.Future[None]:
 
 
 async def handle(mm: ModelMora, name: str, schema: Any, body: bytes, receive: Receive, send: Send) -> None:
-    """Answer one inference request; errors are raised as ModelMoraError for the edge."""
-    try:
-        parsed = schema.model_validate_json(body or b"null")
-    except ValidationError as exc:
-        raise validation_error(exc.errors(include_url=False)) from None  # type: ignore[arg-type]
+    """Answer one inference request; errors are raised as ModelMoraError for the edge.
+    `schema` is the body's schema, or the request already parsed (a multipart form)."""
+    if isinstance(schema, InferRequest):
+        parsed: BaseModel = schema
+    else:
+        try:
+            parsed = schema.model_validate_json(body or b"null")
+        except ValidationError as exc:
+            raise validation_error(exc.errors(include_url=False)) from None  # type: ignore[arg-type]
     full = to_full(parsed)
     watch = _disconnect(receive)
     try:

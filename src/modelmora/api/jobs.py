@@ -8,7 +8,16 @@ import orjson
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response
 
-from modelmora.api.schemas import ErrorBody, InferRequest, InferResponse, JobAccepted, JobList, JobStatusBody
+from modelmora.api.schemas import (
+    MAX_PAGE,
+    MAX_PAGE_SIZE,
+    ErrorBody,
+    InferRequest,
+    InferResponse,
+    JobAccepted,
+    JobList,
+    JobStatusBody,
+)
 from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.observability.tracing import current_trace_id
 
@@ -68,8 +77,8 @@ def build_jobs_router() -> APIRouter:
         request: Request,
         status: str | None = None,
         model: str | None = None,
-        page: int = Query(1, ge=1),
-        page_size: int = Query(50, ge=1, le=1000),
+        page: int = Query(1, ge=1, le=MAX_PAGE),
+        page_size: int = Query(50, ge=1, le=MAX_PAGE_SIZE),
     ) -> Response:
         return _json(await _mm(request).jobs.list(status, model, page, page_size))
 

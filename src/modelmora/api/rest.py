@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modelmora import __version__
 from modelmora.api import fastpath
-from modelmora.api.edge import EdgeMiddleware, error_response_parts
+from modelmora.api.edge import EdgeLimits, EdgeMiddleware, error_response_parts
 from modelmora.api.jobs import build_jobs_router
 from modelmora.api.schemas import (
     ErrorBody,
@@ -147,7 +147,7 @@ def build_router() -> APIRouter:
         request: Request,
         task_type: str | None = None,
         status: str | None = None,
-        page: int = Query(1, ge=1),
+        page: int = Query(1, ge=1, le=1_000_000),
         page_size: int = Query(50, ge=1, le=500),
     ) -> Response:
         return JSON(await _mm(request).registry.list(task_type, status, page, page_size))
@@ -289,4 +289,5 @@ def asgi_app(mm: ModelMora) -> EdgeMiddleware:
         fast=fast,
         metrics=mm.metrics,
         tracing_on=lambda: mm.inference.spans is not None,
+        limits=EdgeLimits.from_settings(mm.settings),
     )

@@ -2,18 +2,46 @@
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+# Bounds of `page` and `page_size` on every listing: the offset they make stays far inside
+# SQLite's 64-bit integers and the echoed `meta` inside orjson's.
+MAX_PAGE = 1_000_000
+MAX_PAGE_SIZE = 1000
+
+
+def _finite_tree(value: Any) -> Any:
+    """Refuse NaN and infinities anywhere in free-form JSON: both JSON parsers in front of
+    these models accept `NaN` and `Infinity`, and neither has a JSON spelling on the way back."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError("numbers must be finite (no NaN or Infinity)")
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return value
+
+
+# A JSON object whose numbers, at any depth, are finite.
+FiniteObject = Annotated[dict[str, Any], AfterValidator(_finite_tree)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: `"priority": true` or `"stream": "yes"` is an error, not a coercion (a bool is
+    # an int to lax pydantic, so `true` ran as priority 1). Unknown keys are errors too, and
+    # typed numbers are finite.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class InferRequest(_Strict):
-    input_data: dict[str, Any] = Field(description="Per task: `text` (string or list), `image`, `messages`.")
-    parameters: dict[str, Any] = Field(default_factory=dict, description="Per task, e.g. `normalize`.")
+    input_data: FiniteObject = Field(description="Per task: `text` (string or list), `image`, `messages`.")
+    parameters: FiniteObject = Field(default_factory=dict, description="Per task, e.g. `normalize`.")
     priority: str | int | None = Field(None, description="critical|high|normal|low or 1-4")
     timeout_seconds: float | None = Field(None, gt=0, le=86_400)
     keep_alive: float | None = Field(None, ge=-1, description="seconds; -1 forever, 0 unload after")
@@ -25,7 +53,7 @@ class ShortInferRequest(_Strict):
 
     text: str | list[Any] | None = None
     image: str | list[Any] | None = None
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    parameters: FiniteObject = Field(default_factory=dict)
     priority: str | int | None = None
     timeout_seconds: float | None = Field(None, gt=0, le=86_400)
     keep_alive: float | None = Field(None, ge=-1)
@@ -62,15 +90,15 @@ class RegisterModelRequest(_Strict):
     task_type: str | None = None
     display_name: str | None = Field(None, max_length=256)
     description: str | None = Field(None, max_length=10_000)
-    config: dict[str, Any] = Field(default_factory=dict)
-    resource_requirements: dict[str, Any] = Field(default_factory=dict)
+    config: FiniteObject = Field(default_factory=dict)
+    resource_requirements: FiniteObject = Field(default_factory=dict)
 
 
 class UpdateModelRequest(_Strict):
     display_name: str | None = Field(None, max_length=256)
     description: str | None = Field(None, max_length=10_000)
-    config: dict[str, Any] = Field(default_factory=dict, description="keys to set; null removes one")
-    resource_requirements: dict[str, Any] | None = None
+    config: FiniteObject = Field(default_factory=dict, description="keys to set; null removes one")
+    resource_requirements: FiniteObject | None = None
 
 
 class ErrorBody(BaseModel):

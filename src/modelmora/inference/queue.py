@@ -26,19 +26,23 @@ class Priority(IntEnum):
 _NAMES = {p.name.lower(): p for p in Priority} | {"medium": Priority.NORMAL}
 
 
-def parse_priority(value: str | int | None) -> Priority:
+def parse_priority(value: object) -> Priority:
+    """A name, or 1-4 as an int or a string of ASCII digits; nothing else is coerced: a bool
+    is an int to Python (`True` would run as critical) and a float or other object is no
+    priority at all, whichever door it came through."""
     if value is None:
         return Priority.NORMAL
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise _bad_priority(value)
     if isinstance(value, int):
         if 1 <= value <= 4:
             return Priority(value)
         raise _bad_priority(value)
-    key = str(value).strip().lower()
+    key = value.strip().lower()
     if key in _NAMES:
         return _NAMES[key]
-    if key.isascii() and key.isdigit():  # not "²" or "٣": int() rejects or misreads those
+    # Not "²" or "٣" (int() rejects or misreads those), nor thousands of digits (int() raises).
+    if key.isascii() and key.isdigit() and len(key) <= 9:
         return parse_priority(int(key))
     raise _bad_priority(value)
 

@@ -109,6 +109,9 @@ def install(
         s3_endpoint_url=settings.registry.s3_endpoint_url,
         progress=progress,
         expected_files=req.expected_files,
+        archive_limits=sources.ArchiveLimits(
+            settings.registry.max_archive_bytes, settings.registry.max_archive_files
+        ),
     )
     kind = sources.classify_source(req.model_id if req.source is None else None, req.source)
     owned = kind != "hub"  # hub files live in the shared HF cache; the rest we copied

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.registry.catalog import is_hub_id, read_folder_metadata
+from modelmora.registry.sources.archive import ArchiveLimits
 from modelmora.registry.sources.common import (
     FetchResult,
     SourceKind,
@@ -77,6 +78,7 @@ def fetch(
     s3_endpoint_url: str | None = None,
     progress: bool = True,
     expected_files: dict[str, str] | None = None,
+    archive_limits: ArchiveLimits | None = None,
 ) -> FetchResult:
     """Fetch a model's files and hash every one of them.
 
@@ -114,11 +116,11 @@ def fetch(
     fetch_dir = make_fetch_dir(staging_dir)
     try:
         if kind == "local":
-            origin, files, sizes = fetch_local(source, fetch_dir, staging_dir, progress)
+            origin, files, sizes = fetch_local(source, fetch_dir, staging_dir, progress, archive_limits)
         elif kind == "s3":
             origin, files, sizes = fetch_s3(source, fetch_dir, s3_endpoint_url, progress)
         else:
-            origin, files, sizes = fetch_url(source, fetch_dir, staging_dir, progress)
+            origin, files, sizes = fetch_url(source, fetch_dir, staging_dir, progress, archive_limits)
         if expected_files is not None:
             check_expected(expected_files, files, origin, cleanup=fetch_dir)
         metadata = read_folder_metadata(fetch_dir)
@@ -144,6 +146,7 @@ def fetch(
 
 
 __all__ = [
+    "ArchiveLimits",
     "FetchResult",
     "SourceKind",
     "classify_source",

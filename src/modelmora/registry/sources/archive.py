@@ -1,7 +1,8 @@
 """Archive extraction (zip, tar and its compressed forms), for local and URL sources.
 
 Every member name goes through `member_path` (also used by the S3 source for object keys), so
-nothing can be written outside the extraction folder whatever the archive holds.
+nothing can be written outside the extraction folder whatever the archive holds; and what it
+writes is capped in bytes and files (`ArchiveLimits`), so a small archive cannot fill the disk.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, cast
 
 from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.registry.sources.common import ByteProgress, first_line
@@ -78,6 +79,55 @@ def _link_target(member: str, linkname: str, *, relative_to_member: bool) -> str
     if joined == ".." or joined.startswith("../") or joined == ".":
         raise UnsafeArchive(member, f"link {linkname!r} points outside the archive")
     return joined
+
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """Caps on what one archive may expand to (`registry.max_archive_bytes`, `max_archive_files`).
+
+    Checked twice: on the sizes the archive declares, before anything is written, and on the
+    bytes actually written (a zip's declared size is the archive's word; a link becomes a copy
+    of its target, so a thousand links to one large file are a thousand copies)."""
+
+    max_bytes: int = 64 << 30
+    max_files: int = 10_000
+
+
+class _OverLimit(Exception):
+    def __init__(self, what: Literal["bytes", "files"], limit: int, seen: int) -> None:
+        super().__init__(what)
+        self.what = what
+        self.limit = limit
+        self.seen = seen
+
+
+class _Budget:
+    """Bytes left to write; `wrap` makes a member's stream raise once the archive passes it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, size: int) -> None:
+        self.used += size
+        if self.used > self.limit:
+            raise _OverLimit("bytes", self.limit, self.used)
+
+    def wrap(self, stream: IO[bytes]) -> _Counted:
+        return _Counted(stream, self)
+
+
+class _Counted:
+    """The `read` of a member stream, counted against the archive's budget as it is read."""
+
+    def __init__(self, stream: IO[bytes], budget: _Budget) -> None:
+        self._stream = stream
+        self._budget = budget
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self._stream.read(size)
+        self._budget.take(len(chunk))
+        return chunk
 
 
 @dataclass
@@ -156,14 +206,23 @@ def _common_root(members: list[_Member]) -> str | None:
 
 
 def extract_archive(
-    archive: Path, kind: Literal["zip", "tar"], dest: Path, progress: bool, *, label: str
+    archive: Path,
+    kind: Literal["zip", "tar"],
+    dest: Path,
+    progress: bool,
+    *,
+    label: str,
+    limits: ArchiveLimits | None = None,
 ) -> tuple[dict[str, str], dict[str, int]]:
     """Extract into `dest`, hashing each file as it is written.
 
     Never calls tarfile/zipfile extract: every member is checked and written by hand, links
     are never created on disk (a link whose target is a file inside the archive becomes a copy
-    of it), so nothing can land outside `dest` whatever the archive holds.
+    of it), so nothing can land outside `dest` whatever the archive holds. Past `limits`, it
+    raises PAYLOAD_TOO_LARGE; what was written is the caller's to remove (`fetch` removes its
+    folder on any error).
     """
+    limits = limits or ArchiveLimits()
 
     def refuse(message: str, exc: BaseException | None, **extra: Any) -> ModelMoraError:
         details: dict[str, Any] = {"source": label, "archive": archive.name, **extra}
@@ -188,6 +247,12 @@ def extract_archive(
                 return name[len(root) + 1 :] if root and name.startswith(root + "/") else name
 
             total = sum(m.size for m in members if m.kind == "file")
+            count = sum(1 for m in members if m.kind != "dir")
+            if count > limits.max_files:
+                raise _OverLimit("files", limits.max_files, count)
+            budget = _Budget(limits.max_bytes)
+            if total > limits.max_bytes:  # as declared: refused before a byte is written
+                raise _OverLimit("bytes", limits.max_bytes, total)
             links: dict[str, str] = {}
             with ByteProgress(progress, f"extracting {archive.name}", total) as bar:
                 for m in members:
@@ -202,9 +267,17 @@ def extract_archive(
                     else:
                         assert m.opener is not None
                         with m.opener() as stream:
-                            files[path], sizes[path] = write_stream(stream, dest / path, bar.advance)
+                            counted = cast(IO[bytes], budget.wrap(stream))  # only `read` is used
+                            files[path], sizes[path] = write_stream(counted, dest / path, bar.advance)
                         links.pop(path, None)
-                _materialize_links(links, dest, files, sizes)
+                _materialize_links(links, dest, files, sizes, budget)
+    except _OverLimit as exc:
+        setting, unit = f"registry.max_archive_{exc.what}", exc.what
+        raise ModelMoraError(
+            ErrorCode.PAYLOAD_TOO_LARGE,
+            f"archive {label} expands to more than {exc.limit} {unit} ({setting}); nothing was installed",
+            {"source": label, "archive": archive.name, f"limit_{unit}": exc.limit, "setting": setting},
+        ) from None
     except UnsafeArchive as exc:
         raise refuse(
             f"refusing archive {label}: unsafe member {exc.member!r} ({exc.reason})",
@@ -231,9 +304,10 @@ def extract_archive(
 
 
 def _materialize_links(
-    links: dict[str, str], dest: Path, files: dict[str, str], sizes: dict[str, int]
+    links: dict[str, str], dest: Path, files: dict[str, str], sizes: dict[str, int], budget: _Budget
 ) -> None:
-    """Turn in-archive links into copies of their targets (chains resolved in rounds)."""
+    """Turn in-archive links into copies of their targets (chains resolved in rounds); each
+    copy counts against the archive's byte budget before it is made."""
     pending = dict(links)
     while pending:
         done = [path for path, target in pending.items() if target in files]
@@ -242,6 +316,7 @@ def _materialize_links(
             raise UnsafeArchive(path, f"link target {target!r} is not a file in the archive")
         for path in done:
             target = pending.pop(path)
+            budget.take(sizes[target])
             (dest / path).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(dest / target, dest / path)
             files[path], sizes[path] = files[target], sizes[target]

@@ -11,7 +11,7 @@ from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
 from modelmora.errors import ErrorCode, ModelMoraError
-from modelmora.registry.sources.archive import archive_kind, extract_archive
+from modelmora.registry.sources.archive import ArchiveLimits, archive_kind, extract_archive
 from modelmora.registry.sources.common import ByteProgress
 from modelmora.registry.sources.files import copy_file, list_files
 
@@ -36,7 +36,11 @@ def _local_path(source: str) -> Path:
 
 
 def fetch_local(
-    source: str, fetch_dir: Path, staging_dir: Path, progress: bool
+    source: str,
+    fetch_dir: Path,
+    staging_dir: Path,
+    progress: bool,
+    archive_limits: ArchiveLimits | None = None,
 ) -> tuple[str, dict[str, str], dict[str, int]]:
     """Copy a folder (or one file; an archive is extracted) into `fetch_dir`, hashing each file
     on the way so every byte is read once."""
@@ -60,7 +64,9 @@ def fetch_local(
     if stat.S_ISREG(st.st_mode):
         kind = archive_kind(path.name)
         if kind is not None:
-            files, sizes = extract_archive(path, kind, fetch_dir, progress, label=source)
+            files, sizes = extract_archive(
+                path, kind, fetch_dir, progress, label=source, limits=archive_limits
+            )
         else:
             with ByteProgress(progress, f"copying {path.name}", st.st_size) as bar:
                 sha = copy_file(path, fetch_dir / path.name, bar.advance)

@@ -13,7 +13,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import httpx
 
 from modelmora.errors import ErrorCode, ModelMoraError
-from modelmora.registry.sources.archive import archive_kind, extract_archive
+from modelmora.registry.sources.archive import ArchiveLimits, archive_kind, extract_archive
 from modelmora.registry.sources.common import CHUNK_SIZE, ByteProgress, first_line
 from modelmora.registry.sources.files import write_error
 
@@ -41,7 +41,7 @@ def _safe_basename(name: str) -> str | None:
 
 
 def fetch_url(
-    url: str, fetch_dir: Path, staging_dir: Path, progress: bool
+    url: str, fetch_dir: Path, staging_dir: Path, progress: bool, archive_limits: ArchiveLimits | None = None
 ) -> tuple[str, dict[str, str], dict[str, int]]:
     """Stream a URL to disk, hashing as it arrives; archives go to a side file first (outside
     the model folder) and are extracted from it."""
@@ -88,7 +88,9 @@ def fetch_url(
                         bar.advance(len(chunk))
         if kind is None:
             return origin, {name: digest.hexdigest()}, {name: written}
-        files, sizes = extract_archive(tmp_archive, kind, fetch_dir, progress, label=origin)
+        files, sizes = extract_archive(
+            tmp_archive, kind, fetch_dir, progress, label=origin, limits=archive_limits
+        )
         return origin, files, sizes
     except ModelMoraError:
         raise
