@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,11 +32,15 @@ from modelmora.lifecycle.memory import (
     TORCH_WORKER_BASE_BYTES,
     MemoryProbe,
     SystemProbe,
+    accounted_bytes,
     budget_from_settings,
     estimate_need,
+    fork_measurements,
+    memory_breakdown,
+    process_tree_memory,
     weights_bytes,
 )
-from modelmora.lifecycle.spare import SparePool
+from modelmora.lifecycle.spare import SparePool, WorkerSource
 from modelmora.observability.metrics import Metrics
 from modelmora.registry.catalog import ModelRecord, ModelState
 from modelmora.registry.store import RegistryStore
@@ -97,6 +102,7 @@ class ModelSlot:
             "keep_alive_seconds": self.keep_alive,
             "memory": {
                 "rss_bytes": self.runner.rss_bytes() if self.runner else 0,
+                **(memory_breakdown(self.runner) if self.runner else {}),
                 "gpu_bytes": self._reported_gpu_bytes(),
             },
             "failures": self.failures,
@@ -112,7 +118,7 @@ class ModelManager:
         runner_factory: RunnerFactory,
         clock: Callable[[], float] = time.monotonic,
         probe: MemoryProbe | None = None,
-        spares: SparePool | None = None,
+        spares: WorkerSource | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
@@ -121,7 +127,7 @@ class ModelManager:
         self.runner_factory = runner_factory
         self.clock = clock
         self.probe = probe or SystemProbe()
-        self.spares = spares or SparePool(enabled=False)
+        self.spares: WorkerSource = spares or SparePool(enabled=False)
         self.spares.fits = self._spare_fits
         self.budget: Budget = budget_from_settings(settings.resources, self.probe)
         self.slots: dict[str, ModelSlot] = {}
@@ -280,11 +286,11 @@ class ModelManager:
             async with self._load_lock:
                 self._idle.clear()
                 # A load that will take the warm spare turns the spare's memory into the model's.
-                takes_spare = self.spares.ready and uses_spare(
+                takes_spare = self.spares.consumed_by(
                     slot.record.task_type.value, slot.record.config.get("adapter")
                 )
                 residents = self._residents(exclude=slot.name, spare=not takes_spare)
-                plan = plan_load(residents, need, self.budget)
+                plan = plan_load(residents, self.spares.adjust_need(need, slot.record.memory), self.budget)
                 if plan.action == "impossible":
                     slot.memory_plan = plan
                     raise _insufficient(slot.name, plan)
@@ -345,7 +351,7 @@ class ModelManager:
             residents.append(
                 Resident(
                     name=slot.name,
-                    ram_bytes=slot.runner.rss_bytes(),
+                    ram_bytes=accounted_bytes(slot.runner),
                     gpu_bytes=self._gpu_bytes(slot, by_pid),
                     device=device,
                     busy=slot.busy,
@@ -412,7 +418,7 @@ class ModelManager:
             self._on_exit(slot, runner, why)
 
         runner: Runner | None = None
-        if uses_spare(spec.task_type, spec.adapter):
+        if self.spares.serves(spec.task_type, spec.adapter):
             runner = self.spares.take(name, on_event, on_exit)
         from_spare = runner is not None
         if runner is None:
@@ -454,6 +460,7 @@ class ModelManager:
         by_pid = self.probe.gpu_bytes_by_pid() if loaded.device.startswith("cuda") else {}
         memory = {
             "rss_bytes": runner.rss_bytes() or loaded.rss_bytes,
+            **fork_measurements(runner),
             "gpu_bytes": self._gpu_bytes(slot, by_pid),
             "device": loaded.device,
         }
@@ -573,11 +580,8 @@ class ModelManager:
             "budget_gpu_bytes": dict(self.budget.gpu_bytes) if self.budget.gpu_bytes else None,
             "used_ram_bytes": sum(r.ram_bytes for r in residents),
             "system_available_bytes": self.probe.system_available_bytes(),
-            "spare": {
-                "ready": self.spares.ready,
-                "pid": self.spares.pid,
-                "rss_bytes": self.spares.rss_bytes(),
-            },
+            "spare": self.spares.status(),
+            "tree": process_tree_memory(os.getpid()),
         }
 
     async def poll_stats(self, timeout: float = 1.0) -> None:
