@@ -27,6 +27,7 @@ import psutil
 
 from modelmora.contracts.runner import EventHandler, ExitHandler
 from modelmora.lifecycle.eviction import MB, Need, is_gpu
+from modelmora.lifecycle.memory import PLAIN_WORKER_BASE_BYTES
 from modelmora.lifecycle.runners import ForkedWorker, ForkFailed, ProcessRunner, worker_env
 from modelmora.lifecycle.spare import SparePool, WorkerSource
 from modelmora.lifecycle.zygote import HELLO_HEADER, MAX_MESSAGE, PR_SET_CHILD_SUBREAPER, WORKER_TARGET, prctl
@@ -179,7 +180,13 @@ class ZygotePool:
 
     @property
     def last_rss_bytes(self) -> int:
-        return int(self.last_ready.get("rss_bytes", 0))
+        """The last zygote's RSS once ready (its size for budget planning); before, an
+        estimate for one without torch, or 0 (the manager's estimate of a torch worker)."""
+        if "rss_bytes" in self.last_ready:
+            return int(self.last_ready["rss_bytes"])
+        if self._modules is not None and "torch" not in self._modules:
+            return PLAIN_WORKER_BASE_BYTES
+        return 0
 
     def serves(self, task_type: str, adapter: str | None) -> bool:
         return True  # a fork is cheaper than an exec whatever the worker imports
