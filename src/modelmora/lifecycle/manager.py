@@ -391,7 +391,7 @@ class ModelManager:
     async def _evict(self, name: str, reason: str) -> None:
         if name == SPARE:
             freed = await self.spares.discard()
-            log.info("warm spare given up for memory", extra={"freed_mb": freed // 2**20})
+            log.info(f"{self.spares.label} given up for memory", extra={"freed_mb": freed // 2**20})
             return
         self.counters["evictions"] += 1
         self.metrics.evictions.labels(name).inc()
@@ -455,7 +455,8 @@ class ModelManager:
         self._transition(
             slot,
             ModelState.READY,
-            f"loaded in {seconds:.2f} s on {loaded.device}" + (" (warm spare)" if from_spare else ""),
+            f"loaded in {seconds:.2f} s on {loaded.device}"
+            + (f" ({self.spares.label})" if from_spare else ""),
         )
         by_pid = self.probe.gpu_bytes_by_pid() if loaded.device.startswith("cuda") else {}
         memory = {

@@ -35,6 +35,7 @@ class WorkerSource(Protocol):
     budget as the resident `eviction.SPARE` and is the first thing given up."""
 
     kind: str
+    label: str  # in log lines: "warm spare" or "zygote"
     fits: Callable[[], bool]
 
     @property
@@ -75,6 +76,7 @@ class WorkerSource(Protocol):
 
 class SparePool:
     kind = "spare"
+    label = "warm spare"
 
     def __init__(self, enabled: bool, prepare_timeout: float = 300.0) -> None:
         self.enabled = enabled

@@ -144,6 +144,7 @@ class ZygotePool:
     """One zygote per server. `take` hands out a runner that forks from it; the zygote stays."""
 
     kind = "zygote"
+    label = "zygote"
 
     def __init__(
         self,
