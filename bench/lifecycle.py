@@ -368,16 +368,16 @@ def bench_four_cold(data: Path, source: Path, runs: int) -> list[tuple[str, str]
     return rows
 
 
-def _memory(pid: int) -> tuple[int, int]:
+def _memory(pid: int) -> tuple[int, int, int]:
     info = psutil.Process(pid).memory_full_info()
-    return int(info.pss), int(info.rss)
+    return int(info.pss), int(info.rss), int(info.uss)
 
 
 def bench_shared_memory(data: Path, source: Path, requests: int) -> list[tuple[str, str]]:
     models = ["mem-a", "mem-b", "mem-c"]
     for name in models:
         _install(data, source, name)
-    figures: dict[str, tuple[int, int, int]] = {}
+    figures: dict[str, tuple[int, int, int, int]] = {}
     zygote_rss = zygote_start = ready_wall = 0.0
     for kind in ("zygote", "fresh"):
         started = time.perf_counter()
@@ -394,14 +394,16 @@ def bench_shared_memory(data: Path, source: Path, requests: int) -> list[tuple[s
             time.sleep(0.5)
             pids = server.worker_pids()
             per_worker = [_memory(pids[m]) for m in models]
-            pss = sum(p for p, _ in per_worker)
-            rss = sum(r for _, r in per_worker)
+            pss = sum(p for p, _, _ in per_worker)
+            rss = sum(r for _, r, _ in per_worker)
+            uss = sum(u for _, _, u in per_worker)
             extra = _memory(zygote_pid)[0] if kind == "zygote" else 0
-            figures[kind] = (pss, rss, extra)
+            figures[kind] = (pss, rss, uss, extra)
         finally:
             server.stop()
-    z_pss, z_rss, z_own = figures["zygote"]
-    f_pss, f_rss, _ = figures["fresh"]
+    z_pss, z_rss, z_uss, z_own = figures["zygote"]
+    f_pss, f_rss, _, _ = figures["fresh"]
+    shared = (z_rss - z_uss) / len(models) / zygote_rss
     return [
         (
             f"(f) 3 MiniLM workers after {requests} requests each, PSS: zygote forks / fresh (MiB)",
@@ -413,6 +415,10 @@ def bench_shared_memory(data: Path, source: Path, requests: int) -> list[tuple[s
             f"{(z_pss + z_own) / f_pss:.3f} ({(z_pss + z_own) / MB:.0f} MiB)",
         ),
         ("(f) ... RSS of the same workers: forks / fresh (MiB)", f"{z_rss / MB:.0f} / {f_rss / MB:.0f}"),
+        (
+            "(f) ... USS per fork (MiB) / share of the zygote's RSS a fork still shares",
+            f"{z_uss / len(models) / MB:.0f} / {shared:.2f}",
+        ),
         ("(g) zygote RSS (MiB)", f"{zygote_rss / MB:.0f}"),
         (
             "(g) zygote start: imports (s) / server start to zygote ready (s)",
