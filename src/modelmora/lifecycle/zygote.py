@@ -85,23 +85,26 @@ def preload(modules: list[str]) -> list[str]:
     return failed
 
 
-def quiesce() -> None:
+def quiesce() -> bool:
     """End the threads that libraries started at import: one fork runs every fork handler
-    (OpenBLAS shuts its pool down before a fork and starts it again only when next used)."""
+    (OpenBLAS shuts its pool down before a fork and starts it again only when next used).
+    True when that child could not have used CUDA: an import initialised the CUDA driver
+    (torch then marks every fork "bad"; the server sets PYTORCH_NVML_BASED_CUDA_CHECK=1 so that
+    `torch.cuda.is_available()` at import does not)."""
     pid = os.fork()
     if pid == 0:
-        os._exit(0)
-    os.waitpid(pid, 0)
+        os._exit(1 if _in_bad_fork() else 0)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0
+
+
+def _in_bad_fork() -> bool:
+    torch: Any = sys.modules.get("torch")
+    return bool(torch is not None and (torch.cuda.is_initialized() or torch.cuda._is_in_bad_fork()))
 
 
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _cuda_initialized() -> bool:
-    torch: Any = sys.modules.get("torch")
-    return bool(torch is not None and torch.cuda.is_initialized())
 
 
 def serve(control: socket.socket, server_pid: int) -> None:
@@ -200,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     modules = [m for m in args.modules.split(",") if m]
     failed = preload(["modelmora.lifecycle.worker", *modules])
-    quiesce()
+    cuda = quiesce()
     gc.freeze()
     ready = {
         "pid": os.getpid(),
@@ -209,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         "modules": modules,
         "failed": failed,
         "threads": task_count(),
-        "cuda": _cuda_initialized(),
+        "cuda": cuda,
     }
     try:
         control.sendall(json.dumps(ready).encode())

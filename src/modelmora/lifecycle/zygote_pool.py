@@ -46,7 +46,7 @@ TASK_MODULES: dict[str, list[str]] = {
 }
 BASE_MODULES = ["modelmora.tasks.fake"]
 # Share of the zygote's RSS that a forked worker keeps sharing (not written to) after a load
-# and 100 requests: measured 0.85 for MiniLM (bench/lifecycle.py, row (f)); rounded down, so
+# and 100 requests: measured 0.78 for MiniLM (bench/lifecycle.py, row (f)); rounded down, so
 # that a load's first estimate errs on the side of fitting.
 SHARED_FRACTION = 0.75
 START_TIMEOUT_SECONDS = 300.0
@@ -327,6 +327,13 @@ class ZygotePool:
         if self._closed:
             await _stop(zygote)
             return
+        if zygote.ready["cuda"]:
+            # Its forks could not create a CUDA context: start fresh workers from now on.
+            log.error("zygote initialised CUDA while importing: workers start fresh", extra=zygote.ready)
+            self.enabled = False
+            await _stop(zygote)
+            await self.discard()
+            return
         old, self._zygote = self._zygote, zygote
         self.last_ready = zygote.ready
         asyncio.get_running_loop().create_task(self._watch(zygote), name="zygote-watch")
@@ -340,8 +347,8 @@ class ZygotePool:
                 "failed": zygote.ready["failed"],
             },
         )
-        if zygote.ready["threads"] != 1 or zygote.ready["cuda"]:
-            log.warning("zygote is not fork-safe: it holds threads or a CUDA context", extra=zygote.ready)
+        if zygote.ready["threads"] != 1:
+            log.warning("zygote holds threads after its imports: forks may inherit locks", extra=zygote.ready)
         if old is not None:
             await _stop(old)  # replaced by a wider one: its workers go on
 
@@ -358,7 +365,9 @@ class ZygotePool:
                 ",".join(modules),
                 pass_fds=(child.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
-                env=worker_env(),
+                # torch.cuda.is_available() from NVML: without it, a library that asks at
+                # import initialises the CUDA driver, and no fork could use the GPU.
+                env={**worker_env(), "PYTORCH_NVML_BASED_CUDA_CHECK": "1"},
             )
         except BaseException:
             parent.close()
