@@ -24,7 +24,7 @@ from modelmora.jobs.dispatcher import JobDispatcher
 from modelmora.jobs.service import JobService, build_job_store
 from modelmora.lifecycle.manager import ModelManager
 from modelmora.lifecycle.runners import process_runner_factory
-from modelmora.lifecycle.spare import SparePool
+from modelmora.lifecycle.zygote_pool import worker_source
 from modelmora.observability.metrics import Live, Metrics, ModelLive
 from modelmora.observability.tracing import build_span_recorder
 from modelmora.registry.catalog import ModelState
@@ -46,7 +46,13 @@ class ModelMora:
     def __init__(self, settings: Settings, runner_factory: RunnerFactory = process_runner_factory) -> None:
         self.settings = settings
         self.store = RegistryStore(settings.database_url)
-        spares = SparePool(settings.resources.warm_spare and runner_factory is process_runner_factory)
+        spares = worker_source(
+            str(settings.resources.worker_start),
+            runner_factory is process_runner_factory,
+            lambda: [
+                (r.task_type.value, r.config.get("adapter")) for r in self.store.list(page_size=10_000)[0]
+            ],
+        )
         self.metrics = Metrics(__version__)
         self.manager = ModelManager(settings, self.store, runner_factory, spares=spares, metrics=self.metrics)
         self.results: ResultStore = build_result_store(settings)

@@ -6,6 +6,9 @@ Nothing here reads the environment at import time: `load_settings` is called onc
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -88,13 +91,39 @@ class RegistrySettings(_Section):
     max_archive_files: int = Field(10_000, ge=1)
 
 
+WorkerStart = Literal["zygote", "spare", "fresh"]
+
+
+def default_worker_start() -> WorkerStart:
+    """The zygote needs fork, pidfds and prctl: Linux. Elsewhere the warm spare."""
+    return "zygote" if sys.platform.startswith("linux") and hasattr(os, "fork") else "spare"
+
+
 class ResourcesSettings(_Section):
     max_memory_mb: int | None = Field(None, ge=1)
     gpu_memory_mb: int | None = Field(None, ge=1)
     gpu_memory_fraction: float | None = Field(None, gt=0, le=1)
-    warm_spare: bool = True
+    # How a worker starts: forked from the zygote, the warm spare, or a fresh process.
+    # None: from the deprecated `warm_spare` when it is set, else the platform's default.
+    worker_start: WorkerStart | None = None
+    warm_spare: bool | None = None  # deprecated: true means "spare", false "fresh"
     default_device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")
     default_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+
+    @model_validator(mode="after")
+    def _resolve_worker_start(self) -> ResourcesSettings:
+        if self.worker_start is None:
+            if self.warm_spare is None:
+                self.worker_start = default_worker_start()
+            else:
+                warnings.warn(
+                    "resources.warm_spare is deprecated: use resources.worker_start "
+                    f"({'spare' if self.warm_spare else 'fresh'})",
+                    FutureWarning,
+                    stacklevel=2,
+                )
+                self.worker_start = "spare" if self.warm_spare else "fresh"
+        return self
 
 
 class LifecycleSettings(_Section):

@@ -66,7 +66,8 @@ def render_status(body: dict[str, Any]) -> list[Any]:
     memory.add_row("system available", _mb(mem.get("system_available_bytes")))
     spare = mem.get("spare") or {}
     memory.add_row(
-        "warm spare", f"pid {spare['pid']}, {_mb(spare.get('rss_bytes'))}" if spare.get("ready") else "-"
+        "zygote" if spare.get("kind") == "zygote" else "warm spare",
+        f"pid {spare['pid']}, {_mb(spare.get('rss_bytes'))}" if spare.get("ready") else "-",
     )
     for device, size in (mem.get("budget_gpu_bytes") or {}).items():
         memory.add_row(f"GPU budget {device}", _mb(size))

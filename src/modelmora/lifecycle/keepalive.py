@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 from modelmora.lifecycle.eviction import expired
 from modelmora.lifecycle.residency import Residency
-from modelmora.lifecycle.spare import SparePool
+from modelmora.lifecycle.spare import WorkerSource
 
 # Unloads a model whose keep-alive expired: (name, reason for people).
 Unload = Callable[[str, str], Awaitable[object]]
@@ -25,7 +25,7 @@ class KeepAliveReaper:
         residency: Residency,
         clock: Callable[[], float],
         unload: Unload,
-        spares: SparePool,
+        spares: WorkerSource,
         loading: asyncio.Lock,
     ) -> None:
         self.residency = residency

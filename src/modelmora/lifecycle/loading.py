@@ -24,8 +24,9 @@ from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.inference.batcher import BatchLimits
 from modelmora.inference.scheduler import Admission, ModelScheduler
 from modelmora.lifecycle.eviction import Need, plan_load
+from modelmora.lifecycle.memory import fork_measurements
 from modelmora.lifecycle.residency import Residency
-from modelmora.lifecycle.spare import SparePool
+from modelmora.lifecycle.spare import WorkerSource
 from modelmora.lifecycle.state import (
     STATE_AFTER_FAILURE,
     LoadError,
@@ -39,7 +40,6 @@ from modelmora.lifecycle.state import (
 from modelmora.observability.metrics import Metrics
 from modelmora.registry.catalog import ModelState
 from modelmora.registry.store import RegistryStore
-from modelmora.tasks.specs import spec_for
 
 log = logging.getLogger("modelmora.lifecycle")
 
@@ -58,7 +58,7 @@ class Loader:
         runner_factory: RunnerFactory,
         clock: Callable[[], float],
         metrics: Metrics,
-        spares: SparePool,
+        spares: WorkerSource,
         residency: Residency,
         admission: Admission,
         counters: dict[str, int],
@@ -145,14 +145,16 @@ class Loader:
         slot.record = await asyncio.to_thread(self.store.get, slot.name)
         transition(slot, ModelState.LOADING, reason)
         need = self.residency.need(slot.record)
-        uses_torch = spec_for(slot.record.task_type).uses_torch(slot.record.config.get("adapter"))
+        adapter = slot.record.config.get("adapter")
         while True:
             async with self.lock:
                 self.idle.clear()
                 # A load that will take the warm spare turns the spare's memory into the model's.
-                takes_spare = self.spares.ready and uses_torch
+                takes_spare = self.spares.consumed_by(slot.record.task_type.value, adapter)
                 residents = self.residency.residents(exclude=slot.name, spare=not takes_spare)
-                plan = plan_load(residents, need, self.residency.budget)
+                plan = plan_load(
+                    residents, self.spares.adjust_need(need, slot.record.memory), self.residency.budget
+                )
                 if plan.action == "impossible":
                     slot.memory_plan = plan
                     raise insufficient(slot.name, plan)
@@ -160,7 +162,7 @@ class Loader:
                     slot.memory_plan = None
                     for victim in plan.victims:
                         await self.evict(victim, plan.reason)
-                    await self._start_worker(slot, uses_torch)
+                    await self._start_worker(slot)
                     await self._settle_overshoot(slot)
                     return
             # Every candidate is busy: wait (outside the lock) for one to become idle.
@@ -186,7 +188,7 @@ class Loader:
                 "over the memory budget after a load", extra={"model": slot.name, "reason": plan.reason}
             )
 
-    async def _start_worker(self, slot: ModelSlot, uses_torch: bool) -> None:
+    async def _start_worker(self, slot: ModelSlot) -> None:
         name, record = slot.name, slot.record
         version = record.version()
         config = record.config
@@ -208,7 +210,9 @@ class Loader:
         def on_exit(why: str) -> None:
             self._on_exit(slot, runner, why)
 
-        runner: Runner | None = self.spares.take(name, on_event, on_exit) if uses_torch else None
+        runner: Runner | None = None
+        if self.spares.serves(record.task_type.value, config.get("adapter")):
+            runner = self.spares.take(name, on_event, on_exit)
         from_spare = runner is not None
         if runner is None:
             runner = self.runner_factory(name, on_event, on_exit)
@@ -244,11 +248,13 @@ class Loader:
         transition(
             slot,
             ModelState.READY,
-            f"loaded in {seconds:.2f} s on {loaded.device}" + (" (warm spare)" if from_spare else ""),
+            f"loaded in {seconds:.2f} s on {loaded.device}"
+            + (f" ({self.spares.label})" if from_spare else ""),
         )
         by_pid = self.residency.probe.gpu_bytes_by_pid() if loaded.device.startswith("cuda") else {}
         memory = {
             "rss_bytes": runner.rss_bytes() or loaded.rss_bytes,
+            **fork_measurements(runner),
             "gpu_bytes": self.residency.gpu_bytes(slot, by_pid),
             "device": loaded.device,
         }

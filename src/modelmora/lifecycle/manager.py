@@ -24,7 +24,7 @@ from modelmora.lifecycle.keepalive import KeepAliveReaper
 from modelmora.lifecycle.loading import Loader
 from modelmora.lifecycle.memory import MemoryProbe, SystemProbe
 from modelmora.lifecycle.residency import Residency
-from modelmora.lifecycle.spare import SparePool
+from modelmora.lifecycle.spare import SparePool, WorkerSource
 from modelmora.lifecycle.state import ModelSlot, UnloadKind, transition
 from modelmora.observability.metrics import Metrics
 from modelmora.registry.catalog import ModelRecord, ModelState
@@ -41,7 +41,7 @@ class ModelManager:
         runner_factory: RunnerFactory,
         clock: Callable[[], float] = time.monotonic,
         probe: MemoryProbe | None = None,
-        spares: SparePool | None = None,
+        spares: WorkerSource | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
@@ -50,7 +50,7 @@ class ModelManager:
         self.runner_factory = runner_factory
         self.clock = clock
         self.probe = probe or SystemProbe()
-        self.spares = spares or SparePool(enabled=False)
+        self.spares: WorkerSource = spares or SparePool(enabled=False)
         self.slots: dict[str, ModelSlot] = {}
         self.admission = Admission(settings.scheduler.queue_size, settings.scheduler.critical_reserve)
         self.counters = {"loads": 0, "load_failures": 0, "unloads": 0, "evictions": 0, "crashes": 0}
@@ -174,7 +174,7 @@ class ModelManager:
     async def _evict(self, name: str, reason: str) -> None:
         if name == SPARE:
             freed = await self.spares.discard()
-            log.info("warm spare given up for memory", extra={"freed_mb": freed // 2**20})
+            log.info(f"{self.spares.label} given up for memory", extra={"freed_mb": freed // 2**20})
             return
         self.counters["evictions"] += 1
         self.metrics.evictions.labels(name).inc()

@@ -14,7 +14,7 @@ import contextlib
 import importlib
 from collections.abc import Callable, Mapping
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import psutil
 
@@ -22,6 +22,7 @@ from modelmora.lifecycle.eviction import ANY_DEVICE, MB, Budget, Need, is_gpu, n
 
 if TYPE_CHECKING:
     from modelmora.config import ResourcesSettings
+    from modelmora.contracts.runner import Runner
 
 # -- estimates before a model's first load -----------------------------------------------------
 #
@@ -214,6 +215,65 @@ class SystemProbe:
             with contextlib.suppress(Exception):
                 self._nvml.nvmlShutdown()
         self._nvml, self._nvml_tried = None, False
+
+
+# -- what a worker holds ------------------------------------------------------------------------
+
+
+@runtime_checkable
+class SharesPages(Protocol):
+    """A runner whose process may share pages with another (a fork of the zygote)."""
+
+    @property
+    def forked(self) -> bool: ...
+
+    def accounted_bytes(self) -> int: ...
+
+    def memory(self) -> dict[str, int]: ...
+
+
+def accounted_bytes(runner: Runner) -> int:
+    """The RAM the budget counts for a runner's worker: RSS, or USS for a fork of the zygote
+    (whose shared pages the zygote's RSS counts once). Summing RSS over forks would count
+    torch's pages once per worker: 3 MiniLM forks would look like 3 fresh workers."""
+    if isinstance(runner, SharesPages):
+        return runner.accounted_bytes()
+    return runner.rss_bytes()
+
+
+def fork_measurements(runner: Runner) -> dict[str, int]:
+    """What to keep beside a load's RSS for the next estimate: a fork's USS (what the next
+    fork of the same model will add, `ZygotePool.adjust_need`)."""
+    if isinstance(runner, SharesPages) and runner.forked:
+        return {"uss_bytes": runner.accounted_bytes()}
+    return {}
+
+
+def memory_breakdown(runner: Runner) -> dict[str, int]:
+    """PSS and USS of a runner's worker, for status (empty for an in-process runner)."""
+    if not isinstance(runner, SharesPages):
+        return {}
+    figures = runner.memory()
+    return {k: v for k, v in figures.items() if k != "rss_bytes"}
+
+
+def process_tree_memory(pid: int) -> dict[str, int]:
+    """RSS and PSS of `pid` and all its descendants, added up. The PSS total is what the tree
+    really holds (each shared page divided among its sharers); the RSS total counts a page
+    shared by a zygote and its forks once per process."""
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except (psutil.Error, ValueError):
+        return {"rss_bytes": 0, "pss_bytes": 0, "processes": 0}
+    rss = pss = count = 0
+    for proc in processes:
+        try:
+            info = proc.memory_full_info()
+        except psutil.Error:
+            continue  # ended between the listing and the reading
+        rss, pss, count = rss + int(info.rss), pss + int(info.pss), count + 1
+    return {"rss_bytes": rss, "pss_bytes": pss, "processes": count}
 
 
 # -- budgets and needs -------------------------------------------------------------------------

@@ -9,6 +9,7 @@ view) and NVML (per-process VRAM) where it answers.
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,13 @@ from modelmora.lifecycle.memory import (
     CUDA_CONTEXT_BYTES,
     TORCH_WORKER_BASE_BYTES,
     MemoryProbe,
+    accounted_bytes,
     budget_from_settings,
     estimate_need,
+    process_tree_memory,
     weights_bytes,
 )
-from modelmora.lifecycle.spare import SparePool
+from modelmora.lifecycle.spare import WorkerSource
 from modelmora.lifecycle.state import ModelSlot
 from modelmora.registry.catalog import ModelRecord, ModelState
 from modelmora.tasks.specs import spec_for
@@ -30,7 +33,7 @@ from modelmora.tasks.specs import spec_for
 
 class Residency:
     def __init__(
-        self, settings: Settings, slots: dict[str, ModelSlot], probe: MemoryProbe, spares: SparePool
+        self, settings: Settings, slots: dict[str, ModelSlot], probe: MemoryProbe, spares: WorkerSource
     ) -> None:
         self.settings = settings
         self.slots = slots  # the manager's own dict: always the current set
@@ -66,7 +69,7 @@ class Residency:
             residents.append(
                 Resident(
                     name=slot.name,
-                    ram_bytes=slot.runner.rss_bytes(),
+                    ram_bytes=accounted_bytes(slot.runner),
                     gpu_bytes=self.gpu_bytes(slot, by_pid),
                     device=device,
                     busy=slot.busy,
@@ -116,11 +119,8 @@ class Residency:
             "budget_gpu_bytes": dict(self.budget.gpu_bytes) if self.budget.gpu_bytes else None,
             "used_ram_bytes": sum(r.ram_bytes for r in residents),
             "system_available_bytes": self.probe.system_available_bytes(),
-            "spare": {
-                "ready": self.spares.ready,
-                "pid": self.spares.pid,
-                "rss_bytes": self.spares.rss_bytes(),
-            },
+            "spare": self.spares.status(),
+            "tree": process_tree_memory(os.getpid()),
         }
 
     def gpu_bytes_by_model(self) -> dict[str, tuple[str, int]]:

@@ -1,8 +1,11 @@
 """The two implementations of the Runner protocol (`modelmora.contracts.runner`).
 
-`ProcessRunner` starts one OS process per model and speaks the worker channel over a
-socketpair; `InProcessRunner` drives the same `WorkerCore` in a thread, for fast tests. Both
-fail every pending batch with WORKER_DIED when the worker goes away, and then call `on_exit`.
+`ProcessRunner` runs one OS process per model and speaks the worker channel over a
+socketpair: a fresh `python -m modelmora.lifecycle.worker`, or a fork of the zygote when it is
+given a `Forker` (`zygote_pool.ZygotePool`); either way the process is this server's child and
+its exit status is exact. `InProcessRunner` drives the same `WorkerCore` in a thread, for fast
+tests. Both fail every pending batch with WORKER_DIED when the worker goes away, and then call
+`on_exit`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import os
 import signal
 import socket
 import sys
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import psutil
 
@@ -111,12 +115,47 @@ async def _expect_loaded(fut: asyncio.Future[Loaded | LoadFailed], timeout: floa
     return reply
 
 
+class WorkerProcess(Protocol):
+    """What the runner needs of its worker's process: `asyncio.subprocess.Process` for a fresh
+    one, `zygote_pool.ForkedProcess` for a fork."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+    def kill(self) -> None: ...
+
+
+class ForkFailed(Exception):
+    """The zygote could not give a worker: the runner starts a fresh process instead."""
+
+
+@dataclass
+class ForkedWorker:
+    process: WorkerProcess
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    hello: dict[str, Any]  # what the child found at its start (pid, threads, tasks)
+
+
+class Forker(Protocol):
+    async def fork_worker(self, name: str, task_type: str | None, adapter: str | None) -> ForkedWorker: ...
+
+
 class ProcessRunner:
-    def __init__(self, name: str, on_event: EventHandler, on_exit: ExitHandler) -> None:
+    def __init__(
+        self, name: str, on_event: EventHandler, on_exit: ExitHandler, forker: Forker | None = None
+    ) -> None:
         self.name = name
         self._on_event = on_event
         self._on_exit = on_exit
-        self._proc: asyncio.subprocess.Process | None = None
+        self._forker = forker
+        self.hello: dict[str, Any] | None = None  # set when the worker was forked from the zygote
+        self._proc: WorkerProcess | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._pending = _Pending()
@@ -131,10 +170,27 @@ class ProcessRunner:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    async def spawn(self) -> None:
+    @property
+    def forked(self) -> bool:
+        return self.hello is not None
+
+    async def spawn(self, task_type: str | None = None, adapter: str | None = None) -> None:
         """Start the process and its channel; no model yet (a spare stops here)."""
         if self._proc is not None:
             return
+        if self._forker is not None:
+            try:
+                forked = await self._forker.fork_worker(self.name, task_type, adapter)
+            except ForkFailed as exc:
+                log.warning(
+                    "fork from the zygote failed: starting a fresh worker", extra={"reason": str(exc)}
+                )
+            else:
+                self._proc, self._writer, self.hello = forked.process, forked.writer, forked.hello
+                self._reader_task = asyncio.create_task(
+                    self._read(forked.reader), name=f"worker-reader-{self.name}"
+                )
+                return
         parent, child = socket.socketpair()
         try:
             self._proc = await asyncio.create_subprocess_exec(
@@ -147,7 +203,7 @@ class ProcessRunner:
                 self.name,
                 pass_fds=(child.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
-                env=_worker_env(),
+                env=worker_env(),
             )
         finally:
             child.close()
@@ -167,7 +223,7 @@ class ProcessRunner:
         self.name, self._on_event, self._on_exit = name, on_event, on_exit
 
     async def start(self, spec: LoadSpec, timeout: float) -> Loaded:
-        await self.spawn()
+        await self.spawn(spec.task_type, spec.adapter)
         fut: asyncio.Future[Loaded | LoadFailed] = asyncio.get_running_loop().create_future()
         self._pending.load = fut
         self._send(Load(spec))
@@ -276,8 +332,26 @@ class ProcessRunner:
         except psutil.Error:
             return 0
 
+    def memory(self) -> dict[str, int]:
+        """RSS, PSS (shared pages divided among their sharers) and USS (pages no other process
+        maps: what ending the worker frees) of the worker; {} when it is gone."""
+        if self._proc is None or self._exited:
+            return {}
+        try:
+            info = psutil.Process(self._proc.pid).memory_full_info()
+        except psutil.Error:
+            return {}
+        return {"rss_bytes": int(info.rss), "pss_bytes": int(info.pss), "uss_bytes": int(info.uss)}
 
-def _worker_env() -> dict[str, str]:
+    def accounted_bytes(self) -> int:
+        """What the memory budget counts for this worker: its RSS, or for a fork of the zygote
+        its USS (the zygote's pages it shares are counted once, as the zygote's RSS)."""
+        if not self.forked:
+            return self.rss_bytes()
+        return self.memory().get("uss_bytes", 0)
+
+
+def worker_env() -> dict[str, str]:
     return {
         **os.environ,
         "HF_HUB_OFFLINE": "1",  # the files are local: a load never reaches out

@@ -13,11 +13,15 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from typing import Any, Protocol
 
 from modelmora.contracts.channel import Prepared
-from modelmora.contracts.runner import EventHandler, ExitHandler
+from modelmora.contracts.runner import EventHandler, ExitHandler, Runner
+from modelmora.contracts.tasks import TaskType
+from modelmora.lifecycle.eviction import Need
 from modelmora.lifecycle.runners import ProcessRunner
 from modelmora.tasks.base import SPARE_MODULES
+from modelmora.tasks.specs import spec_for
 
 log = logging.getLogger("modelmora.spare")
 
@@ -26,7 +30,56 @@ SPARE_NAME = "<spare>"
 RETRY_AFTER_FAILURE_SECONDS = 60.0
 
 
+class WorkerSource(Protocol):
+    """Where the manager gets a worker started ahead of its load (`resources.worker_start`):
+    the warm spare (`SparePool`), the zygote (`zygote_pool.ZygotePool`), or neither (a
+    disabled SparePool: every load starts a fresh process). It counts against the memory
+    budget as the resident `eviction.SPARE` and is the first thing given up."""
+
+    kind: str
+    label: str  # in log lines: "warm spare" or "zygote"
+    fits: Callable[[], bool]
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def last_rss_bytes(self) -> int: ...
+
+    def rss_bytes(self) -> int: ...
+
+    def serves(self, task_type: str, adapter: str | None) -> bool:
+        """Whether a load of this task should `take` from here."""
+        ...
+
+    def consumed_by(self, task_type: str, adapter: str | None) -> bool:
+        """Whether such a load turns this source's memory into the model's (the spare does)."""
+        ...
+
+    def adjust_need(self, need: Need, measured: dict[str, Any] | None) -> Need:
+        """The RAM a load will add when its worker comes from here."""
+        ...
+
+    def take(self, name: str, on_event: EventHandler, on_exit: ExitHandler) -> Runner | None: ...
+
+    def fill(self, quiet: bool = False) -> None: ...
+
+    async def wait_filled(self) -> None: ...
+
+    async def discard(self) -> int: ...
+
+    async def close(self) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
 class SparePool:
+    kind = "spare"
+    label = "warm spare"
+
     def __init__(self, enabled: bool, prepare_timeout: float = 300.0) -> None:
         self.enabled = enabled
         # Asked before each fill: the spare may only use memory the budget has free.
@@ -53,6 +106,23 @@ class SparePool:
     def last_rss_bytes(self) -> int:
         """What the last spare measured after its imports (its size for budget planning)."""
         return self._prepared.rss_bytes if self._prepared is not None else 0
+
+    def serves(self, task_type: str, adapter: str | None) -> bool:
+        return _uses_torch(task_type, adapter)
+
+    def consumed_by(self, task_type: str, adapter: str | None) -> bool:
+        return self.ready and _uses_torch(task_type, adapter)
+
+    def adjust_need(self, need: Need, measured: dict[str, Any] | None) -> Need:
+        return need
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind if self.enabled else "fresh",
+            "ready": self.ready,
+            "pid": self.pid,
+            "rss_bytes": self.rss_bytes(),
+        }
 
     def fill(self, quiet: bool = False) -> None:
         """Start a spare in the background unless one is ready or coming, the budget has no
@@ -127,3 +197,8 @@ class SparePool:
     async def close(self) -> None:
         self._closed = True
         await self.discard()
+
+
+def _uses_torch(task_type: str, adapter: str | None) -> bool:
+    """A warm spare holds torch and the task libraries: only a worker that needs them takes it."""
+    return spec_for(TaskType(task_type)).uses_torch(adapter)

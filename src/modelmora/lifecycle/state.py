@@ -20,6 +20,7 @@ from modelmora.contracts.runner import Runner
 from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.inference.scheduler import ModelScheduler
 from modelmora.lifecycle.eviction import Plan
+from modelmora.lifecycle.memory import memory_breakdown
 from modelmora.registry.catalog import ModelRecord, ModelState
 
 log = logging.getLogger("modelmora.lifecycle")
@@ -105,6 +106,7 @@ class ModelSlot:
             "keep_alive_seconds": self.keep_alive,
             "memory": {
                 "rss_bytes": self.runner.rss_bytes() if self.runner else 0,
+                **(memory_breakdown(self.runner) if self.runner else {}),
                 "gpu_bytes": self._reported_gpu_bytes(),
             },
             "failures": self.failures,
