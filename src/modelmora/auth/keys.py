@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import re
 import secrets
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -113,3 +114,7 @@ class Principal:
 
 ANONYMOUS = Principal(None, "anonymous", frozenset(Scope))
 BOOTSTRAP = Principal(None, "bootstrap", frozenset(Scope))
+
+# Who the current request acts for, set by the door that authenticated it (the ASGI edge, the
+# gRPC interceptor) and read where ownership matters (jobs). Auth off: anonymous, every scope.
+current_principal: ContextVar[Principal] = ContextVar("modelmora_principal", default=ANONYMOUS)
