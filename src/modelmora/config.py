@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -196,6 +196,41 @@ class LimitsSettings(_Section):
         return self
 
 
+class AuthSettings(_Section):
+    # "auto": off on a loopback bind (the first run and curl need no key), on for any other.
+    enabled: bool | Literal["auto"] = "auto"
+    # A non-loopback bind with auth off refuses to start unless this says it is meant.
+    allow_unauthenticated: bool = False
+    # An admin key taken from the environment (MODELMORA_AUTH__BOOTSTRAP_KEY, e.g. a Kubernetes
+    # Secret) so a first start can create the real keys; at least 32 characters.
+    bootstrap_key: SecretStr | None = None
+    metrics_public: bool = True  # /metrics without a key (scrapers inside the cluster)
+    # How long a verified key is trusted without a database read: the delay before a
+    # revocation or an expiry done elsewhere takes effect on this replica.
+    cache_seconds: float = Field(5.0, ge=0, le=300)
+    # Per key, per replica ("redis": cluster-wide when jobs.backend is redis); None: no limit.
+    rate_limit: str | None = None  # the `limits` notation: "100/second", "5000/minute"
+    max_concurrent_per_key: int | None = Field(None, ge=1)
+
+    @field_validator("bootstrap_key", mode="after")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("auth.bootstrap_key must be at least 32 characters")
+        return value
+
+    @field_validator("rate_limit", mode="after")
+    @classmethod
+    def _parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                from limits import parse_many
+            except ModuleNotFoundError:  # the bare SDK install: only the server enforces it
+                return value
+            parse_many(value)  # raises ValueError on a malformed limit
+        return value
+
+
 class TelemetrySettings(_Section):
     # OTLP/HTTP collector base URL (e.g. http://127.0.0.1:4318); None: no traces exported.
     otlp_endpoint: str | None = None
@@ -221,6 +256,7 @@ class Settings(BaseSettings):
     results: ResultsSettings = Field(default_factory=ResultsSettings)  # type: ignore[arg-type]
     limits: LimitsSettings = Field(default_factory=LimitsSettings)  # type: ignore[arg-type]
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)  # type: ignore[arg-type]
+    auth: AuthSettings = Field(default_factory=AuthSettings)  # type: ignore[arg-type]
 
     @model_validator(mode="before")
     @classmethod

@@ -24,6 +24,7 @@ LAYERS: list[set[str]] = [
     {"api"},
     {"jobs"},
     {"services", "status_view"},
+    {"auth"},
     {"lifecycle"},
     {"inference"},
     {"tasks", "registry", "results"},
