@@ -40,6 +40,7 @@ API_TABLE: dict[str, tuple[int, str, bool]] = {
 # Codes the server needs beyond API.md's table (unexpected failures, unknown routes,
 # cancelling a job that already finished, malformed HTTP and read timeouts at the edge).
 EXTRA_CODES = {
+    "RATE_LIMITED",
     "INTERNAL_ERROR",
     "NOT_FOUND",
     "METHOD_NOT_ALLOWED",

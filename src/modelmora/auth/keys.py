@@ -118,3 +118,6 @@ BOOTSTRAP = Principal(None, "bootstrap", frozenset(Scope))
 # Who the current request acts for, set by the door that authenticated it (the ASGI edge, the
 # gRPC interceptor) and read where ownership matters (jobs). Auth off: anonymous, every scope.
 current_principal: ContextVar[Principal] = ContextVar("modelmora_principal", default=ANONYMOUS)
+# Where the request came from ("127.0.0.1:53122", a gRPC peer, "cli" for the command line),
+# for the audit log of admin actions.
+current_client: ContextVar[str] = ContextVar("modelmora_client", default="local")
