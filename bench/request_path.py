@@ -31,7 +31,10 @@ async def _trace(model: str | None) -> Counter[str]:
 
     data = Path(tempfile.mkdtemp(prefix="mm-path-"))
     settings = load_settings(
-        overrides={"server": {"data_dir": str(data), "grpc_enabled": False}, "resources": {"worker_start": "fresh"}}
+        overrides={
+            "server": {"data_dir": str(data), "grpc_enabled": False},
+            "resources": {"worker_start": "fresh"},
+        }
     )
     touched: Counter[str] = Counter()
     root = str(Path(__import__("modelmora").__file__).parent)
@@ -49,7 +52,9 @@ async def _trace(model: str | None) -> Counter[str]:
         folder = data / "fake"
         folder.mkdir()
         (folder / "weights.bin").write_bytes(b"x")
-        request = InstallRequest(source=str(folder), name="m", task_type="txt2embed", config={"adapter": "fake"})
+        request = InstallRequest(
+            source=str(folder), name="m", task_type="txt2embed", config={"adapter": "fake"}
+        )
     else:
         request = InstallRequest(source=model, name="m", task_type="txt2embed")
     await mm.registry.install(request)
@@ -72,7 +77,9 @@ async def _trace(model: str | None) -> Counter[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", help="a sentence-transformers folder (default: the fake embedder)")
     args = parser.parse_args()
     touched = asyncio.run(_trace(args.model))
