@@ -35,6 +35,7 @@ from modelmora.registry.installer import (
     validate_config,
 )
 from modelmora.registry.lockfile import LockEntry, build_lock, diff_files, read_lock, write_lock
+from modelmora.registry.policy import InstallPolicy
 from modelmora.registry.store import RegistryStore
 from modelmora.services.events import CatalogChange, CatalogEvent, CatalogObserver
 
@@ -79,8 +80,11 @@ class RegistryService:
         *,
         live: LiveState | None = None,
         offload: Offload = asyncio.to_thread,
+        policy: InstallPolicy | None = None,
     ) -> None:
         self.settings = settings
+        # What installs and updates may fetch and set (the API's doors); None: trusted (CLI).
+        self.policy = policy
         self.store = store
         self.manager = manager
         self._live = live
@@ -182,7 +186,7 @@ class RegistryService:
 
     async def install(self, req: InstallRequest, progress: bool = False) -> dict[str, Any]:
         """Fetch the files, detect the task, record the version; the model's record back."""
-        record = await self._offload(install, self.settings, self.store, req, progress)
+        record = await self._offload(install, self.settings, self.store, req, progress, self.policy)
         # Versions are unique per model and stamped at install: the newest is this one.
         installed = max(record.versions, key=lambda v: v.installed_at)
         self._changed(CatalogChange.INSTALLED, record.name, installed.version)
@@ -200,7 +204,9 @@ class RegistryService:
         entries: Iterable[LockEntry] = await self._offload(read_lock, path)
         done: builtins.list[tuple[LockEntry, str]] = []
         for entry in entries:
-            outcome = await self._offload(install_from_lock_entry, self.settings, self.store, entry, progress)
+            outcome = await self._offload(
+                install_from_lock_entry, self.settings, self.store, entry, progress, self.policy
+            )
             if outcome == "installed":
                 self._changed(CatalogChange.INSTALLED, entry.name, entry.version)
             done.append((entry, outcome))
@@ -214,6 +220,8 @@ class RegistryService:
         """Change per-model settings (`config`: known keys, a None value removes one) and the
         record's own `fields` (display_name, description, resource_requirements)."""
         changes = validate_config(config)
+        if self.policy is not None:
+            self.policy.check_config(changes)
         for key, value in (fields or {}).items():
             if key not in RECORD_FIELDS:
                 known = ", ".join(sorted((*RECORD_FIELDS, *CONFIG_KEYS)))
