@@ -25,7 +25,7 @@ from modelmora.v1 import modelmora_pb2 as pb
 from modelmora.v1 import modelmora_pb2_grpc as pb_grpc
 from modelmora.v1.convert import dict_to_struct
 from tests.conftest import make_fake_model
-from tests.e2e.conftest import Server, clean_env, cli, start_server
+from tests.e2e.conftest import CLI, Server, clean_env, cli, start_server
 
 SITE_HOST = "127.0.0.2"  # loopback too, but not the server's address: a "model host"
 
@@ -99,7 +99,7 @@ def server(module_tmp: Path, root: Path) -> Iterator[Server]:
     }
     # The operator's CLI is trusted: it installs the victim from outside the root.
     cli(clean_env(data, **policy), "install", str(plain_model(module_tmp / "outside" / "victim")))
-    srv = start_server(data, module_tmp / "server.log", **policy)
+    srv = start_server(data, module_tmp / "server.log", CLI, **policy)
     yield srv
     srv.stop()
 
