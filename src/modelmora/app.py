@@ -18,6 +18,8 @@ import uvicorn
 from fastapi import FastAPI
 
 from modelmora import __version__
+from modelmora.auth.limiter import KeyLimiter, build_limiter
+from modelmora.auth.mode import auth_enabled
 from modelmora.config import Settings
 from modelmora.contracts.runner import RunnerFactory
 from modelmora.jobs.dispatcher import JobDispatcher
@@ -68,6 +70,9 @@ class ModelMora:
         self.job_store = build_job_store(settings)
         self.dispatcher = JobDispatcher(settings, self.job_store, self.inference, self.results)
         self.jobs = JobService(settings, self.job_store, self.dispatcher, self.results)
+        # Per-key rate and concurrency limits: the doors call `limiter.admit(principal)` right
+        # after authenticating. None when auth is off or no limit is set.
+        self.limiter: KeyLimiter | None = build_limiter(settings, auth_on=auth_enabled(settings))
         self.ready = False
         self.draining = False
         self.inflight = 0  # HTTP requests in progress, counted by the edge middleware
