@@ -30,6 +30,7 @@ from modelmora.lifecycle.zygote_pool import worker_source
 from modelmora.observability.metrics import Live, Metrics, ModelLive
 from modelmora.observability.tracing import build_span_recorder
 from modelmora.registry.catalog import ModelState
+from modelmora.registry.policy import InstallPolicy
 from modelmora.registry.store import RegistryStore
 from modelmora.results.store import ResultStore, build_result_store
 from modelmora.services.inference import InferenceService
@@ -61,7 +62,10 @@ class ModelMora:
         spans = build_span_recorder(settings.telemetry.otlp_endpoint, settings.telemetry.service_name)
         self.inference = InferenceService(settings, self.manager, self.results, spans)
         # The doors (api/) call these two and `inference`, one method per operation.
-        self.registry = RegistryService(settings, self.store, self.manager)
+        # The API's installs obey registry.allowed_sources and testing.* (registry/policy.py).
+        self.registry = RegistryService(
+            settings, self.store, self.manager, policy=InstallPolicy.from_settings(settings)
+        )
         self.management = ManagementService(self.manager, self.inference, self.full_status)
         self.job_store = build_job_store(settings)
         self.dispatcher = JobDispatcher(settings, self.job_store, self.inference, self.results)
