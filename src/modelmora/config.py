@@ -156,6 +156,13 @@ class ResourcesSettings(_Section):
     warm_spare: bool | None = None  # deprecated: true means "spare", false "fresh"
     default_device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")
     default_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # -- worker bounds (issue 14; docs/security.md "Worker bounds"): an idle worker whose RSS
+    # stays above its high-water mark after a request is restarted (unloaded, loaded again on
+    # the next demand). The mark is `worker_rss_high_water_mb` when set, else
+    # `worker_rss_growth_factor` times the RSS the worker had right after its load (and at
+    # least 512 MiB above it); both None: never.
+    worker_rss_high_water_mb: int | None = Field(None, ge=1)
+    worker_rss_growth_factor: float | None = Field(3.0, gt=1)
 
     @model_validator(mode="after")
     def _resolve_worker_start(self) -> ResourcesSettings:
@@ -235,6 +242,11 @@ class LimitsSettings(_Section):
     # -- bounded resources at the edge (issue 14; docs/security.md "Limits").
     max_multipart_parts: int = Field(300, ge=2)  # parts of one multipart/form-data body
     max_buffered_bytes: int = Field(128 << 20, ge=1)  # request bodies held at once, all connections
+    # -- worker bounds (issue 14; docs/security.md "Worker bounds"): the bytes one request's
+    # images may take once decoded (width x height x bytes per pixel, at least 3 for the RGB
+    # conversion), read from each header before anything is decoded; checked by the server
+    # and again by the worker.
+    max_decoded_image_bytes_per_request: int = Field(64 << 20, ge=1)
 
     @model_validator(mode="after")
     def _buffer_fits_a_request(self) -> LimitsSettings:
