@@ -3,7 +3,8 @@
 Installed only when auth is on (an interceptor costs every call a Python round trip). A
 refused call ends with UNAUTHENTICATED or PERMISSION_DENIED and the same error metadata as
 any other error of the door; an accepted one runs with its principal in `current_principal`,
-for the job service's ownership checks.
+for the job service's ownership checks, and its peer address in `current_client`, for the audit
+log.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import grpc
 
 from modelmora.api.grpc_services import abort
 from modelmora.auth.authenticator import Authenticator, require
-from modelmora.auth.keys import Principal, current_principal
+from modelmora.auth.keys import Principal, current_client, current_principal
 from modelmora.auth.policy import grpc_scope
 from modelmora.errors import ModelMoraError
 from modelmora.observability.metrics import Metrics
@@ -49,6 +50,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor[Any, Any]):
         try:
             principal = await self.auth.authenticate(_metadata(handler_call_details, "authorization"))
             require(principal, needed)
+            # -- admission per key (rate and concurrency limits) goes here, once the caller
+            # is known; as in api/edge.py.
         except ModelMoraError as exc:
             if self.metrics is not None:
                 self.metrics.record_grpc(method.rsplit("/", 1)[-1], exc.code.grpc_status)
@@ -78,25 +81,36 @@ def _refuse(error: ModelMoraError, trace_id: str) -> Callable[[Behaviour, bool],
     return make
 
 
+def peer_address(context: Ctx) -> str:
+    """The peer as REST's edge writes it: "127.0.0.1:53122", not grpc's "ipv4:127.0.0.1:53122"."""
+    peer = context.peer() or "unknown"
+    kind, _, address = peer.partition(":")
+    return address if kind in ("ipv4", "ipv6") and address else peer
+
+
 def _as(principal: Principal) -> Callable[[Behaviour, bool], Behaviour]:
     def make(behaviour: Behaviour, streams_out: bool) -> Behaviour:
         if streams_out:
 
             async def run_stream(request: Any, context: Ctx) -> AsyncIterator[Any]:
                 token = current_principal.set(principal)
+                client = current_client.set(peer_address(context))
                 try:
                     async for item in behaviour(request, context):
                         yield item
                 finally:
+                    current_client.reset(client)
                     current_principal.reset(token)
 
             return run_stream
 
         async def run(request: Any, context: Ctx) -> Any:
             token = current_principal.set(principal)
+            client = current_client.set(peer_address(context))
             try:
                 return await behaviour(request, context)
             finally:
+                current_client.reset(client)
                 current_principal.reset(token)
 
         return run

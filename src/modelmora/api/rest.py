@@ -290,4 +290,6 @@ def asgi_app(mm: ModelMora) -> EdgeMiddleware:
         metrics=mm.metrics,
         tracing_on=lambda: mm.inference.spans is not None,
         limits=EdgeLimits.from_settings(mm.settings),
+        auth=mm.auth,
+        metrics_public=mm.settings.auth.metrics_public,
     )

@@ -113,7 +113,10 @@ class Authenticator:
 
 def bearer_token(authorization: str | None) -> str:
     if not authorization:
-        raise unauthorized("an API key is required: send it as 'Authorization: Bearer <key>'")
+        raise unauthorized(
+            "an API key is required: send it as 'Authorization: Bearer <key>' (an operator "
+            "creates one with `modelmora keys create NAME --scope infer`)"
+        )
     scheme, _, token = authorization.strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise unauthorized("the Authorization header must be 'Bearer <key>'")
