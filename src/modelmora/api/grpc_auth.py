@@ -10,7 +10,7 @@ log.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -22,8 +22,14 @@ from modelmora.errors import ModelMoraError
 from modelmora.observability.metrics import Metrics
 from modelmora.observability.tracing import trace_id_from
 
-Handler = grpc.RpcMethodHandler[Any, Any]
-Ctx = grpc.aio.ServicerContext[Any, Any]
+# grpc's classes are generic in its stubs only: these aliases must not run.
+if TYPE_CHECKING:
+    Handler = grpc.RpcMethodHandler[Any, Any]
+    Ctx = grpc.aio.ServicerContext[Any, Any]
+    Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    Handler = Ctx = Any
+    Interceptor = grpc.aio.ServerInterceptor
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler]]
 
 
@@ -34,7 +40,7 @@ def _metadata(details: grpc.HandlerCallDetails, key: str) -> str | None:
     return None
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor[Any, Any]):
+class AuthInterceptor(Interceptor):
     def __init__(self, authenticator: Authenticator, metrics: Metrics | None = None) -> None:
         self.auth = authenticator
         self.metrics = metrics

@@ -7,7 +7,9 @@ once and a revocation within `auth.cache_seconds`. Needs the server extra (SQLAl
 
 from __future__ import annotations
 
+import json
 import re
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
@@ -20,6 +22,7 @@ from modelmora.cli.common import EXIT_USAGE, context, err, fail, needs_server_ex
 from modelmora.errors import ModelMoraError
 
 if TYPE_CHECKING:
+    from modelmora.auth.keys import KeyRecord
     from modelmora.auth.store import KeyStore
 
 keys_app = typer.Typer(
@@ -69,6 +72,12 @@ def key_store(ctx: typer.Context) -> Iterator[KeyStore]:
             store.close()
 
 
+def _state(record: KeyRecord, now: datetime) -> str:
+    if record.revoked_at is not None:
+        return "revoked"
+    return "active" if record.usable_at(now) else "expired"
+
+
 def _when(moment: datetime | None) -> str:
     return moment.strftime("%Y-%m-%d %H:%M UTC") if moment is not None else "-"
 
@@ -107,21 +116,43 @@ def keys_create(
     out.print(created.token, highlight=False, soft_wrap=True)
 
 
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
 @keys_app.command("list")
-def keys_list(ctx: typer.Context) -> None:
-    """Every key: id, name, scopes, dates. No secrets: the tokens are not stored."""
+def keys_list(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per key, for scripts")] = False,
+) -> None:
+    """Every key: id, name, scopes, dates, state. No secrets: the tokens are not stored."""
     with key_store(ctx) as keys:
         stored = keys.list()
     now = datetime.now(UTC)
+    if as_json:
+        rows = [
+            {
+                "key_id": item.record.key_id,
+                "name": item.record.name,
+                "scopes": sorted(item.record.scopes),
+                "created_at": _iso(item.record.created_at),
+                "expires_at": _iso(item.record.expires_at),
+                "revoked_at": _iso(item.record.revoked_at),
+                "last_used_at": _iso(item.last_used_at),
+                "state": _state(item.record, now),
+            }
+            for item in stored
+        ]
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
     table = Table(title=f"API keys ({len(stored)})")
     for col in ("key id", "name", "scopes", "created", "expires", "revoked", "last used", "state"):
         table.add_column(col, no_wrap=col == "key id")
     for item in stored:
         r = item.record
-        state = "revoked" if r.revoked_at else ("expired" if not r.usable_at(now) else "active")
         table.add_row(
             r.key_id, r.name, ",".join(sorted(r.scopes)), _when(r.created_at), _when(r.expires_at),
-            _when(r.revoked_at), _when(item.last_used_at), state,
+            _when(r.revoked_at), _when(item.last_used_at), _state(r, now),
         )  # fmt: skip
     out.print(table)
 
