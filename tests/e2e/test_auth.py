@@ -4,6 +4,7 @@ scopes, expiry, revocation, the bootstrap key, the public-bind rule, TLS and mTL
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import ssl
@@ -19,7 +20,15 @@ import pytest
 import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from modelmora.client import NO_RETRY, AuthError, Client, GrpcClient, TransportError
+from modelmora.client import (
+    NO_RETRY,
+    AsyncClient,
+    AsyncGrpcClient,
+    AuthError,
+    Client,
+    GrpcClient,
+    TransportError,
+)
 from modelmora.v1 import modelmora_pb2 as pb
 from modelmora.v1 import modelmora_pb2_grpc as pb_grpc
 from modelmora.v1.convert import build_request
@@ -171,6 +180,25 @@ def test_an_infer_key_infers_but_cannot_change_the_catalog(keyed: tuple[Server, 
     body, headers = _multipart()
     reply = srv.client.post("/api/v1/infer/fake", content=body, headers={**headers, **_bearer(key)})
     assert reply.status_code not in (401, 403), reply.text
+
+
+def test_async_clients_and_the_environment_carry_the_key(
+    keyed: tuple[Server, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    srv, tokens = keyed
+    target = f"127.0.0.1:{srv.grpc_port}"
+
+    async def both() -> list[int]:
+        key = tokens["infer"]
+        async with AsyncClient(srv.url, api_key=key) as rest, AsyncGrpcClient(target, api_key=key) as rpc:
+            return [len(await mm.embed("fake", ["a", "b"])) for mm in (rest, rpc)]
+
+    assert asyncio.run(both()) == [2, 2]
+    monkeypatch.setenv("MODELMORA_API_KEY", tokens["infer"])
+    with Client(srv.url) as rest, GrpcClient(target) as rpc:
+        assert [len(mm.embed("fake", ["a"])) for mm in (rest, rpc)] == [1, 1]
+    with Client(srv.url, api_key="", retry=NO_RETRY) as rest, pytest.raises(AuthError):
+        rest.embed("fake", "a")
 
 
 def test_admin_and_bootstrap_keys_may_do_everything(keyed: tuple[Server, dict[str, str]]) -> None:
