@@ -287,7 +287,9 @@ def test_registry_rpcs(
         "MODEL_EXISTS",
     )
     expect_error(
-        lambda: registry.RegisterModel(pb.RegisterModelRequest(source="/does/not/exist", name="ghost")),
+        lambda: registry.RegisterModel(
+            pb.RegisterModelRequest(source=str(module_tmp / "does-not-exist"), name="ghost")
+        ),
         grpc.StatusCode.UNAVAILABLE,
         "SOURCE_UNAVAILABLE",
     )
