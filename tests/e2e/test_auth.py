@@ -27,6 +27,7 @@ from modelmora.client import (
     AuthError,
     Client,
     GrpcClient,
+    OverloadedError,
     TransportError,
 )
 from modelmora.v1 import modelmora_pb2 as pb
@@ -254,6 +255,34 @@ def test_keys_commands_round_trip_and_client_commands_take_a_key(
     (mine,) = [k for k in json.loads(cli(srv.env, "keys", "list", "--json").stdout) if k["key_id"] == key_id]
     assert mine["state"] == "revoked" and mine["revoked_at"] is not None
     assert cli(srv.env, *url, "--api-key", token, "status", check=False).returncode == 1
+
+
+def test_per_key_rate_limits_are_checked_at_both_doors(tmp_path: Path) -> None:
+    """The limiter runs right after the key check: the 4th call of a key in a minute is 429
+    RATE_LIMITED with Retry-After, over REST and gRPC alike; another key has its own window."""
+    data = tmp_path / "data"
+    env = clean_env(data)
+    cli(env, "install", str(make_fake_model(tmp_path / "fake")))
+    first, second = (cli(env, "keys", "create", n, "--scope", "infer").stdout.strip() for n in ("a", "b"))
+    srv = start_server(
+        data, tmp_path / "server.log", MODELMORA_AUTH__ENABLED="true", MODELMORA_AUTH__RATE_LIMIT="3/minute"
+    )
+    try:
+        for _ in range(3):
+            assert (
+                srv.client.post("/infer/fake", json={"text": "a"}, headers=_bearer(first)).status_code == 200
+            )
+        refused = srv.client.post("/infer/fake", json={"text": "a"}, headers=_bearer(first))
+        assert refused.status_code == 429 and refused.json()["error_code"] == "RATE_LIMITED"
+        assert int(refused.headers["retry-after"]) >= 1
+        with GrpcClient(f"127.0.0.1:{srv.grpc_port}", api_key=first, retry=NO_RETRY) as rpc:
+            with pytest.raises(OverloadedError) as err:
+                rpc.embed("fake", "a")
+            assert err.value.error_code == "RATE_LIMITED" and err.value.grpc_status == "RESOURCE_EXHAUSTED"
+        with GrpcClient(f"127.0.0.1:{srv.grpc_port}", api_key=second, retry=NO_RETRY) as rpc:
+            assert len(rpc.embed("fake", ["a"])) == 1
+    finally:
+        srv.stop()
 
 
 # -- the public bind ---------------------------------------------------------------------------

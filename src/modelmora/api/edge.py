@@ -27,6 +27,7 @@ from modelmora.api import fastpath
 from modelmora.auth.authenticator import Authenticator, require
 from modelmora.auth.keys import Principal, current_client, current_principal
 from modelmora.auth.keys import Scope as AuthScope
+from modelmora.auth.limiter import KeyLimiter, Release
 from modelmora.auth.policy import rest_scope
 from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.observability import tracing
@@ -97,10 +98,13 @@ class EdgeMiddleware:
         limits: EdgeLimits | None = None,
         auth: Authenticator | None = None,
         metrics_public: bool = True,
+        limiter: KeyLimiter | None = None,
     ) -> None:
         self.app = app
         # None: auth off, nothing checked, every request acts as ANONYMOUS.
         self.auth = auth
+        # Per-key rate and concurrency limits, right after the key check; None: no limit set.
+        self.limiter = limiter
         self.metrics_public = metrics_public
         self.metrics = metrics
         self.tracing_on = tracing_on
@@ -140,6 +144,7 @@ class EdgeMiddleware:
         peer = scope.get("client")
         client = current_client.set(f"{peer[0]}:{peer[1]}" if peer else "unknown")
         principal: Token[Principal] | None = None
+        release: Release | None = None  # the caller's concurrency slot (auth/limiter.py)
 
         async def reject(error: ModelMoraError) -> None:
             status, hdrs, body = error_response_parts(error, trace_id)
@@ -159,14 +164,13 @@ class EdgeMiddleware:
                 needed = rest_scope(scope["method"], path, self.metrics_public)
                 if needed is not None:
                     try:
-                        principal = current_principal.set(
-                            await self._authenticate(headers.get(b"authorization"), needed)
-                        )
+                        caller = await self._authenticate(headers.get(b"authorization"), needed)
+                        principal = current_principal.set(caller)
+                        if self.limiter is not None:
+                            release = await self.limiter.admit(caller)
                     except ModelMoraError as exc:
                         await reject(exc)  # before the body is read: it is never read
                         return
-                    # -- admission per key (rate and concurrency limits) goes here, once the
-                    # caller is known and before any body byte is read; as in api/grpc_auth.py.
             ctype = headers.get(b"content-type", b"")
             if scope["method"] in ("POST", "PUT") and (not ctype or ctype.startswith(_FORM)):
                 # `curl -d '{...}'` sends a form content type; every body here is JSON.
@@ -208,6 +212,8 @@ class EdgeMiddleware:
             current_client.reset(client)
             if principal is not None:
                 current_principal.reset(principal)
+            if release is not None:
+                release()  # the response has been sent, streamed ones included
             if self.metrics is not None and status:
                 self.metrics.record_http(_handler(scope["path"]), status)
 

@@ -17,6 +17,7 @@ import grpc
 from modelmora.api.grpc_services import abort
 from modelmora.auth.authenticator import Authenticator, require
 from modelmora.auth.keys import Principal, current_client, current_principal
+from modelmora.auth.limiter import KeyLimiter, Release
 from modelmora.auth.policy import grpc_scope
 from modelmora.errors import ModelMoraError
 from modelmora.observability.metrics import Metrics
@@ -41,9 +42,15 @@ def _metadata(details: grpc.HandlerCallDetails, key: str) -> str | None:
 
 
 class AuthInterceptor(Interceptor):
-    def __init__(self, authenticator: Authenticator, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        metrics: Metrics | None = None,
+        limiter: KeyLimiter | None = None,
+    ) -> None:
         self.auth = authenticator
         self.metrics = metrics
+        self.limiter = limiter
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -56,17 +63,42 @@ class AuthInterceptor(Interceptor):
         try:
             principal = await self.auth.authenticate(_metadata(handler_call_details, "authorization"))
             require(principal, needed)
-            # -- admission per key (rate and concurrency limits) goes here, once the caller
-            # is known; as in api/edge.py.
         except ModelMoraError as exc:
             if self.metrics is not None:
                 self.metrics.record_grpc(method.rsplit("/", 1)[-1], exc.code.grpc_status)
             trace_id = trace_id_from(_metadata(handler_call_details, "traceparent"))
             return _wrap(handler, _refuse(exc, trace_id))
-        return _wrap(handler, _as(principal))
+        admit = None
+        if self.limiter is not None:
+            # Per-key limits: checked inside the call (below), so that the concurrency slot
+            # taken is always given back by the call's own `finally`.
+            admit = _Admission(self.limiter, self.metrics, method, handler_call_details)
+        return _wrap(handler, _as(principal, admit))
+
+
+class _Admission:
+    """The rate and concurrency check of one call (auth/limiter.py), run as it starts."""
+
+    def __init__(
+        self, limiter: KeyLimiter, metrics: Metrics | None, method: str, details: grpc.HandlerCallDetails
+    ) -> None:
+        self.limiter, self.metrics, self.method, self.details = limiter, metrics, method, details
+
+    async def __call__(self, principal: Principal, context: Ctx) -> Release:
+        try:
+            return await self.limiter.admit(principal)
+        except ModelMoraError as exc:
+            if self.metrics is not None:
+                self.metrics.record_grpc(self.method.rsplit("/", 1)[-1], exc.code.grpc_status)
+            await abort(context, exc, trace_id_from(_metadata(self.details, "traceparent")))
+            raise  # abort raised already; for the type checker
 
 
 Behaviour = Callable[..., Any]
+
+
+def _nothing() -> None:
+    return None
 
 
 def _refuse(error: ModelMoraError, trace_id: str) -> Callable[[Behaviour, bool], Behaviour]:
@@ -94,17 +126,21 @@ def peer_address(context: Ctx) -> str:
     return address if kind in ("ipv4", "ipv6") and address else peer
 
 
-def _as(principal: Principal) -> Callable[[Behaviour, bool], Behaviour]:
+def _as(principal: Principal, admit: _Admission | None) -> Callable[[Behaviour, bool], Behaviour]:
     def make(behaviour: Behaviour, streams_out: bool) -> Behaviour:
         if streams_out:
 
             async def run_stream(request: Any, context: Ctx) -> AsyncIterator[Any]:
                 token = current_principal.set(principal)
                 client = current_client.set(peer_address(context))
+                release: Release = _nothing
                 try:
+                    if admit is not None:
+                        release = await admit(principal, context)
                     async for item in behaviour(request, context):
                         yield item
                 finally:
+                    release()
                     current_client.reset(client)
                     current_principal.reset(token)
 
@@ -113,9 +149,13 @@ def _as(principal: Principal) -> Callable[[Behaviour, bool], Behaviour]:
         async def run(request: Any, context: Ctx) -> Any:
             token = current_principal.set(principal)
             client = current_client.set(peer_address(context))
+            release: Release = _nothing
             try:
+                if admit is not None:
+                    release = await admit(principal, context)
                 return await behaviour(request, context)
             finally:
+                release()
                 current_client.reset(client)
                 current_principal.reset(token)
 

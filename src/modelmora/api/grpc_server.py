@@ -94,7 +94,11 @@ class GrpcServer:
         """Bind and serve; returns the bound port (useful when `grpc_port` is 0)."""
         cfg = self.mm.settings.server
         # The key check, only when auth is on: an interceptor costs every call.
-        interceptors = [AuthInterceptor(self.mm.auth, self.mm.metrics)] if self.mm.auth is not None else []
+        interceptors = (
+            [AuthInterceptor(self.mm.auth, self.mm.metrics, self.mm.limiter)]
+            if self.mm.auth is not None
+            else []
+        )
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[

@@ -291,5 +291,6 @@ def asgi_app(mm: ModelMora) -> EdgeMiddleware:
         tracing_on=lambda: mm.inference.spans is not None,
         limits=EdgeLimits.from_settings(mm.settings),
         auth=mm.auth,
+        limiter=mm.limiter,
         metrics_public=mm.settings.auth.metrics_public,
     )
