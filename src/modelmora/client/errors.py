@@ -64,7 +64,7 @@ class ConflictError(ApiError):
 
 
 class OverloadedError(ApiError):
-    """QUEUE_FULL, INSUFFICIENT_MEMORY: retried with backoff, honouring Retry-After."""
+    """QUEUE_FULL, INSUFFICIENT_MEMORY, RATE_LIMITED: retried with backoff, honouring Retry-After."""
 
 
 class UnavailableError(ApiError):
@@ -105,7 +105,7 @@ _CLASSES: dict[str, type[ApiError]] = {
         ),
         ConflictError,
     ),
-    **dict.fromkeys(("QUEUE_FULL", "INSUFFICIENT_MEMORY"), OverloadedError),
+    **dict.fromkeys(("QUEUE_FULL", "INSUFFICIENT_MEMORY", "RATE_LIMITED"), OverloadedError),
     **dict.fromkeys(
         ("MODEL_LOAD_FAILED", "WORKER_DIED", "SHUTTING_DOWN", "SOURCE_UNAVAILABLE", "CHECKSUM_MISMATCH"),
         UnavailableError,
