@@ -49,6 +49,34 @@ class _Section(BaseModel):
         return _drop_empty_sections(cls, data)
 
 
+class TlsSettings(_Section):
+    """TLS on both doors (uvicorn's ssl options, grpc.ssl_server_credentials); off without a
+    certificate. `client_auth` asks for client certificates (mTLS), checked against ca_certs."""
+
+    certfile: Path | None = None  # PEM: the server's certificate (chain)
+    keyfile: Path | None = None  # PEM: its private key
+    keyfile_password: SecretStr | None = None  # REST only: grpc takes unencrypted keys
+    ca_certs: Path | None = None  # PEM: the CAs client certificates are checked against
+    client_auth: Literal["none", "optional", "required"] = "none"
+
+    @property
+    def enabled(self) -> bool:
+        return self.certfile is not None
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsSettings:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("server.tls needs both certfile and keyfile")
+        if self.client_auth != "none" and (self.certfile is None or self.ca_certs is None):
+            raise ValueError("server.tls.client_auth needs certfile, keyfile and ca_certs")
+        # Not checked for existence here: a client loading the server's file has none of them.
+        for name in ("certfile", "keyfile", "ca_certs"):
+            path: Path | None = getattr(self, name)
+            if path is not None:
+                setattr(self, name, path.expanduser().absolute())
+        return self
+
+
 class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -69,6 +97,8 @@ class ServerSettings(_Section):
     body_deadline_seconds: float = Field(300.0, gt=0)  # the whole body, from the end of headers
     keep_alive_timeout_seconds: float = Field(5.0, gt=0)  # idle between requests on one connection
     max_header_bytes: int = Field(64 << 10, ge=1024)  # request line and headers
+    # -- TLS on REST and gRPC (issue 14; docs/security.md "TLS")
+    tls: TlsSettings = Field(default_factory=TlsSettings)  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _expand(self) -> ServerSettings:
@@ -156,6 +186,13 @@ class ResourcesSettings(_Section):
     warm_spare: bool | None = None  # deprecated: true means "spare", false "fresh"
     default_device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")
     default_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # -- worker bounds (issue 14; docs/security.md "Worker bounds"): an idle worker whose RSS
+    # stays above its high-water mark after a request is restarted (unloaded, loaded again on
+    # the next demand). The mark is `worker_rss_high_water_mb` when set, else
+    # `worker_rss_growth_factor` times the RSS the worker had right after its load (and at
+    # least 512 MiB above it); both None: never.
+    worker_rss_high_water_mb: int | None = Field(None, ge=1)
+    worker_rss_growth_factor: float | None = Field(3.0, gt=1)
 
     @model_validator(mode="after")
     def _resolve_worker_start(self) -> ResourcesSettings:
@@ -235,6 +272,11 @@ class LimitsSettings(_Section):
     # -- bounded resources at the edge (issue 14; docs/security.md "Limits").
     max_multipart_parts: int = Field(300, ge=2)  # parts of one multipart/form-data body
     max_buffered_bytes: int = Field(128 << 20, ge=1)  # request bodies held at once, all connections
+    # -- worker bounds (issue 14; docs/security.md "Worker bounds"): the bytes one request's
+    # images may take once decoded (width x height x bytes per pixel, at least 3 for the RGB
+    # conversion), read from each header before anything is decoded; checked by the server
+    # and again by the worker.
+    max_decoded_image_bytes_per_request: int = Field(64 << 20, ge=1)
 
     @model_validator(mode="after")
     def _buffer_fits_a_request(self) -> LimitsSettings:

@@ -172,11 +172,14 @@ class RegistryService:
         return await self._offload(self._verify, validate_name(name), version)
 
     def _verify(self, name: str, version: str | None) -> dict[str, Any]:
-        from modelmora.registry.sources import hash_folder  # the source stack, only when hashing
+        from modelmora.lifecycle.verify import CACHE_FILE, WeightsVerifier
 
         v = self.store.get(name).version(version)
         path = Path(v.path)
-        actual = hash_folder(path) if path.is_dir() else {}
+        # Recorded in the loads' verified-files cache: a model failed by a mismatch is
+        # served again once this passes (lifecycle/loading.py).
+        verifier = WeightsVerifier(self.settings.server.data_dir / CACHE_FILE)
+        actual = verifier.rehash_folder(path) if path.is_dir() else {}
         diff = diff_files(v.files, actual)
         if any(diff.values()):
             raise ModelMoraError(
