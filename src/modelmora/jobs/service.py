@@ -91,6 +91,7 @@ class JobService:
             body.get("priority"),
             body.get("timeout_seconds"),
             trace_id,
+            keep_alive=body.get("keep_alive"),
         )
         job = JobRecord(
             job_id=new_job_id(),

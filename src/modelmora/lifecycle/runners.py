@@ -193,14 +193,14 @@ class ProcessRunner:
                 return
         parent, child = socket.socketpair()
         try:
+            # No model name on the command line: a spare is adopted by a model after it started
+            # (`ps` would show `--name <spare>` for good); /api/v1/status maps pids to models.
             self._proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
                 "modelmora.lifecycle.worker",
                 "--fd",
                 str(child.fileno()),
-                "--name",
-                self.name,
                 pass_fds=(child.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
                 env=worker_env(),

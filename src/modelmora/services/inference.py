@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
@@ -55,6 +56,23 @@ class _Call:
 
 EventCallback = Callable[[str, dict[str, Any]], None]
 
+# The bounds of InferRequest (api/schemas.py) for every door: gRPC's doubles carry NaN, the
+# infinities and negatives that the REST schema refuses before they get here.
+MAX_TIMEOUT_SECONDS = 86_400.0
+
+
+def check_timing(timeout_seconds: float | None, keep_alive: float | None) -> None:
+    errors: list[dict[str, str]] = []
+    if timeout_seconds is not None and not (
+        math.isfinite(timeout_seconds) and 0 < timeout_seconds <= MAX_TIMEOUT_SECONDS
+    ):
+        errors.append({"field": "timeout_seconds", "message": "seconds, > 0 and <= 86400"})
+    if keep_alive is not None and not (math.isfinite(keep_alive) and keep_alive >= -1):
+        errors.append({"field": "keep_alive", "message": "finite seconds, >= -1 (-1: forever)"})
+    if errors:
+        fields = ", ".join(e["field"] for e in errors)
+        raise ModelMoraError(ErrorCode.VALIDATION_ERROR, f"invalid {fields}", {"errors": errors})
+
 
 class InferenceService:
     def __init__(
@@ -91,7 +109,9 @@ class InferenceService:
 
         `on_event(kind, data)` is called on the event loop for each event the worker emits
         for this request (`token`, `progress`), in order, all before this call returns."""
-        call = await self.prepare(name, input_data, parameters, priority, timeout_seconds, trace_id)
+        call = await self.prepare(
+            name, input_data, parameters, priority, timeout_seconds, trace_id, keep_alive=keep_alive
+        )
         return await self._run(call, keep_alive, disconnected, on_event)
 
     async def stream(
@@ -111,7 +131,9 @@ class InferenceService:
         <error body>}`. An error before the first event (unknown model, bad input, queue full,
         load failure) is raised as ModelMoraError instead, so a door can still answer it with
         a plain status. Closing the iterator early cancels the request, in the worker too."""
-        call = await self.prepare(name, input_data, parameters, priority, timeout_seconds, trace_id)
+        call = await self.prepare(
+            name, input_data, parameters, priority, timeout_seconds, trace_id, keep_alive=keep_alive
+        )
         if call.spec.stream is None:
             raise ModelMoraError(
                 ErrorCode.VALIDATION_ERROR,
@@ -155,6 +177,8 @@ class InferenceService:
         priority: str | int | None,
         timeout_seconds: float | None,
         trace_id: str | None,
+        *,
+        keep_alive: float | None = None,
     ) -> _Call:
         """Check a request as it will run (model, input, parameters, priority, deadline)
         without queueing it; async jobs call this at submission. A request refused here is
@@ -163,6 +187,7 @@ class InferenceService:
         known: list[ModelRecord] = []
         received = self.manager.clock()
         try:
+            check_timing(timeout_seconds, keep_alive)
             call = await self._validate(
                 name, input_data, parameters, priority, timeout_seconds, trace_id, known, received
             )
