@@ -21,7 +21,8 @@ replays yet are here; the others are named with the test that replays them.
 6. A timed-out request keeps computing: branch weights -- tests/integration/test_worker_bounds.py.
 7. 500s from the fuzzer (`page=9223372036854775807`): tests/e2e/test_edge_limits.py::
    test_page_bounds_are_validation_errors and the fuzz step itself (tests/fuzz); the gRPC
-   listings' pages: here.
+   listings' pages, and integers past 64 bits in free-form objects (found by the fuzz step:
+   stored in a model, they made every later read of the catalog a 500): here.
 8. Smaller ones:
    - `"priority": true`, `keep_alive: Infinity` over REST: tests/e2e/test_edge_limits.py::
      test_non_strict_bodies_are_refused_before_anything_runs, ::test_multipart_fields_are_typed_strictly,
@@ -145,6 +146,46 @@ def test_item7_grpc_pages_at_their_limits_are_answered_never_internal(server: Se
                 assert exc.code() is grpc.StatusCode.INVALID_ARGUMENT, (request, exc.details())
             else:
                 assert list(reply.data) == [] and reply.meta.page == UINT32_MAX
+
+
+def test_item7_integers_past_64_bits_are_refused_not_stored(server: Server) -> None:
+    """Found by the fuzz step: stored in a model's `resource_requirements`, such an integer
+    made every later read of the catalog a 500 (orjson writes no integer past 64 bits)."""
+    huge = b"-61453399564001668525384141360857088"
+    for method, path, body, field in (
+        (
+            "PUT",
+            "/api/v1/models/fake",
+            b'{"resource_requirements": {"a": {"b": %s}}}' % huge,
+            "resource_requirements",
+        ),
+        ("PUT", "/api/v1/models/fake", b'{"config": {"parameters": {"n": %s}}}' % huge, "config"),
+        (
+            "POST",
+            "/api/v1/infer/fake",
+            b'{"input_data": {"text": "a"}, "parameters": {"n": %s}}' % huge,
+            "parameters",
+        ),
+        (
+            "POST",
+            "/api/v1/infer/fake/async",
+            b'{"input_data": {"text": "a", "n": [%s]}}' % huge,
+            "input_data",
+        ),
+    ):
+        reply = server.client.request(
+            method, path, content=body, headers={"content-type": "application/json"}
+        )
+        assert reply.status_code == 422, (path, reply.text)
+        assert _error(reply)["details"]["errors"][0]["field"] == field
+    for path in ("/api/v1/models", "/api/v1/models/fake", "/health/models", "/api/v1/jobs"):
+        assert server.client.get(path).status_code == 200, path
+    # The largest 64-bit integers still pass.
+    reply = server.client.put(
+        "/api/v1/models/fake", json={"resource_requirements": {"n": 2**63 - 1, "m": -(2**63)}}
+    )
+    assert reply.status_code == 200, reply.text
+    assert server.client.get("/api/v1/models").status_code == 200
 
 
 # -- item 8: strict numbers and priorities on the gRPC door -------------------------------------

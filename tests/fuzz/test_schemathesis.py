@@ -22,7 +22,6 @@ runs with the admin key).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -58,7 +57,6 @@ LOOPBACK_ONLY = {
     "MODELMORA_REGISTRY__ALLOWED_SOURCES__HOSTS": json.dumps(["127.0.0.1"]),
     "MODELMORA_REGISTRY__ALLOWED_SOURCES__PRIVATE_HOSTS": json.dumps(["127.0.0.1"]),
 }
-AUTH_MISSING = importlib.util.find_spec("modelmora.auth.store") is None
 
 
 def plain_model(folder: Path) -> Path:
@@ -72,8 +70,6 @@ def plain_model(folder: Path) -> Path:
 def fuzz_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Server, str | None]]:
     """(server, admin key or None)."""
     keyed = request.param == "keyed"
-    if keyed and AUTH_MISSING:
-        pytest.skip("auth is not wired yet (no modelmora.auth.store): the keyed run waits for branch auth1")
     data = tmp_path / "data"
     with HubStub({"fuzz/tiny": plain_model(tmp_path / "hub" / "tiny")}) as hub:
         env = clean_env(data, MODELMORA_REGISTRY__HUB_ENDPOINT=hub.endpoint)

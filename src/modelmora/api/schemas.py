@@ -15,12 +15,16 @@ MAX_PAGE_SIZE = 1000
 
 def _finite_tree(value: Any) -> Any:
     """Refuse NaN and infinities anywhere in free-form JSON: both JSON parsers in front of
-    these models accept `NaN` and `Infinity`, and neither has a JSON spelling on the way back."""
+    these models accept `NaN` and `Infinity`, and neither has a JSON spelling on the way back.
+    Integers past 64 bits too: stored, they made every later read of the model a 500 (orjson
+    writes none of them)."""
     stack = [value]
     while stack:
         item = stack.pop()
         if isinstance(item, float) and not math.isfinite(item):
             raise ValueError("numbers must be finite (no NaN or Infinity)")
+        if isinstance(item, int) and not -(2**63) <= item < 2**63:
+            raise ValueError("integers must fit in 64 bits")
         if isinstance(item, dict):
             stack.extend(item.values())
         elif isinstance(item, list):
@@ -28,7 +32,7 @@ def _finite_tree(value: Any) -> Any:
     return value
 
 
-# A JSON object whose numbers, at any depth, are finite.
+# A JSON object whose numbers, at any depth, are finite (and its integers 64-bit).
 FiniteObject = Annotated[dict[str, Any], AfterValidator(_finite_tree)]
 
 
