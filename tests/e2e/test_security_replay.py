@@ -172,6 +172,10 @@ def test_item7_integers_past_64_bits_are_refused_not_stored(server: Server) -> N
             b'{"input_data": {"text": "a", "n": [%s]}}' % huge,
             "input_data",
         ),
+        # The short form's inputs (NaN there was a 500 too, found once the full request was built).
+        ("POST", "/infer/fake", b'{"text": [[null, %s]]}' % huge, "text"),
+        ("POST", "/infer/fake", b'{"text": ["a", NaN]}', "text"),
+        ("POST", "/infer/fake", b'{"image": [{"x": %s}], "stream": true}' % huge, "image"),
     ):
         reply = server.client.request(
             method, path, content=body, headers={"content-type": "application/json"}

@@ -34,6 +34,9 @@ def _finite_tree(value: Any) -> Any:
 
 # A JSON object whose numbers, at any depth, are finite (and its integers 64-bit).
 FiniteObject = Annotated[dict[str, Any], AfterValidator(_finite_tree)]
+# The short form's inputs, checked alike: they become `input_data` after validation, where a
+# bad number would only be found when the full request is built (a 500).
+FiniteInput = Annotated[str | list[Any], AfterValidator(_finite_tree)]
 
 
 class _Strict(BaseModel):
@@ -55,8 +58,8 @@ class InferRequest(_Strict):
 class ShortInferRequest(_Strict):
     """`POST /infer/{name}`: the input at the top level."""
 
-    text: str | list[Any] | None = None
-    image: str | list[Any] | None = None
+    text: FiniteInput | None = None
+    image: FiniteInput | None = None
     parameters: FiniteObject = Field(default_factory=dict)
     priority: str | int | None = None
     timeout_seconds: float | None = Field(None, gt=0, le=86_400)
