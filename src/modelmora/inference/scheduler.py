@@ -257,6 +257,8 @@ class ModelScheduler:
             self._wake.set()
         inference_ms = done.compute_ms
         size = sum(e.size for e in batch)
+        if "batch_size" in done.stats:  # a stepped worker: the rows that ran beside it
+            size = max(1, round(done.stats["batch_size"]))
         self._record_worker(done.stats)
         finished = self.clock()
         if not self._batches:  # the worker is idle now: its clients are about to come back

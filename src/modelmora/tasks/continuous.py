@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -153,12 +153,6 @@ class Stepper:
         now = time.perf_counter()
         rows = [r for j in joinings for r in j.rows]
         prompts = [p for j in joinings for p in j.prompts]
-        owners: list[Member] = []
-        for j in joinings:
-            member = Member(j.item, j.rows, j.reserve, now)
-            self.members[j.item.request_id] = member
-            self.reserved += j.reserve
-            owners.extend([member] * len(j.rows))
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -176,6 +170,13 @@ class Stepper:
             )
         cache = out.cache if self._cache_arg == "cache" else out.past_key_values
         logits = out.logits[:, -1, :]
+        # Registered only now: a prefill that raised leaves the running batch as it was.
+        owners: list[Member] = []
+        for j in joinings:
+            member = Member(j.item, j.rows, j.reserve, now)
+            self.members[j.item.request_id] = member
+            self.reserved += j.reserve
+            owners.extend([member] * len(j.rows))
         tokens = self._choose(logits, rows, prompts, owners)
         self._append(rows, owners, prompts, cache, mask, positions[:, -1] + 1, tokens)
         self._take(rows, tokens, emit)
