@@ -31,7 +31,7 @@ from modelmora.contracts.tasks import TaskType
 from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.inference.batcher import BatchLimits
 from modelmora.inference.queue import Entry, RequestQueue
-from modelmora.inference.scheduler import Admission, Clock, ModelScheduler, _settle, _timeout
+from modelmora.inference.scheduler import Admission, Clock, ModelScheduler
 from modelmora.observability.metrics import Metrics
 
 log = logging.getLogger("modelmora.scheduler")
@@ -169,11 +169,7 @@ class ContinuousScheduler(ModelScheduler):
             now = self.clock()
             room = self.credits.room(len(self._batches))
             chosen, expired = fill(self._queue, now, room, self._running_groups(), _entry_cost)
-            self.admission.queued -= len(chosen) + len(expired)
-            if expired:
-                self._m_expired.inc(len(expired))
-            for entry in expired:
-                _settle(entry, _timeout())
+            self._taken(chosen, expired)
             for entry in chosen:
                 self.credits.spend(entry.size, _entry_cost(entry))
                 batch = [entry]
