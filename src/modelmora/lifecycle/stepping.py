@@ -218,6 +218,8 @@ class Loop:
     def answer(self, item: WorkItem, outcome: Outcome, seconds: float, batch_size: float) -> None:
         batch_id = self.owner.pop(item.request_id, None)
         self.core.cancelled.discard(item.request_id)
+        if len(self.core.cancelled) > 4096:  # cancels that came after their request: forget them
+            self.core.cancelled.clear()
         request = self.requests.get(batch_id) if batch_id is not None else None
         if request is None:
             return
