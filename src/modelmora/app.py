@@ -18,6 +18,8 @@ import uvicorn
 from fastapi import FastAPI
 
 from modelmora import __version__
+from modelmora.auth.limiter import KeyLimiter, build_limiter
+from modelmora.auth.mode import auth_enabled
 from modelmora.config import Settings
 from modelmora.contracts.runner import RunnerFactory
 from modelmora.jobs.dispatcher import JobDispatcher
@@ -28,6 +30,7 @@ from modelmora.lifecycle.zygote_pool import worker_source
 from modelmora.observability.metrics import Live, Metrics, ModelLive
 from modelmora.observability.tracing import build_span_recorder
 from modelmora.registry.catalog import ModelState
+from modelmora.registry.policy import InstallPolicy
 from modelmora.registry.store import RegistryStore
 from modelmora.results.store import ResultStore, build_result_store
 from modelmora.services.inference import InferenceService
@@ -59,11 +62,17 @@ class ModelMora:
         spans = build_span_recorder(settings.telemetry.otlp_endpoint, settings.telemetry.service_name)
         self.inference = InferenceService(settings, self.manager, self.results, spans)
         # The doors (api/) call these two and `inference`, one method per operation.
-        self.registry = RegistryService(settings, self.store, self.manager)
+        # The API's installs obey registry.allowed_sources and testing.* (registry/policy.py).
+        self.registry = RegistryService(
+            settings, self.store, self.manager, policy=InstallPolicy.from_settings(settings)
+        )
         self.management = ManagementService(self.manager, self.inference, self.full_status)
         self.job_store = build_job_store(settings)
         self.dispatcher = JobDispatcher(settings, self.job_store, self.inference, self.results)
         self.jobs = JobService(settings, self.job_store, self.dispatcher, self.results)
+        # Per-key rate and concurrency limits: the doors call `limiter.admit(principal)` right
+        # after authenticating. None when auth is off or no limit is set.
+        self.limiter: KeyLimiter | None = build_limiter(settings, auth_on=auth_enabled(settings))
         self.ready = False
         self.draining = False
         self.inflight = 0  # HTTP requests in progress, counted by the edge middleware

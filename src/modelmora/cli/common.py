@@ -130,16 +130,21 @@ def registry_service(ctx: typer.Context, live: bool = False) -> Iterator[Registr
     settings = context(ctx).settings()
     states = live_states(ctx, settings) if live else {}
     with needs_server_extra():
+        from modelmora.auth.keys import current_client
+        from modelmora.registry.policy import InstallPolicy
         from modelmora.registry.store import RegistryStore
         from modelmora.services.registry import RegistryService, inline
 
         store = RegistryStore(settings.database_url)
+        client = current_client.set("cli")  # where the audit log says the change came from
         try:
             store.create_schema()
-            yield RegistryService(settings, store, live=states.get, offload=inline)
+            policy = InstallPolicy.for_cli(settings)  # None: the operator's CLI is trusted
+            yield RegistryService(settings, store, live=states.get, offload=inline, policy=policy)
         except ModelMoraError as exc:
             raise fail(exc) from None
         finally:
+            current_client.reset(client)
             store.close()
 
 
