@@ -98,12 +98,14 @@ class RawGenerate:
 
 
 def serve(model_dir: Path | None, data: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """A `modelmora serve` subprocess; `model_dir` installed as "gen" first when given."""
+    """A `modelmora serve` subprocess; `model_dir` installed as "gen" first when given. The
+    data dir's parent is an allowed local root (installs through the API read from it)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELMORA_")}
     env.update(
         MODELMORA_SERVER__DATA_DIR=str(data),
         MODELMORA_SERVER__LOG_LEVEL="warning",
         MODELMORA_RESOURCES__WARM_SPARE="false",  # no background imports competing for CPU
+        MODELMORA_REGISTRY__ALLOWED_SOURCES__LOCAL_ROOTS=json.dumps([str(data.parent.resolve())]),
     )
     cli = [sys.executable, "-m", "modelmora"]
     if model_dir is not None:

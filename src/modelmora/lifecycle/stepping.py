@@ -35,7 +35,7 @@ from modelmora.contracts.channel import (
     Stepping,
     WorkItem,
 )
-from modelmora.tasks.base import EmitFn, Emitter
+from modelmora.tasks.base import EmitFn
 
 log = logging.getLogger("modelmora.worker")
 
@@ -106,6 +106,33 @@ def open_stepper(core: Core, message: Stepping, send: SendFn) -> Stepper | None:
     return None
 
 
+class _Emit:
+    """The step loop's EmitFn: a request counts as cancelled once the server cancelled it or
+    its deadline (`WorkItem.deadline`, time.monotonic()) passed, as in the static path."""
+
+    __slots__ = ("_cancelled", "_send", "deadlines")
+
+    def __init__(self, send: SendFn, cancelled: set[str]) -> None:
+        self._send = send
+        self._cancelled = cancelled
+        self.deadlines: dict[str, float] = {}
+
+    def __call__(self, request_id: str, kind: str, data: dict[str, Any]) -> None:
+        self._send(Event(request_id, kind, data))
+
+    def cancelled(self, request_id: str) -> bool:
+        if request_id in self._cancelled:
+            return True
+        deadline = self.deadlines.get(request_id)
+        return deadline is not None and time.monotonic() >= deadline
+
+
+def _dropped(item: WorkItem, when: str) -> ItemError:
+    if item.deadline is not None and time.monotonic() >= item.deadline:
+        return ItemError("INFERENCE_TIMEOUT", f"the request's deadline passed {when}")
+    return ItemError("CANCELLED", f"cancelled {when}")
+
+
 @dataclass
 class _Request:
     """One `Infer` (usually one request) until all its items are answered."""
@@ -131,7 +158,7 @@ class Loop:
         self.core = core
         self.stepper = stepper
         self.send = send
-        self.emit = Emitter(lambda rid, kind, data: send(Event(rid, kind, data)), core.cancelled)
+        self.emit = _Emit(send, core.cancelled)
         self.received = 0
         self.waiting: list[_Waiting] = []
         self.requests: dict[int, _Request] = {}
@@ -156,8 +183,10 @@ class Loop:
         self.requests[message.batch_id] = request
         for item in message.items:
             self.owner[item.request_id] = message.batch_id
-            if item.request_id in self.core.cancelled:
-                self.answer(item, ItemError("CANCELLED", "cancelled before it ran"), 0.0, 0.0)
+            if item.deadline is not None:
+                self.emit.deadlines[item.request_id] = item.deadline
+            if self.emit.cancelled(item.request_id):
+                self.answer(item, _dropped(item, "before it ran"), 0.0, 0.0)
                 continue
             started = time.perf_counter()
             try:
@@ -174,7 +203,7 @@ class Loop:
         stepper = self.stepper
         for waiting in [w for w in self.waiting if self.emit.cancelled(w.joining.item.request_id)]:
             self.waiting.remove(waiting)
-            self.answer(waiting.joining.item, ItemError("CANCELLED", "cancelled before it ran"), 0.0, 0.0)
+            self.answer(waiting.joining.item, _dropped(waiting.joining.item, "before it ran"), 0.0, 0.0)
         finished = stepper.drop_cancelled(self.emit)
         joiners = self._take_joiners()
         if joiners:
@@ -217,7 +246,10 @@ class Loop:
 
     def answer(self, item: WorkItem, outcome: Outcome, seconds: float, batch_size: float) -> None:
         batch_id = self.owner.pop(item.request_id, None)
+        self.emit.deadlines.pop(item.request_id, None)
         self.core.cancelled.discard(item.request_id)
+        if isinstance(outcome, ItemError) and outcome.code == "CANCELLED":
+            outcome = _dropped(item, outcome.message.removeprefix("cancelled "))  # the deadline may be why
         if len(self.core.cancelled) > 4096:  # cancels that came after their request: forget them
             self.core.cancelled.clear()
         request = self.requests.get(batch_id) if batch_id is not None else None
@@ -231,7 +263,9 @@ class Loop:
             return
         del self.requests[request.message.batch_id]
         ordered = [request.outcomes[i.request_id] for i in items]
-        cancelled = sum(1 for o in ordered if isinstance(o, ItemError) and o.code == "CANCELLED")
+        cancelled = sum(
+            1 for o in ordered if isinstance(o, ItemError) and o.code in ("CANCELLED", "INFERENCE_TIMEOUT")
+        )
         errors = sum(1 for o in ordered if isinstance(o, ItemError)) - cancelled
         self.core.batches += 1
         self.core.items += len(items)
