@@ -336,3 +336,12 @@ async def test_a_worker_that_cannot_step_gets_the_static_scheduler(make_rig: Cal
     assert [i.request_id for i in rig.runner.calls[0].items] == ["a", "b"]
     rig.runner.calls[0].done.set_result(BatchDone(0, [ItemOk("a"), ItemOk("b")], 1.0))
     assert (await a.payload.future).batch_size == 2 and (await b.payload.future).value == "b"
+
+
+def test_config_batching_is_checked_at_install_and_update() -> None:
+    from modelmora.registry.installer import validate_config
+
+    assert validate_config({"batching": "static"}) == {"batching": "static"}
+    with pytest.raises(ModelMoraError) as info:
+        validate_config({"batching": "sometimes"})
+    assert info.value.code is ErrorCode.VALIDATION_ERROR
