@@ -47,9 +47,9 @@ async def svc(
     store = RegistryStore(settings.database_url)
     store.create_schema()
     for name, source, config in [
-        ("cont", gpt2, {}),  # txt2txt: continuous by default
-        ("static", gpt2, {"batching": "static"}),
-        ("fakegen", make_fake_model(tmp_path / "fakegen", task_type="txt2txt"), {}),
+        ("cont", gpt2, {"batching": "continuous"}),
+        ("static", gpt2, {}),  # the default
+        ("fakegen", make_fake_model(tmp_path / "fakegen", task_type="txt2txt"), {"batching": "continuous"}),
     ]:
         install(settings, store, InstallRequest(source=str(source), name=name, config=config))
     factory = in_process_runner_factory if request.param == "in-process" else process_runner_factory

@@ -118,9 +118,9 @@ def test_credits_count_what_was_sent_after_the_last_report() -> None:
 def test_token_cost_and_batching_mode() -> None:
     item = WorkItem("r", ["x" * 40, "y"], {"max_tokens": 10})
     assert token_cost(item) == (10 + 10 + 1) + (10 + 0 + 1)
-    assert batching_mode(TaskType.TXT2TXT, None) == "continuous"
+    assert batching_mode(TaskType.TXT2TXT, None) == "static"  # the default (see DEFAULT_BATCHING)
     assert batching_mode(TaskType.IMG2TXT, None) == "static"
-    assert batching_mode(TaskType.TXT2TXT, "Static") == "static"
+    assert batching_mode(TaskType.TXT2TXT, "Continuous") == "continuous"
     with pytest.raises(ModelMoraError):
         batching_mode(TaskType.TXT2TXT, "sometimes")
 
@@ -240,7 +240,7 @@ async def make_rig() -> AsyncIterator[Callable[..., Rig]]:
             name="m",
             runner=runner,
             task=TaskType.TXT2TXT,
-            batching=None,
+            batching="continuous",
             limits=BatchLimits(slots),
             admission=Admission(100, 10),
             queue_size=100,
