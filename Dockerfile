@@ -45,7 +45,7 @@ RUN --mount=type=bind,source=build/docker/wheels,target=/wheels \
     index=--no-index; \
     if [ -n "$PIP_INDEX_URL" ]; then index="--index-url=$PIP_INDEX_URL"; fi; \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi; \
-    /opt/modelmora/bin/pip install --no-cache-dir --disable-pip-version-check "$index" \
+    /opt/modelmora/bin/pip install --no-cache-dir --disable-pip-version-check --progress-bar off "$index" \
         --find-links /wheels "$torch_wheel" "/src[$EXTRAS]"; \
     /opt/modelmora/bin/python -c 'import torch; assert torch.version.cuda is None, torch.version.cuda'
 

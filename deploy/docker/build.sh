@@ -25,7 +25,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 TAG=modelmora:latest
 BASE=""
-ONLINE=0
+ONLINE=1
 EXTRAS=server,postgres,redis
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -33,6 +33,7 @@ while [ $# -gt 0 ]; do
     --base) BASE=$2; shift 2 ;;
     --extras) EXTRAS=$2; shift 2 ;;
     --online) ONLINE=1; shift ;;
+    --wheelhouse) ONLINE=0; shift ;;
     -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -167,6 +168,7 @@ EOF
 t_start=$(now)
 [ -n "$BASE" ] || make_base
 fill_wheels
+echo "$BASE" >"$ROOT/build/docker/base"  # for images built on the same base (deploy/ci)
 
 build_args=(
   --build-arg "BASE=$BASE"
