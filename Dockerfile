@@ -1,4 +1,4 @@
-# ModelMora server image, CPU build of torch. Build it with deploy/docker/build.sh (docs/deployment.md):
+# ModelMora server image, CPU build of torch (or a CUDA build: docs/deployment.md, "GPU"). Build it with deploy/docker/build.sh (docs/deployment.md):
 # the script fills build/docker/wheels (the torch CPU wheel, and every other wheel unless --online),
 # which the install step binds read-only, so no wheel, pip cache or CA certificate ends up in a layer.
 #
@@ -36,6 +36,9 @@ ARG PIP_INDEX_URL=""
 # PostgreSQL and Redis for replicas (deploy/compose/replicated.yml); add s3 for s3:// installs, S3
 # results and a model store in S3 (about 110 MB more), otel for trace export.
 ARG EXTRAS=server,postgres,redis
+# cpu, or the CUDA build whose wheel build.sh --torch-variant cu128 placed in the wheels (the CUDA
+# libraries come as pip packages; the host's driver comes in through the NVIDIA container toolkit).
+ARG TORCH_VARIANT=cpu
 RUN --mount=type=bind,source=build/docker/wheels,target=/wheels \
     --mount=type=secret,id=pip_ca \
     torch_wheel=$(find /wheels -maxdepth 1 -name 'torch-*.whl' | head -n 1); \
@@ -47,7 +50,8 @@ RUN --mount=type=bind,source=build/docker/wheels,target=/wheels \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi; \
     /opt/modelmora/bin/pip install --no-cache-dir --disable-pip-version-check --progress-bar off "$index" \
         --find-links /wheels "$torch_wheel" "/src[$EXTRAS]"; \
-    /opt/modelmora/bin/python -c 'import torch; assert torch.version.cuda is None, torch.version.cuda'
+    /opt/modelmora/bin/python -c "import torch; cuda = torch.version.cuda; \
+        assert (cuda is None) == ('$TORCH_VARIANT' == 'cpu'), f'torch {torch.__version__}, CUDA {cuda}'"
 
 # ---- the image
 FROM python

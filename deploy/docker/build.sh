@@ -1,25 +1,28 @@
 #!/usr/bin/env bash
 # Builds the ModelMora CPU image, also where Docker Hub is out of reach (docs/deployment.md).
 #
-#   deploy/docker/build.sh [--tag NAME] [--base IMAGE] [--extras server,postgres,redis] [--online]
+#   deploy/docker/build.sh [--tag NAME] [--base IMAGE] [--extras server,postgres,redis]
+#                          [--torch-variant cpu|cu128|...] [--wheelhouse]
 #
 # 1. The base. With --base (e.g. python:3.11-slim-bookworm) that image. Without: a Debian bookworm
 #    minbase made by debootstrap from the apt mirror this machine already uses (/etc/apt/sources.list
 #    and sources.list.d), kept as a tarball in $MODELMORA_BASE_CACHE (default /var/cache/modelmora-deploy)
 #    under a key of mirror and ISO week, so a machine builds it at most once a week, and `docker import`ed.
 # 2. The wheels, in build/docker/wheels, which the Dockerfile binds read-only (never a layer): the torch
-#    CPU wheel (TORCH_WHEEL, or pip finds torch==$TORCH_VERSION+cpu through the host's configuration,
-#    else on the PyTorch CPU index) and, without --online, every wheel modelmora[$EXTRAS] needs
-#    (--extras, default server,postgres,redis), downloaded by the host's pip with the host's index,
-#    mirrors and CA: the build itself needs no index.
-# 3. docker build with BuildKit and --build-arg BASE=... . With --online pip inside the build uses the
-#    host's index (PIP_INDEX_URL or pip's global.index-url, default PyPI) and, when pip has one, the
-#    host's CA bundle as the BuildKit secret pip_ca (mounted for that one step, in no layer).
+#    wheel of --torch-variant (default cpu; TORCH_WHEEL names a file, else pip finds
+#    torch==$TORCH_VERSION+<variant> through the host's configuration, else on download.pytorch.org)
+#    and, with --wheelhouse, every wheel modelmora[$EXTRAS] needs (--extras, default
+#    server,postgres,redis), downloaded by the host's pip with its index, mirrors and CA.
+# 3. docker build with BuildKit and --build-arg BASE=... . By default pip inside the build reaches the
+#    host's index (PIP_INDEX_URL or pip's global.index-url, else PyPI) with the host's CA bundle (pip's
+#    global.cert or PIP_CERT) as the BuildKit secret pip_ca: mounted for that one step, in no layer.
+#    With --wheelhouse it uses no index at all (an air-gapped site); the wheels must then suit the
+#    image's Python (PYTHON must be a CPython 3.11 on linux x86_64, and markers on the full version,
+#    e.g. async-timeout for python < 3.11.3, must come out the same: Debian's python3 is 3.11.2).
 #
 # Environment: DOCKER (a docker CLI with BuildKit: `docker` when it has buildx, else Debian's
-# /usr/bin/docker), PYTHON (a CPython 3.11 on linux x86_64 whose pip downloads the wheels; default
-# python3), TORCH_WHEEL, TORCH_VERSION (2.13.0), MIRROR and SECURITY_MIRROR (override the apt mirrors
-# read from this machine), MODELMORA_BASE_CACHE.
+# /usr/bin/docker), PYTHON (default python3), TORCH_WHEEL, TORCH_VERSION (2.13.0), MIRROR and
+# SECURITY_MIRROR (override the apt mirrors read from this machine), MODELMORA_BASE_CACHE.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -27,14 +30,16 @@ TAG=modelmora:latest
 BASE=""
 ONLINE=1
 EXTRAS=server,postgres,redis
+VARIANT=cpu
 while [ $# -gt 0 ]; do
   case "$1" in
     --tag) TAG=$2; shift 2 ;;
     --base) BASE=$2; shift 2 ;;
     --extras) EXTRAS=$2; shift 2 ;;
+    --torch-variant) VARIANT=$2; shift 2 ;;
     --online) ONLINE=1; shift ;;
     --wheelhouse) ONLINE=0; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -135,7 +140,7 @@ assert sys.implementation.name == "cpython" and sys.version_info[:2] == (3, 11)
 assert sys.platform == "linux" and platform.machine() == "x86_64"
 EOF
   local wheels=$ROOT/build/docker/wheels stamp
-  stamp=$( { cat "$ROOT/pyproject.toml"; echo "online=$ONLINE extras=$EXTRAS torch=$TORCH_VERSION ${TORCH_WHEEL:-}"; } | sha256sum | cut -c1-16)
+  stamp=$( { cat "$ROOT/pyproject.toml"; echo "online=$ONLINE extras=$EXTRAS torch=$TORCH_VERSION+$VARIANT ${TORCH_WHEEL:-}"; } | sha256sum | cut -c1-16)
   if [ -f "$wheels/.stamp" ] && [ "$(cat "$wheels/.stamp")" = "$stamp" ]; then
     log "wheels in $wheels are up to date"
     return
@@ -146,15 +151,15 @@ EOF
   t0=$(now)
   if [ -n "${TORCH_WHEEL:-}" ]; then
     cp "$TORCH_WHEEL" "$wheels/"
-  elif ! "$PYTHON" -m pip download -q --no-deps -d "$wheels" "torch==$TORCH_VERSION+cpu" 2>/dev/null; then
-    log "torch $TORCH_VERSION+cpu is not reachable through pip's configuration: trying the PyTorch CPU index"
-    "$PYTHON" -m pip download -q --no-deps -d "$wheels" --index-url https://download.pytorch.org/whl/cpu \
-      "torch==$TORCH_VERSION+cpu"
+  elif ! "$PYTHON" -m pip download -q --no-deps -d "$wheels" "torch==$TORCH_VERSION+$VARIANT" 2>/dev/null; then
+    log "torch $TORCH_VERSION+$VARIANT is not reachable through pip's configuration: trying the PyTorch index"
+    "$PYTHON" -m pip download -q --no-deps -d "$wheels" --index-url "https://download.pytorch.org/whl/$VARIANT" \
+      "torch==$TORCH_VERSION+$VARIANT"
   fi
   local torch_wheel
   torch_wheel=$(find "$wheels" -maxdepth 1 -name 'torch-*.whl' | head -n 1)
   [ -n "$torch_wheel" ] || die "no torch wheel"
-  case "$torch_wheel" in *+cpu-*) ;; *) die "$torch_wheel is not a CPU build of torch" ;; esac
+  case "$torch_wheel" in *"+$VARIANT-"*) ;; *) die "$torch_wheel is not torch's $VARIANT build" ;; esac
   if [ "$ONLINE" = 0 ]; then
     # setuptools: the build backend of modelmora itself, which pip then finds here too.
     "$PYTHON" -m pip download -q -d "$wheels" --only-binary=:all: "$torch_wheel" "$ROOT[$EXTRAS]" \
@@ -173,6 +178,7 @@ echo "$BASE" >"$ROOT/build/docker/base"  # for images built on the same base (de
 build_args=(
   --build-arg "BASE=$BASE"
   --build-arg "EXTRAS=$EXTRAS"
+  --build-arg "TORCH_VARIANT=$VARIANT"
   --build-arg "VERSION=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$ROOT/pyproject.toml" | head -n 1)"
   --build-arg "REVISION=$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || true)"
   --build-arg "CREATED=$(date -u +%Y-%m-%dT%H:%M:%SZ)"

@@ -54,7 +54,7 @@ def stack(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         return result
 
     try:
-        compose("up", "-d", "--no-deps", "modelmora-1", "modelmora-2", "lb")
+        compose("up", "-d", "--no-deps", "modelmora-1", "modelmora-2", "lb-host")
         for url in REPLICAS:
             until(
                 lambda url=url: httpx.get(f"{url}/health/ready", timeout=5).status_code == 200,
@@ -64,8 +64,9 @@ def stack(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         # a model on the shared volume, installed through replica 1 (catalog in PostgreSQL)
         container_1 = compose("ps", "-q", "modelmora-1").stdout.strip()
         model = make_fake_model(tmp / "fake-embed")
-        docker("cp", str(model), f"{container_1}:/data/fake-embed-source")
-        docker("exec", container_1, "modelmora", "install", "/data/fake-embed-source")
+        docker("exec", container_1, "mkdir", "-p", "/data/sources")
+        docker("cp", str(model), f"{container_1}:/data/sources/")
+        docker("exec", container_1, "modelmora", "install", "/data/sources/fake-embed")
         yield [DOCKER, project]
     finally:
         logs = subprocess.run([*base, "logs", "--tail", "30"], cwd=COMPOSE_DIR, env=env,
@@ -110,4 +111,9 @@ def test_a_job_submitted_to_one_replica_is_read_from_the_other(stack: list[str])
     until(completed, timeout=120, what="the job is completed, seen from the other replica")
     result = httpx.get(f"{second}/api/v1/jobs/{job_id}/result", headers=auth_headers(), timeout=30)
     assert result.status_code == 200, result.text
-    assert len(result.json()["result"]["embeddings"]) == 3
+    # inline_max_bytes 0: the result is a file in the shared volume, served by this replica too
+    stored = result.json()["result"]
+    assert stored["url"].startswith("/api/v1/results/"), stored
+    body = httpx.get(f"{second}{stored['url']}", headers=auth_headers(), timeout=30)
+    assert body.status_code == 200, body.text
+    assert len(body.json()["embeddings"]) == 3, body.text[:300]

@@ -126,8 +126,11 @@ def test_probes_ports_and_grace_agree_with_the_server(tmp_path: Path, app_paths:
     pod = objects["Deployment"]["spec"]["template"]["spec"]
     assert settings.server.drain_seconds == defaults.server.drain_seconds
     pre_stop = int(c["lifecycle"]["preStop"]["exec"]["command"][1])
-    # the pod keeps serving through the preStop sleep, then drains; the kill comes after both
-    assert pod["terminationGracePeriodSeconds"] > pre_stop + settings.server.drain_seconds
+    # the pod keeps serving through the preStop sleep, then drains; after a drain that timed out
+    # uvicorn waits up to drain_seconds more, then the workers get unload_grace_seconds: the kill
+    # comes after all of it
+    drain, unload = settings.server.drain_seconds, settings.lifecycle.unload_grace_seconds
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + 2 * drain + unload
 
     limit = c["resources"]["limits"]["memory"]
     assert limit == c["resources"]["requests"]["memory"] == "8192Mi"
@@ -201,4 +204,5 @@ def test_image_and_compose_agree_with_the_server() -> None:
         for service, spec in compose["services"].items():
             if service.startswith("modelmora"):
                 grace = float(spec["stop_grace_period"].removesuffix("s"))
-                assert grace > defaults.server.drain_seconds, (name, service)
+                drain, unload = defaults.server.drain_seconds, defaults.lifecycle.unload_grace_seconds
+                assert grace > 2 * drain + unload, (name, service)

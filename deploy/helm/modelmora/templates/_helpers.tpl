@@ -47,9 +47,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- div (mul (int .Values.memory.limitMb) (int .Values.memory.serverBudgetPercent)) 100 }}
 {{- end }}
 
-{{/* The whole grace period: preStop sleep, the drain, then the process's exit. */}}
+{{/* The whole grace period: the preStop sleep, the drain, uvicorn's own wait for requests still open
+after a drain that timed out (up to drain_seconds again), then the workers' exit (the margin). */}}
 {{- define "modelmora.terminationGraceSeconds" -}}
-{{- add (int .Values.server.preStopSleepSeconds) (int (ceil .Values.server.drainSeconds)) (int .Values.server.terminationMarginSeconds) }}
+{{- $drain := int (ceil .Values.server.drainSeconds) }}
+{{- add (int .Values.server.preStopSleepSeconds) $drain $drain (int .Values.server.terminationMarginSeconds) }}
 {{- end }}
 
 {{/* modelmora.yaml: the user's `config` with the keys the chart owns on top. */}}
