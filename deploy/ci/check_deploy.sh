@@ -27,6 +27,11 @@ if ! "$DOCKER" info >/dev/null 2>&1; then
   "$DOCKER" info >/dev/null 2>&1 || { tail -30 /var/log/dockerd-modelmora-ci.log >&2; exit 1; }
 fi
 
+# the compose files parse (the single-server one is not started here)
+for f in single.yml replicated.yml; do
+  (cd deploy/compose && MODELMORA_ENV_FILE=modelmora.env.example docker-compose -f "$f" config -q)
+done
+
 deploy/docker/build.sh --tag modelmora:ci
 t_built=$(date +%s)
 # the compose stack's load balancer, from the same local base (Docker Hub's nginx is out of reach)

@@ -17,32 +17,13 @@ import yaml
 from modelmora.app import create_app
 from modelmora.config import Settings, load_settings
 from modelmora.lifecycle.runners import in_process_runner_factory
+from tests.deploy.chart import CHART, ROOT, render
 
-ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "deploy" / "helm" / "modelmora"
 REPLICATED_GPU = yaml.safe_load((CHART / "ci" / "replicated-gpu-values.yaml").read_text(encoding="utf-8"))
 VALUE_SETS = {"default": None, "replicated-gpu": REPLICATED_GPU}
 KUBE_VERSIONS = ("1.30.0", "1.32.0")
 # Custom resources: no schema bundled with kubernetes-validate (checked by hand below).
 CRD_KINDS = {"ServiceMonitor"}
-
-
-def render(values: dict[str, Any] | None) -> dict[str, Any]:
-    """{kind: object} of one release (the chart makes at most one object of each kind)."""
-    chart = helm_python.Chart.load(CHART)
-    try:
-        manifests = chart.render(values, name="mm", namespace="ml", is_install=True)
-    finally:
-        chart.close()
-    objects: dict[str, Any] = {}
-    for path, text in manifests.items():
-        if path.endswith("NOTES.txt"):
-            continue
-        for doc in yaml.safe_load_all(text):
-            if doc:
-                assert doc["kind"] not in objects, f"two {doc['kind']} objects"
-                objects[doc["kind"]] = doc
-    return objects
 
 
 def container(objects: dict[str, Any]) -> dict[str, Any]:

