@@ -27,11 +27,11 @@ RUN if ! python3 -c 'import ensurepip' 2>/dev/null; then \
         && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb; \
     fi \
     && python3 -m venv /opt/modelmora
-COPY pyproject.toml README.md /src/
-COPY src /src/src
-# Empty: install from the wheels in build/docker/wheels only (air-gapped, reproducible). Set (build.sh
-# --online): that index, plus the torch wheel from build/docker/wheels; the CA bundle pip needs to reach
-# it comes in as the BuildKit secret "pip_ca", which is mounted for this one step and never stored.
+COPY deploy/docker/pip-install.sh /usr/local/bin/
+COPY pyproject.toml /src/
+# Empty: install from the wheels in build/docker/wheels only (air-gapped). Set (build.sh's default):
+# that index, plus the torch wheel from build/docker/wheels; the CA bundle pip needs to reach it comes
+# in as the BuildKit secret "pip_ca", mounted for the install steps only and never stored.
 ARG PIP_INDEX_URL=""
 # PostgreSQL and Redis for replicas (deploy/compose/replicated.yml); add s3 for s3:// installs, S3
 # results and a model store in S3 (about 110 MB more), otel for trace export.
@@ -39,19 +39,27 @@ ARG EXTRAS=server,postgres,redis
 # cpu, or the CUDA build whose wheel build.sh --torch-variant cu128 placed in the wheels (the CUDA
 # libraries come as pip packages; the host's driver comes in through the NVIDIA container toolkit).
 ARG TORCH_VARIANT=cpu
+# The dependencies first, from pyproject.toml alone: a change to the sources or the README then
+# rebuilds only the small step after this one.
 RUN --mount=type=bind,source=build/docker/wheels,target=/wheels \
     --mount=type=secret,id=pip_ca \
     torch_wheel=$(find /wheels -maxdepth 1 -name 'torch-*.whl' | head -n 1); \
     if [ -z "$torch_wheel" ]; then \
         echo "no torch wheel in build/docker/wheels: build with deploy/docker/build.sh" >&2; exit 1; \
     fi; \
-    index=--no-index; \
-    if [ -n "$PIP_INDEX_URL" ]; then index="--index-url=$PIP_INDEX_URL"; fi; \
-    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi; \
-    /opt/modelmora/bin/pip install --no-cache-dir --disable-pip-version-check --progress-bar off "$index" \
-        --find-links /wheels "$torch_wheel" "/src[$EXTRAS]"; \
+    python3 -c 'import sys, tomllib; p = tomllib.load(open("/src/pyproject.toml", "rb"))["project"]; \
+        extras = [r for e in sys.argv[1].split(",") for r in p["optional-dependencies"][e]]; \
+        print("\n".join(p["dependencies"] + extras))' "$EXTRAS" >/tmp/requirements.txt; \
+    pip-install.sh "$torch_wheel" -r /tmp/requirements.txt; \
+    rm /tmp/requirements.txt; \
     /opt/modelmora/bin/python -c "import torch; cuda = torch.version.cuda; \
         assert (cuda is None) == ('$TORCH_VARIANT' == 'cpu'), f'torch {torch.__version__}, CUDA {cuda}'"
+COPY README.md /src/
+COPY src /src/src
+RUN --mount=type=bind,source=build/docker/wheels,target=/wheels \
+    --mount=type=secret,id=pip_ca \
+    pip-install.sh --no-deps /src; \
+    /opt/modelmora/bin/pip check
 
 # ---- the image
 FROM python
