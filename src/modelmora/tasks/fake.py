@@ -121,7 +121,8 @@ class FakeEmbedder:
             vectors = [fake_vector(t, self.dim) for t in item.inputs]
             if item.params.get("normalize"):
                 vectors = [_unit(v) for v in vectors]
-            outcomes.append(ItemOk(vectors, {"truncated": 0}))
+            tokens = sum(len(t.split()) for t in item.inputs)  # a word is a token here
+            outcomes.append(ItemOk(vectors, {"truncated": 0, "prompt_tokens": tokens}))
         return outcomes
 
     def info(self) -> dict[str, Any]:

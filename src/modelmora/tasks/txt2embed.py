@@ -22,6 +22,15 @@ from modelmora.tasks.base import EmitFn
 from modelmora.tasks.torch_utils import resolve_device, resolve_dtype
 
 
+def token_counts(features: dict[str, Any], count: int) -> list[int]:
+    """Tokens per text as the model sees them (special tokens included, after truncation):
+    the attention mask's row sums; zeros for inputs without one (images)."""
+    mask = features.get("attention_mask")
+    if mask is None:
+        return [0] * count
+    return [int(n) for n in mask.sum(dim=1).tolist()]
+
+
 class SentenceEmbedder:
     def __init__(self) -> None:
         self.model: SentenceTransformer | None = None
@@ -58,21 +67,24 @@ class SentenceEmbedder:
                 flags[i] = len(seq) > limit
         return flags
 
-    def preprocess(self, items: list[WorkItem]) -> tuple[dict[str, Any], list[bool]]:
+    def preprocess(self, items: list[WorkItem]) -> tuple[dict[str, Any], list[bool], list[int]]:
         texts = [t for item in items for t in item.inputs]
         features = self._preprocess(texts)
-        return batch_to_device(features, torch.device(self.device)), self._truncated(texts)
+        tokens = token_counts(features, len(texts))
+        return batch_to_device(features, torch.device(self.device)), self._truncated(texts), tokens
 
-    def forward(self, prepared: tuple[dict[str, Any], list[bool]], emit: EmitFn) -> tuple[Any, list[bool]]:
+    def forward(
+        self, prepared: tuple[dict[str, Any], list[bool], list[int]], emit: EmitFn
+    ) -> tuple[Any, list[bool], list[int]]:
         assert self.model is not None
-        features, truncated = prepared
+        features, truncated, tokens = prepared
         with torch.inference_mode():
             out = self.model.forward(features)
             embeddings = out["sentence_embedding"].float().cpu().numpy()
-        return embeddings, truncated
+        return embeddings, truncated, tokens
 
-    def postprocess(self, output: tuple[Any, list[bool]], items: list[WorkItem]) -> list[Outcome]:
-        embeddings, truncated = output
+    def postprocess(self, output: tuple[Any, list[bool], list[int]], items: list[WorkItem]) -> list[Outcome]:
+        embeddings, truncated, tokens = output
         outcomes: list[Outcome] = []
         start = 0
         for item in items:
@@ -81,7 +93,8 @@ class SentenceEmbedder:
             if item.params.get("normalize"):
                 norms = np.linalg.norm(block, axis=1, keepdims=True)
                 block = block / np.maximum(norms, 1e-12)
-            outcomes.append(ItemOk(block, {"truncated": int(sum(truncated[start:end]))}))
+            meta = {"truncated": int(sum(truncated[start:end])), "prompt_tokens": sum(tokens[start:end])}
+            outcomes.append(ItemOk(block, meta))
             start = end
         return outcomes
 
