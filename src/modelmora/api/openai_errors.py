@@ -52,7 +52,12 @@ _INPUT_NAMES = {
     "/v1/embeddings": {"input_data.text": "input", "input_data.image": "input"},
     "/v1/completions": {"input_data.text": "prompt"},
     "/v1/chat/completions": {"input_data.messages": "messages", "input_data.image": "messages"},
-    "/v1/images/generations": {"input_data.text": "prompt", "parameters.num_images": "n"},
+    "/v1/images/generations": {
+        "input_data.text": "prompt",
+        "parameters.num_images": "n",
+        "parameters.width": "size",
+        "parameters.height": "size",
+    },
 }
 
 

@@ -121,36 +121,35 @@ class ImageRequest(_OpenAIBody):
     seed: int | None = None
 
 
-# field -> the values that ask for nothing (what a client filling every field sends).
-_NEUTRAL: dict[str, tuple[Any, ...]] = {
+# field -> the values that ask for nothing (what a client filling every field sends), per body.
+_SAMPLING_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "presence_penalty": (0,),
     "frequency_penalty": (0,),
     "logit_bias": ({},),
     "logprobs": (False, 0),
     "top_logprobs": (0,),
-    "echo": (False,),
-    "best_of": (1,),
-    "suffix": ("",),
-    "tools": ([],),
-    "tool_choice": ("none", "auto"),
-    "parallel_tool_calls": (True, False),
-    "response_format": ({"type": "text"},),
-    "functions": ([],),
-    "function_call": ("none", "auto"),
-    "quality": ("standard", "auto"),
-    "style": (),
+}
+_NEUTRAL: dict[type[BaseModel], dict[str, tuple[Any, ...]]] = {
+    CompletionRequest: {**_SAMPLING_NEUTRAL, "echo": (False,), "best_of": (1,), "suffix": ("",)},
+    ChatCompletionRequest: {
+        **_SAMPLING_NEUTRAL,
+        "tools": ([],),
+        "tool_choice": ("none", "auto"),
+        "parallel_tool_calls": (True, False),
+        "response_format": ({"type": "text"},),
+        "functions": ([],),
+        "function_call": ("none", "auto"),
+    },
+    ImageRequest: {"quality": ("standard", "auto"), "style": ()},
 }
 
 
 def refuse_unsupported(body: BaseModel) -> None:
     """400 naming the first field set to something this server does not do."""
-    for name in _NEUTRAL:
-        if name not in type(body).model_fields:
-            continue
+    for name, neutral in _NEUTRAL.get(type(body), {}).items():
         value = getattr(body, name)
-        if value is None or any(_same(value, v) for v in _NEUTRAL[name]):
-            continue
-        raise unsupported(name)
+        if value is not None and not any(_same(value, v) for v in neutral):
+            raise unsupported(name)
     n = getattr(body, "n", None)
     if n is not None and n != 1 and not isinstance(body, ImageRequest):
         raise unsupported("n", "only n = 1")
