@@ -249,8 +249,9 @@ ENCODING_DIM = 1024
 ENCODING_ITEMS = 32
 
 
-def encoding_bench(data: Path, work: Path, seconds: float) -> list[tuple[str, str]]:
-    """The null model at dim 1024, 32 texts per request, c=16, each way embeddings travel."""
+def encoding_bench(data: Path, work: Path, seconds: float, rounds: int = 3) -> list[tuple[str, str]]:
+    """The null model at dim 1024, 32 texts per request, c=16, each way embeddings travel
+    (medians of `rounds` alternating rounds of `seconds` each)."""
     null_dir = work / "null1024"
     null_dir.mkdir(exist_ok=True)
     options = {"dim": ENCODING_DIM, "ndarray": True}
@@ -293,24 +294,31 @@ def encoding_bench(data: Path, work: Path, seconds: float) -> list[tuple[str, st
         ),
     ]
     server = Served(data)
-    measured: dict[str, tuple[float, float]] = {}
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name, *_ in variants}
     try:
-        for name, path, body, accept, ctype in variants:
-            raw = json.dumps(body).encode()
+        for _name, path, body, accept, ctype in variants:
             headers = {"content-type": "application/json", **({"accept": accept} if accept else {})}
-            check = httpx.post(server.url + path, content=raw, headers=headers, timeout=60)
+            check = httpx.post(server.url + path, json=body, headers=headers, timeout=60)
             check.raise_for_status()
             assert check.headers["content-type"].startswith(ctype), check.headers
-            wrk_static(server.url + path, raw, 16, 2, work, accept)  # warm
-            cpu0 = _cpu_seconds(server.proc.pid)
-            run = wrk_static(server.url + path, raw, 16, seconds, work, accept)
-            cpu = _cpu_seconds(server.proc.pid) - cpu0
-            measured[name] = (run["rps"], cpu / max(1, run["requests"]) * 1000)
+            wrk_static(server.url + path, json.dumps(body).encode(), 16, 2, work, accept)  # warm
+        # Rounds alternate the variants and the medians are reported: one pass of each is at
+        # the mercy of whatever else the machine does meanwhile.
+        for _ in range(rounds):
+            for name, path, body, accept, _ctype in variants:
+                cpu0 = _cpu_seconds(server.proc.pid)
+                run = wrk_static(server.url + path, json.dumps(body).encode(), 16, seconds, work, accept)
+                cpu = _cpu_seconds(server.proc.pid) - cpu0
+                runs[name].append((run["rps"], cpu / max(1, run["requests"]) * 1000))
     finally:
         server.stop()
+    measured = {
+        name: (statistics.median(r for r, _ in values), statistics.median(c for _, c in values))
+        for name, values in runs.items()
+    }
     rows = [
         (
-            f"{name} (dim {ENCODING_DIM}, {ENCODING_ITEMS} items, c=16): req/s, server CPU ms/req",
+            f"{name} (dim {ENCODING_DIM}, {ENCODING_ITEMS} items, c=16): req/s, server CPU ms/req (medians)",
             f"{rps:.0f}, {cpu_ms:.2f}",
         )
         for name, (rps, cpu_ms) in measured.items()

@@ -16,7 +16,7 @@ model's own work on a GPU.
 from __future__ import annotations
 
 import asyncio
-import base64
+import binascii
 import contextlib
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -314,7 +314,7 @@ def float32_le(value: Any) -> np.ndarray:
 
 def b64_float32(array: np.ndarray) -> str:
     """Base64 of the array's row-major little-endian float32 bytes."""
-    return base64.b64encode(float32_le(array).data).decode("ascii")
+    return binascii.b2a_base64(float32_le(array).data, newline=False).decode("ascii")
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
