@@ -157,6 +157,16 @@ async def test_async_client_embeddings_and_streaming_chat(server: Server) -> Non
         )
         pieces = [c.choices[0].delta.content or "" async for c in stream if c.choices]
         assert "".join(pieces)
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.chat.completions.create(
+                model="tiny-gpt2", messages=[{"role": "user", "content": "hi"}], logprobs=True
+            )
+        assert caught.value.body == {
+            "message": "logprobs: not supported by ModelMora",
+            "type": "invalid_request_error",
+            "param": "logprobs",
+            "code": "VALIDATION_ERROR",
+        }
 
 
 def test_matryoshka_dimensions(client: openai.OpenAI) -> None:
@@ -261,6 +271,16 @@ def test_the_error_shape_on_v1_paths(server: Server, client: openai.OpenAI) -> N
     with pytest.raises(openai.BadRequestError) as caught:
         client.embeddings.create(model=MINILM, input=[[1, 2, 3]])
     assert caught.value.param == "input" and "token-id" in caught.value.message
+    # The fast path reads the same headers as the FastAPI routes.
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.embeddings.create(model="mat", input="a", extra_headers={"x-modelmora-priority": "soon"})
+    assert caught.value.param == "priority"
+    ok = client.embeddings.create(
+        model="mat",
+        input="a",
+        extra_headers={"x-modelmora-priority": "low", "x-modelmora-timeout-seconds": "30"},
+    )
+    assert len(ok.data) == 1
     # The edge's own early refusals take the shape too: here a body past limits.max_request_bytes.
     big = {"model": MINILM, "input": "x" * (2 << 20)}
     r = server.client.post("/v1/embeddings", json=big)
