@@ -65,7 +65,12 @@ async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
 
 
 def job(
-    model: str = "m", priority: int = 3, key: str | None = None, text: str = "x", at: float = 0.0
+    model: str = "m",
+    priority: int = 3,
+    key: str | None = None,
+    text: str = "x",
+    at: float = 0.0,
+    owner: str = "anonymous",
 ) -> JobRecord:
     request = {"input_data": {"text": text}}
     return JobRecord(
@@ -76,6 +81,7 @@ def job(
         created_at=at or time.time(),
         idempotency_key=key,
         request_hash=request_hash(model, request),
+        owner=owner,
     )
 
 
@@ -103,7 +109,7 @@ async def test_idempotency_keys_expire_after_their_ttl(
     first, _ = await store.create(job(key="k"), 100)
     client = service_client("redis.asyncio").Redis.from_url(REDIS_URL)
     try:
-        ttl = await client.ttl(f"{store.prefix}idem:k")  # type: ignore[attr-defined]
+        ttl = await client.ttl(f"{store.prefix}idem:anonymous:k")  # type: ignore[attr-defined]
     finally:
         await client.aclose()
     assert IDEMPOTENCY_TTL_SECONDS - 60 < ttl <= IDEMPOTENCY_TTL_SECONDS
@@ -146,6 +152,47 @@ async def test_idempotency_key_returns_the_same_job_or_conflicts(make_store: Sto
     assert err.value.code is ErrorCode.IDEMPOTENCY_CONFLICT
     assert err.value.details["job_id"] == first.job_id
     assert (await store.counts())["queued"] == 1
+
+
+async def test_idempotency_keys_are_per_owner(make_store: StoreFactory) -> None:
+    """Two callers' equal keys name two jobs: neither replays, conflicts with or learns the
+    other's job (the 409 of a shared key space leaked the other caller's job id)."""
+    store = await make_store()
+    mine, created = await store.create(job(key="order-1", owner="aaaaaaaaaaaa"), 100)
+    assert created and mine.owner == "aaaaaaaaaaaa"
+    theirs, created = await store.create(job(key="order-1", text="other body", owner="bbbbbbbbbbbb"), 100)
+    assert created and theirs.job_id != mine.job_id
+    replay, created = await store.create(job(key="order-1", owner="aaaaaaaaaaaa"), 100)
+    assert not created and replay.job_id == mine.job_id
+    with pytest.raises(ModelMoraError) as err:
+        await store.create(job(key="order-1", text="changed", owner="bbbbbbbbbbbb"), 100)
+    assert err.value.details["job_id"] == theirs.job_id  # its own job, never the other's
+    got = await store.get(theirs.job_id)
+    assert got is not None and got.owner == "bbbbbbbbbbbb"
+
+
+async def test_list_by_owner(make_store: StoreFactory) -> None:
+    store = await make_store()
+    t = time.time()
+    made = [job(model="a" if i % 2 else "b", at=t + i, owner="k1" if i < 4 else "k2") for i in range(7)]
+    for j in made:
+        await store.create(j, 100)
+    of_k1, total = await store.list_jobs(None, None, 1, 2, owner="k1")
+    assert total == 4 and [j.job_id for j in of_k1] == [made[3].job_id, made[2].job_id]
+    of_k2_a, total = await store.list_jobs(None, "a", 1, 10, owner="k2")
+    assert total == 1 and [j.job_id for j in of_k2_a] == [made[5].job_id]
+    await store.claim(7, {}, 100, t + 20)
+    running, total = await store.list_jobs(JobStatus.PROCESSING, None, 1, 10, owner="k2")
+    assert total == 3 and {j.owner for j in running} == {"k2"}
+    assert await store.list_jobs(JobStatus.QUEUED, None, 1, 10, owner="k2") == ([], 0)
+    assert await store.list_jobs(None, None, 1, 10, owner="nobody") == ([], 0)
+    everyone, total = await store.list_jobs(None, None, 1, 10)
+    assert total == 7 and {j.owner for j in everyone} == {"k1", "k2"}
+    # An expired job leaves its owner's list too.
+    for j in made:
+        await store.finish(j.job_id, JobStatus.COMPLETED, t + 21, response=b"{}")
+    await store.expire(t + 100, queued_ttl=1000, result_ttl=10)
+    assert await store.list_jobs(None, None, 1, 10, owner="k1") == ([], 0)
 
 
 async def test_max_pending_refuses_beyond_the_limit(make_store: StoreFactory) -> None:

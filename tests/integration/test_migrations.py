@@ -22,6 +22,7 @@ from modelmora.cli import app
 from modelmora.config import Settings
 from modelmora.jobs.sqlite_store import METADATA as JOBS_METADATA
 from modelmora.jobs.sqlite_store import SqliteJobStore
+from modelmora.jobs.store import JobRecord
 from modelmora.registry.catalog import ModelVersion, TaskType
 from modelmora.registry.store import METADATA as REGISTRY_METADATA
 from modelmora.registry.store import RegistryStore
@@ -224,7 +225,8 @@ def test_three_replicas_on_one_new_sqlite_file(tmp_path: Path) -> None:
         url = f"sqlite:///{folder / 'registry.db'}"
         _start_together(url, folder / "jobs.db", folder / "gate")
         _assert_usable(url)
-        assert migrations.current(f"sqlite:///{folder / 'jobs.db'}", migrations.JOBS) == "0001"
+        jobs_url = f"sqlite:///{folder / 'jobs.db'}"
+        assert migrations.current(jobs_url, migrations.JOBS) == migrations.head(migrations.JOBS)
 
 
 # -- databases made before migrations ----------------------------------------------------------
@@ -342,6 +344,14 @@ async def test_job_store_made_before_migrations_is_stamped_and_keeps_its_jobs(tm
         assert done.request == {"input_data": {"texts": ["a"]}}
         assert done.response == b'{"embeddings": [[1.0]]}'
         assert done.idempotency_key == "key-1"
+        # Made with auth off (there was no auth then): the anonymous caller's, whose key
+        # still names the job.
+        assert done.owner == "anonymous"
+        replay = JobRecord(
+            job_id="j-new", model="m", request={}, priority=3, created_at=101.5,
+            idempotency_key="key-1", request_hash="h1",
+        )  # fmt: skip
+        assert await store.create(replay, 100) == (done, False)
         queued = await store.get("j-queued")
         assert queued is not None and queued.status.value == "queued"
         assert await store.counts() == {
@@ -376,6 +386,41 @@ def test_registry_head_matches_the_models(
 
 def test_job_store_head_matches_its_table(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    migrations.upgrade(url, migrations.JOBS)
+    assert migrations.schema_diff(url, JOBS_METADATA) == []
+
+
+async def test_job_owner_revision_scopes_keys_and_downgrades(tmp_path: Path) -> None:
+    """0002: the same idempotency key under two owners is two jobs; going back to 0001 (one
+    key space) keeps every job and leaves the key to the oldest."""
+    from alembic import command
+
+    path = tmp_path / "jobs.db"
+    store = SqliteJobStore(path)
+    await store.open()
+    try:
+        jobs = [
+            JobRecord(
+                job_id=f"j{i}", model="m", request={}, priority=3, created_at=100.0 + i,
+                idempotency_key="same", request_hash="h", owner=owner,
+            )
+            for i, owner in enumerate(("k1", "k2"))
+        ]  # fmt: skip
+        for job in jobs:
+            assert (await store.create(job, 100))[1] is True
+    finally:
+        await store.close()
+    url = f"sqlite:///{path}"
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            command.downgrade(migrations.config(migrations.JOBS, conn), "0001")
+    finally:
+        engine.dispose()
+    assert migrations.current(url, migrations.JOBS) == "0001"
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT job_id, idempotency_key FROM jobs ORDER BY job_id").fetchall()
+    assert rows == [("j0", "same"), ("j1", None)]
     migrations.upgrade(url, migrations.JOBS)
     assert migrations.schema_diff(url, JOBS_METADATA) == []
 

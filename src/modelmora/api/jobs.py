@@ -79,8 +79,10 @@ def build_jobs_router() -> APIRouter:
         model: str | None = None,
         page: int = Query(1, ge=1, le=MAX_PAGE),
         page_size: int = Query(50, ge=1, le=MAX_PAGE_SIZE),
+        owner: str | None = Query(None, max_length=64, description="an admin key: this key id's jobs only"),
     ) -> Response:
-        return _json(await _mm(request).jobs.list(status, model, page, page_size))
+        """The caller's own jobs; with an admin key, every caller's (or `owner`'s)."""
+        return _json(await _mm(request).jobs.list(status, model, page, page_size, owner=owner))
 
     @r.get("/api/v1/jobs/{job_id}", response_model=JobStatusBody, responses=_ERRORS)
     async def job_status(request: Request, job_id: str) -> Response:

@@ -109,6 +109,8 @@ def error_response_parts(error: ModelMoraError, path: str) -> tuple[int, list[tu
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if error.retry_after is not None:
         headers.append((b"retry-after", str(max(1, round(error.retry_after))).encode()))
+    if error.code is ErrorCode.UNAUTHORIZED:  # RFC 6750: how to authenticate
+        headers.append((b"www-authenticate", b'Bearer realm="modelmora"'))
     return status_of(error), headers, body
 
 

@@ -104,7 +104,10 @@ def status(
 ) -> None:
     """The running server's status: version, uptime, models, memory, queues, workers, GPUs, jobs."""
     settings = context(ctx).settings()
-    body = require_server(ctx, settings, "GET", "/api/v1/status", timeout=10).json()
+    try:
+        body = raise_for(require_server(ctx, settings, "GET", "/api/v1/status", timeout=10))
+    except ModelMoraError as exc:  # e.g. UNAUTHORIZED: a server that checks keys, no --api-key
+        raise fail(exc) from None
     if as_json:
         sys.stdout.write(json.dumps(body, indent=2) + "\n")
         return

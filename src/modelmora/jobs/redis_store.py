@@ -12,6 +12,12 @@ ended from the group.
 
 Every status change is one Lua script, so two replicas can never both move a job (for
 example, finish it and cancel it) and the per-status indexes stay in step with the hashes.
+
+A job's owner (who may read it, see jobs/service.py) is the hash field `created_by` (the
+field `owner` is older and names the replica running the job); each owner's jobs are also
+indexed in `owner:<owner>`, and an idempotency key is `idem:<owner>:<key>`, so equal keys of
+two callers are unrelated. Jobs stored before owners existed have no `created_by`: they were
+made with auth off and read as the anonymous caller's.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Any
 import orjson
 
 from modelmora.jobs.store import (
+    ANONYMOUS_OWNER,
     IDEMPOTENCY_TTL_SECONDS,
     JobRecord,
     JobStatus,
@@ -58,10 +65,11 @@ return removed
 # How long a consumer with nothing pending may stay idle before it counts as gone, in leases.
 IDLE_CONSUMER_LEASES = 10
 
-# KEYS: job hash, stream. ARGV: prefix, job id, created_at, field, value, ...
+# KEYS: job hash, stream, owner index. ARGV: prefix, job id, created_at, field, value, ...
 _CREATE = """
 redis.call('HSET', KEYS[1], unpack(ARGV, 4))
 redis.call('ZADD', ARGV[1] .. 'all', ARGV[3], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
 redis.call('ZADD', ARGV[1] .. 'status:queued', ARGV[3], ARGV[2])
 local entry = redis.call('XADD', KEYS[2], '*', 'job', ARGV[2])
 redis.call('HSET', KEYS[1], 'stream', KEYS[2], 'entry', entry)
@@ -188,6 +196,7 @@ def _to_job(job_id: str, h: dict[bytes, bytes]) -> JobRecord:
         request_hash=(h.get(b"request_hash") or b"").decode(),
         trace_id=_s(h.get(b"trace_id")),
         cancel_requested=h.get(b"cancel_requested") == b"1",
+        owner=_s(h.get(b"created_by")) or ANONYMOUS_OWNER,
     )
 
 
@@ -213,6 +222,9 @@ class RedisJobStore:
 
     def _job(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}"
+
+    def _owned(self, owner: str) -> str:
+        return f"{self.prefix}owner:{owner}"
 
     def _stream(self, model: str, priority: int) -> str:
         return f"{self.prefix}stream:{model}:{priority}"
@@ -244,7 +256,8 @@ class RedisJobStore:
 
     async def create(self, job: JobRecord, max_pending: int) -> tuple[JobRecord, bool]:
         key = job.idempotency_key
-        idem = f"{self.prefix}idem:{key}" if key else None
+        # Owners (key ids, "anonymous", "bootstrap") have no ':', so this never collides.
+        idem = f"{self.prefix}idem:{job.owner}:{key}" if key else None
         if idem is not None and key is not None:
             taken = await self._redis.set(idem, job.job_id, nx=True, ex=IDEMPOTENCY_TTL_SECONDS)
             if not taken:
@@ -272,9 +285,10 @@ class RedisJobStore:
             "idempotency_key", key or "",
             "trace_id", job.trace_id or "",
             "cancel_requested", "0",
+            "created_by", job.owner,
         ]  # fmt: skip
         await self._create(
-            keys=[self._job(job.job_id), self._stream(job.model, job.priority)],
+            keys=[self._job(job.job_id), self._stream(job.model, job.priority), self._owned(job.owner)],
             args=[self.prefix, job.job_id, repr(job.created_at), *fields],
         )
         return job, True
@@ -284,20 +298,40 @@ class RedisJobStore:
         return _to_job(job_id, h) if h else None
 
     async def list_jobs(
-        self, status: JobStatus | None, model: str | None, page: int, page_size: int
+        self,
+        status: JobStatus | None,
+        model: str | None,
+        page: int,
+        page_size: int,
+        owner: str | None = None,
     ) -> tuple[list[JobRecord], int]:
+        if owner is not None:
+            index = self._owned(owner)
+            if status is None and model is None:
+                return await self._page(index, page, page_size)
+            return await self._filtered(index, status, model, page, page_size)
         index = f"{self.prefix}status:{status.value}" if status else f"{self.prefix}all"
         if model is None:
-            total = int(await self._redis.zcard(index))
-            start = (page - 1) * page_size
-            ids = [i.decode() for i in await self._redis.zrevrange(index, start, start + page_size - 1)]
-            jobs = [j for j in [await self.get(i) for i in ids] if j is not None]
-            return jobs, total
-        # By model: filter the index (bounded by max_pending plus the jobs kept for their TTL).
+            return await self._page(index, page, page_size)
+        return await self._filtered(index, None, model, page, page_size)
+
+    async def _page(self, index: str, page: int, page_size: int) -> tuple[list[JobRecord], int]:
+        total = int(await self._redis.zcard(index))
+        start = (page - 1) * page_size
+        ids = [i.decode() for i in await self._redis.zrevrange(index, start, start + page_size - 1)]
+        jobs = [j for j in [await self.get(i) for i in ids] if j is not None]
+        return jobs, total
+
+    async def _filtered(
+        self, index: str, status: JobStatus | None, model: str | None, page: int, page_size: int
+    ) -> tuple[list[JobRecord], int]:
+        """Filter the index (bounded by max_pending plus the jobs kept for their TTL)."""
         matched: list[JobRecord] = []
         async for raw, _score in self._redis.zscan_iter(index):
             job = await self.get(raw.decode())
-            if job is not None and job.model == model:
+            if job is None or (model is not None and job.model != model):
+                continue
+            if status is None or job.status is status:
                 matched.append(job)
         matched.sort(key=lambda j: (-j.created_at, j.job_id))
         start = (page - 1) * page_size
@@ -443,12 +477,13 @@ class RedisJobStore:
         keys: list[str] = []
         for raw in old:
             job_id = raw.decode()
-            h = await self._redis.hmget(self._job(job_id), ["result_key", "idempotency_key"])
+            h = await self._redis.hmget(self._job(job_id), ["result_key", "created_by"])
             if h[0]:
                 keys.append(h[0].decode())
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.delete(self._job(job_id))
                 pipe.zrem(f"{self.prefix}all", job_id)
+                pipe.zrem(self._owned(_s(h[1]) or ANONYMOUS_OWNER), job_id)
                 pipe.zrem(f"{self.prefix}finished", job_id)
                 for s in JobStatus:
                     pipe.zrem(f"{self.prefix}status:{s.value}", job_id)

@@ -1,7 +1,16 @@
-"""Async jobs as every door (REST, gRPC, SDK) sees them: submit, status, list, result, cancel."""
+"""Async jobs as every door (REST, gRPC, SDK) sees them: submit, status, list, result, cancel.
+
+Ownership is decided here, once for every door: a job belongs to the principal that submitted
+it (`current_principal`, set by the door that authenticated the call), and only that owner or
+an admin may see it. Anyone else gets JOB_NOT_FOUND, exactly as for a job that does not exist,
+so a job id reveals nothing about another caller's work. With auth off every call is the
+anonymous principal, which holds every scope: nothing changes for a server without keys.
+An admin reading another owner's job leaves a line in the audit log.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
@@ -10,6 +19,8 @@ from typing import Any
 
 import orjson
 
+from modelmora.auth.audit import audit, audited
+from modelmora.auth.keys import current_principal
 from modelmora.config import Settings
 from modelmora.contracts.encoding import JSON_OPTIONS
 from modelmora.errors import ErrorCode, ModelMoraError
@@ -87,6 +98,7 @@ class JobService:
             request=body,
             priority=int(call.level),
             created_at=time.time(),
+            owner=current_principal.get().owner,
             idempotency_key=idempotency_key,
             request_hash=request_hash(name, body),
             trace_id=trace_id,
@@ -102,18 +114,35 @@ class JobService:
         return stored.to_status(), created
 
     async def _get(self, job_id: str) -> JobRecord:
+        """The job, if the caller may see it: its owner's, or any for an admin."""
         job_id = check_job_id(job_id)
         job = await self.store.get(job_id)
-        if job is None:
+        principal = current_principal.get()
+        if job is None or (job.owner != principal.owner and not principal.is_admin):
             raise not_found(job_id)
         return job
 
+    @staticmethod
+    def _audit_foreign(job: JobRecord, action: str) -> contextlib.AbstractContextManager[Any]:
+        """An admin acting on another owner's job is audited; a caller's own job is not."""
+        if job.owner == current_principal.get().owner:
+            return contextlib.nullcontext()
+        return audited(action, job.job_id, owner=job.owner)
+
     async def status(self, job_id: str) -> dict[str, Any]:
-        return (await self._get(job_id)).to_status()
+        job = await self._get(job_id)
+        with self._audit_foreign(job, "job.status"):
+            return job.to_status()
 
     async def list(
-        self, status: str | None, model: str | None, page: int = 1, page_size: int = 50
+        self,
+        status: str | None,
+        model: str | None,
+        page: int = 1,
+        page_size: int = 50,
+        owner: str | None = None,
     ) -> dict[str, Any]:
+        """The caller's jobs; an admin's call lists everyone's, or `owner`'s."""
         try:
             wanted = JobStatus(status) if status else None
         except ValueError:
@@ -128,7 +157,19 @@ class JobService:
                 "page starts at 1 and page_size is 1-1000",
                 {"errors": [{"field": "page", "message": "out of range"}]},
             )
-        jobs, total = await self.store.list_jobs(wanted, model, page, page_size)
+        principal = current_principal.get()
+        if not principal.is_admin:
+            if owner is not None and owner != principal.owner:
+                raise ModelMoraError(
+                    ErrorCode.FORBIDDEN,
+                    "only an admin key lists other keys' jobs",
+                    {"needed_scope": "admin", "key": principal.key_id or principal.name},
+                )
+            owner = principal.owner
+        jobs, total = await self.store.list_jobs(wanted, model, page, page_size, owner=owner)
+        others = sorted({j.owner for j in jobs if j.owner != principal.owner})
+        if others:  # an admin saw other owners' jobs
+            audit("jobs.list", owner or "*", owners=others, count=len(jobs))
         return {
             "data": [j.to_status() for j in jobs],
             "meta": {
@@ -139,8 +180,7 @@ class JobService:
             },
         }
 
-    async def _finished(self, job_id: str) -> JobRecord:
-        job = await self._get(job_id)
+    def _finished(self, job: JobRecord) -> JobRecord:
         if job.status is JobStatus.COMPLETED and job.response is not None:
             return job
         details: dict[str, Any] = {"job_id": job.job_id, "status": job.status.value}
@@ -155,16 +195,23 @@ class JobService:
     async def result(self, job_id: str) -> dict[str, Any]:
         """The common response. A result kept in the result store comes as a reference:
         `result` holds its `url` (fresh: S3 presigned URLs expire), content type and size."""
-        job = await self._finished(job_id)
-        response: dict[str, Any] = orjson.loads(job.response or b"{}")
-        if job.result_key is not None:
-            response["result"] = {**response["result"], "url": self.results.url_for(job.result_key)}
-        return response
+        job = await self._get(job_id)
+        with self._audit_foreign(job, "job.result"):
+            job = self._finished(job)
+            response: dict[str, Any] = orjson.loads(job.response or b"{}")
+            if job.result_key is not None:
+                response["result"] = {**response["result"], "url": self.results.url_for(job.result_key)}
+            return response
 
     async def result_chunks(self, job_id: str, chunk_size: int) -> tuple[int, AsyncIterator[bytes]]:
         """The whole common response as JSON bytes, in chunks, with a stored result spliced
         in from the result store without holding it in memory (gRPC GetJobResult)."""
-        job = await self._finished(job_id)
+        job = await self._get(job_id)
+        with self._audit_foreign(job, "job.result"):
+            job = self._finished(job)
+            return await self._chunks(job, chunk_size)
+
+    async def _chunks(self, job: JobRecord, chunk_size: int) -> tuple[int, AsyncIterator[bytes]]:
         inline = job.response or b"{}"
         if job.result_key is None:
             chunks = [inline[i : i + chunk_size] for i in range(0, len(inline), chunk_size)]
@@ -193,16 +240,17 @@ class JobService:
         """A queued job never runs; a running one stops where its task allows (between
         steps). Cancelling a cancelled job is a no-op; a finished one is a 409."""
         job = await self._get(job_id)
-        if job.status in (JobStatus.COMPLETED, JobStatus.FAILED):
-            raise ModelMoraError(
-                ErrorCode.JOB_FINISHED,
-                f"the job is already {job.status.value}",
-                {"job_id": job.job_id, "status": job.status.value},
-            )
-        job = await self.store.request_cancel(job.job_id, time.time())
-        if job.status is JobStatus.PROCESSING:
-            self.dispatcher.cancel_running(job.job_id)  # here; another replica sees the flag
-        return job.to_status()
+        with self._audit_foreign(job, "job.cancel"):
+            if job.status in (JobStatus.COMPLETED, JobStatus.FAILED):
+                raise ModelMoraError(
+                    ErrorCode.JOB_FINISHED,
+                    f"the job is already {job.status.value}",
+                    {"job_id": job.job_id, "status": job.status.value},
+                )
+            job = await self.store.request_cancel(job.job_id, time.time())
+            if job.status is JobStatus.PROCESSING:
+                self.dispatcher.cancel_running(job.job_id)  # here; another replica sees the flag
+            return job.to_status()
 
     async def counts(self) -> dict[str, int]:
         return await self.store.counts()

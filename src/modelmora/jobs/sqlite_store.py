@@ -51,17 +51,21 @@ JOBS = Table(
     Column("error", LargeBinary),
     Column("response", LargeBinary),
     Column("result_key", Text),
-    Column("idempotency_key", Text, unique=True),
+    Column("idempotency_key", Text),
     Column("request_hash", Text, nullable=False),
     Column("trace_id", Text),
     Column("cancel_requested", Integer, nullable=False, server_default=text("0")),
+    Column("owner", Text, nullable=False),
     Index("jobs_queue", "status", "priority", "created_at"),
     Index("jobs_created", "created_at"),
+    # An idempotency key is its owner's: two callers' equal keys name two jobs.
+    Index("jobs_owner_idempotency", "owner", "idempotency_key", unique=True),
+    Index("jobs_owner_created", "owner", "created_at"),  # a caller listing its own jobs
 )
 
 _COLUMNS = (
     "job_id, model, request, priority, status, progress, created_at, started_at, completed_at, "
-    "attempts, error, response, result_key, idempotency_key, request_hash, trace_id, cancel_requested"
+    "attempts, error, response, result_key, idempotency_key, request_hash, trace_id, cancel_requested, owner"
 )
 
 
@@ -84,6 +88,7 @@ def _row_to_job(row: tuple[Any, ...]) -> JobRecord:
         request_hash=row[14],
         trace_id=row[15],
         cancel_requested=bool(row[16]),
+        owner=row[17],
     )
 
 
@@ -135,7 +140,8 @@ class SqliteJobStore:
             try:
                 if job.idempotency_key is not None:
                     row = db.execute(
-                        f"SELECT {_COLUMNS} FROM jobs WHERE idempotency_key = ?", (job.idempotency_key,)
+                        f"SELECT {_COLUMNS} FROM jobs WHERE owner = ? AND idempotency_key = ?",
+                        (job.owner, job.idempotency_key),
                     ).fetchone()
                     if row is not None:
                         found = _row_to_job(row)
@@ -150,7 +156,7 @@ class SqliteJobStore:
                 if pending >= max_pending:
                     raise store_full(pending, max_pending)
                 db.execute(
-                    f"INSERT INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 17)})",
+                    f"INSERT INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 18)})",
                     (
                         job.job_id,
                         job.model,
@@ -169,6 +175,7 @@ class SqliteJobStore:
                         job.request_hash,
                         job.trace_id,
                         0,
+                        job.owner,
                     ),
                 )
                 db.execute("COMMIT")
@@ -188,9 +195,17 @@ class SqliteJobStore:
         return await self._run(get)
 
     async def list_jobs(
-        self, status: JobStatus | None, model: str | None, page: int, page_size: int
+        self,
+        status: JobStatus | None,
+        model: str | None,
+        page: int,
+        page_size: int,
+        owner: str | None = None,
     ) -> tuple[list[JobRecord], int]:
         where, args = [], []
+        if owner is not None:
+            where.append("owner = ?")
+            args.append(owner)
         if status is not None:
             where.append("status = ?")
             args.append(status.value)

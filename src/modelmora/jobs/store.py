@@ -20,7 +20,11 @@ from typing import Any, Protocol
 
 import orjson
 
+from modelmora.auth.keys import ANONYMOUS
 from modelmora.errors import ErrorCode, ModelMoraError
+
+# The owner of the jobs made with auth off.
+ANONYMOUS_OWNER = ANONYMOUS.owner
 
 
 class JobStatus(StrEnum):
@@ -56,6 +60,11 @@ class JobRecord:
     request_hash: str = ""
     trace_id: str | None = None
     cancel_requested: bool = False
+    # Who may read the job and its result (besides admins), and the namespace of its
+    # idempotency key: the creating principal's `owner` (a key id, or "anonymous" with auth
+    # off, "bootstrap" for the bootstrap key). Jobs stored before owners existed are
+    # "anonymous": they were all made with auth off.
+    owner: str = ANONYMOUS_OWNER
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_status(self) -> dict[str, Any]:
@@ -146,15 +155,22 @@ class JobStore(Protocol):
     async def close(self) -> None: ...
 
     async def create(self, job: JobRecord, max_pending: int) -> tuple[JobRecord, bool]:
-        """Store a new job; with an idempotency key already used for the same request,
-        return that job and False instead. Raises IDEMPOTENCY_CONFLICT or QUEUE_FULL."""
+        """Store a new job; with an idempotency key already used by the same owner for the
+        same request, return that job and False instead. Keys are per owner: another
+        owner's use of the same key is unrelated (and never revealed). Raises
+        IDEMPOTENCY_CONFLICT or QUEUE_FULL."""
 
     async def get(self, job_id: str) -> JobRecord | None: ...
 
     async def list_jobs(
-        self, status: JobStatus | None, model: str | None, page: int, page_size: int
+        self,
+        status: JobStatus | None,
+        model: str | None,
+        page: int,
+        page_size: int,
+        owner: str | None = None,
     ) -> tuple[list[JobRecord], int]:
-        """Newest first."""
+        """Newest first; `owner`: only that owner's jobs (None: everyone's)."""
 
     async def claim(
         self, limit: int, room: Mapping[str, int], default_room: int, now: float

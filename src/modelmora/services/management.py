@@ -2,7 +2,8 @@
 
 One method per management operation of the API contract, called by REST and gRPC (the CLI's
 `load`, `unload`, `status` and `health` reach these through a running server). Unlike the
-catalog (services/registry.py) these need the server's `ModelManager`.
+catalog (services/registry.py) these need the server's `ModelManager`. Load, unload and warm
+up are admin actions: each leaves one audit line (auth/audit.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from modelmora.auth.audit import audited
 from modelmora.lifecycle.manager import ModelManager
 from modelmora.registry.catalog import validate_name
 from modelmora.services.inference import InferenceService
@@ -28,19 +30,22 @@ class ManagementService:
 
     async def load(self, name: str) -> dict[str, Any]:
         """Load the model now (bounded like a request: INSUFFICIENT_MEMORY past its deadline)."""
-        slot = await self.manager.load(validate_name(name))
-        return slot.status(self.manager.clock())
+        with audited("model.load", name):
+            slot = await self.manager.load(validate_name(name))
+            return slot.status(self.manager.clock())
 
     async def unload(self, name: str, force: bool = False) -> dict[str, Any]:
         """End the model's worker; refused with MODEL_LOADED while requests run, unless `force`."""
-        name = validate_name(name)
-        await asyncio.to_thread(self.manager.store.get, name)  # MODEL_NOT_FOUND for an unknown model
-        unloaded = await self.manager.unload(name, "requested", force=force)
-        return {"name": name, "unloaded": unloaded}
+        with audited("model.unload", name, force=force) as learned:
+            name = validate_name(name)
+            await asyncio.to_thread(self.manager.store.get, name)  # MODEL_NOT_FOUND for an unknown model
+            learned["unloaded"] = unloaded = await self.manager.unload(name, "requested", force=force)
+            return {"name": name, "unloaded": unloaded}
 
     async def warmup(self, name: str) -> dict[str, Any]:
         """Load the model and run its task's sample through the real request path."""
-        return await self.inference.warmup(name)
+        with audited("model.warmup", name):
+            return await self.inference.warmup(name)
 
     async def status(self) -> dict[str, Any]:
         """Version, uptime, readiness, models, memory, queues, workers, GPUs, jobs."""

@@ -2,7 +2,8 @@
 
 REST, gRPC and the CLI each translate their request into one call here and the result back,
 so an install (or update, use, uninstall, lock) behaves the same through all three, and every
-catalog write passes through one place where it can be observed (`on_change`).
+catalog write passes through one place where it can be observed (`on_change`) and audited
+(one `modelmora.audit` line per admin operation, with its outcome: auth/audit.py).
 
 The server builds this with its `ModelManager` (live states; uninstall refuses or unloads a
 loaded model). The CLI builds it without one: it writes the database in the data dir with no
@@ -23,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
+from modelmora.auth.audit import audited
 from modelmora.config import Settings
 from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.lifecycle.state import UnloadKind
@@ -35,6 +37,7 @@ from modelmora.registry.installer import (
     validate_config,
 )
 from modelmora.registry.lockfile import LockEntry, build_lock, diff_files, read_lock, write_lock
+from modelmora.registry.policy import InstallPolicy
 from modelmora.registry.store import RegistryStore
 from modelmora.services.events import CatalogChange, CatalogEvent, CatalogObserver
 
@@ -79,8 +82,11 @@ class RegistryService:
         *,
         live: LiveState | None = None,
         offload: Offload = asyncio.to_thread,
+        policy: InstallPolicy | None = None,
     ) -> None:
         self.settings = settings
+        # What installs and updates may fetch and set (the API's doors); None: trusted (CLI).
+        self.policy = policy
         self.store = store
         self.manager = manager
         self._live = live
@@ -152,11 +158,13 @@ class RegistryService:
     async def lock(self, output: Path | None = None) -> dict[str, Any]:
         """The lock document of the whole catalog (every model's active version: origin,
         revision, per-file sha256); with `output`, also written there atomically."""
-        records, _ = await self._offload(self.store.list, None, 1, EVERYTHING)
-        entries, now = lock_entries(records), datetime.now(UTC)
-        if output is not None:
-            await self._offload(write_lock, output, entries, now)
-        return build_lock(entries, now)
+        with audited("catalog.lock", str(output) if output is not None else None) as learned:
+            records, _ = await self._offload(self.store.list, None, 1, EVERYTHING)
+            entries, now = lock_entries(records), datetime.now(UTC)
+            learned["models"] = len(entries)
+            if output is not None:
+                await self._offload(write_lock, output, entries, now)
+            return build_lock(entries, now)
 
     async def verify(self, name: str, version: str | None = None) -> dict[str, Any]:
         """Hash the installed files again and compare with the registry (the `download` op:
@@ -164,11 +172,14 @@ class RegistryService:
         return await self._offload(self._verify, validate_name(name), version)
 
     def _verify(self, name: str, version: str | None) -> dict[str, Any]:
-        from modelmora.registry.sources import hash_folder  # the source stack, only when hashing
+        from modelmora.lifecycle.verify import CACHE_FILE, WeightsVerifier
 
         v = self.store.get(name).version(version)
         path = Path(v.path)
-        actual = hash_folder(path) if path.is_dir() else {}
+        # Recorded in the loads' verified-files cache: a model failed by a mismatch is
+        # served again once this passes (lifecycle/loading.py).
+        verifier = WeightsVerifier(self.settings.server.data_dir / CACHE_FILE)
+        actual = verifier.rehash_folder(path) if path.is_dir() else {}
         diff = diff_files(v.files, actual)
         if any(diff.values()):
             raise ModelMoraError(
@@ -182,11 +193,14 @@ class RegistryService:
 
     async def install(self, req: InstallRequest, progress: bool = False) -> dict[str, Any]:
         """Fetch the files, detect the task, record the version; the model's record back."""
-        record = await self._offload(install, self.settings, self.store, req, progress)
-        # Versions are unique per model and stamped at install: the newest is this one.
-        installed = max(record.versions, key=lambda v: v.installed_at)
-        self._changed(CatalogChange.INSTALLED, record.name, installed.version)
-        return self.describe(record)
+        target = req.name or req.model_id or req.source
+        with audited("model.install", target, source=req.source, model_id=req.model_id) as learned:
+            record = await self._offload(install, self.settings, self.store, req, progress, self.policy)
+            # Versions are unique per model and stamped at install: the newest is this one.
+            installed = max(record.versions, key=lambda v: v.installed_at)
+            learned.update(name=record.name, version=installed.version)
+            self._changed(CatalogChange.INSTALLED, record.name, installed.version)
+            return self.describe(record)
 
     async def apply_lock(
         self,
@@ -197,47 +211,63 @@ class RegistryService:
         """Install every model of a lock file, checksums verified: each entry is 'installed'
         or 'present' (already there, files checked on disk). `on_entry` hears each one as it
         is done (the CLI prints it); the first mismatch stops with CHECKSUM_MISMATCH."""
-        entries: Iterable[LockEntry] = await self._offload(read_lock, path)
         done: builtins.list[tuple[LockEntry, str]] = []
-        for entry in entries:
-            outcome = await self._offload(install_from_lock_entry, self.settings, self.store, entry, progress)
-            if outcome == "installed":
-                self._changed(CatalogChange.INSTALLED, entry.name, entry.version)
-            done.append((entry, outcome))
-            if on_entry is not None:
-                on_entry(entry, outcome)
-        return done
+        with audited("catalog.apply_lock", str(path)) as learned:
+            installed: builtins.list[str] = []
+            learned["installed"] = installed
+            entries: Iterable[LockEntry] = await self._offload(read_lock, path)
+            for entry in entries:
+                outcome = await self._offload(
+                    install_from_lock_entry, self.settings, self.store, entry, progress, self.policy
+                )
+                if outcome == "installed":
+                    installed.append(f"{entry.name}@{entry.version}")
+                    self._changed(CatalogChange.INSTALLED, entry.name, entry.version)
+                done.append((entry, outcome))
+                if on_entry is not None:
+                    on_entry(entry, outcome)
+            return done
 
     async def update(
         self, name: str, config: dict[str, Any], fields: dict[str, Any] | None = None
     ) -> dict[str, Any]:
         """Change per-model settings (`config`: known keys, a None value removes one) and the
         record's own `fields` (display_name, description, resource_requirements)."""
-        changes = validate_config(config)
-        for key, value in (fields or {}).items():
-            if key not in RECORD_FIELDS:
-                known = ", ".join(sorted((*RECORD_FIELDS, *CONFIG_KEYS)))
-                raise ModelMoraError(
-                    ErrorCode.VALIDATION_ERROR,
-                    f"{key}: unknown field; known: {known}",
-                    {"errors": [{"field": key, "message": "unknown field"}]},
-                )
-            changes[key] = value
-        record = await self._offload(self.store.update, validate_name(name), changes)
-        self._changed(CatalogChange.UPDATED, record.name, None)
-        return self.describe(record)
+        # The settings as asked (an adapter swapped is what an audit is read for); the
+        # record's descriptive fields by name only.
+        with audited("model.update", name, config=config, fields=sorted(fields or {})):
+            changes = validate_config(config)
+            if self.policy is not None:
+                self.policy.check_config(changes)
+            for key, value in (fields or {}).items():
+                if key not in RECORD_FIELDS:
+                    known = ", ".join(sorted((*RECORD_FIELDS, *CONFIG_KEYS)))
+                    raise ModelMoraError(
+                        ErrorCode.VALIDATION_ERROR,
+                        f"{key}: unknown field; known: {known}",
+                        {"errors": [{"field": key, "message": "unknown field"}]},
+                    )
+                changes[key] = value
+            record = await self._offload(self.store.update, validate_name(name), changes)
+            self._changed(CatalogChange.UPDATED, record.name, None)
+            return self.describe(record)
 
     async def use(self, name: str, version: str) -> dict[str, Any]:
         """Make `version` the active one (a loaded model switches at its next load)."""
-        model, checked = parse_ref(f"{name}@{version}")
-        assert checked is not None  # the "@" is there
-        record = await self._offload(self.store.set_active, model, checked)
-        self._changed(CatalogChange.ACTIVATED, record.name, checked)
-        return self.describe(record)
+        with audited("model.use", f"{name}@{version}"):
+            model, checked = parse_ref(f"{name}@{version}")
+            assert checked is not None  # the "@" is there
+            record = await self._offload(self.store.set_active, model, checked)
+            self._changed(CatalogChange.ACTIVATED, record.name, checked)
+            return self.describe(record)
 
     async def uninstall(self, ref: str, force: bool = False) -> dict[str, Any]:
         """Remove a model (`NAME`) or one version (`NAME@VERSION`) and the files ModelMora
         copied for it. A loaded model is refused with MODEL_LOADED, or unloaded with `force`."""
+        with audited("model.uninstall", ref, force=force):
+            return await self._uninstall(ref, force)
+
+    async def _uninstall(self, ref: str, force: bool) -> dict[str, Any]:
         name, version = parse_ref(ref)
         record = await self._offload(self.store.get, name)
         if self.manager is not None:
