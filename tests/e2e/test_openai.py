@@ -355,3 +355,33 @@ def test_httpx_plain_check(server: Server) -> None:
     """A client that sends neither content type nor bearer gets the same answer."""
     r = httpx.post(server.url + "/v1/embeddings", content=json.dumps({"model": "mat", "input": "a"}))
     assert r.status_code == 200 and r.json()["object"] == "list"
+
+
+@pytest.fixture(scope="module")
+def keyed(module_tmp: Path) -> Iterator[tuple[Server, str]]:
+    """A server with auth on and an `infer` key made by the CLI."""
+    data = module_tmp / "keyed-data"
+    env = clean_env(data)
+    cli(env, "install", str(make_fake_model(module_tmp / "keyed-fake", dim=8)))
+    token = cli(env, "keys", "create", "openai-test", "--scope", "infer").stdout.strip()
+    srv = start_server(data, module_tmp / "keyed.log", MODELMORA_AUTH__ENABLED="true")
+    yield srv, token
+    srv.stop()
+
+
+def test_the_edges_401_takes_the_openai_shape(keyed: tuple[Server, str]) -> None:
+    server, token = keyed
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="mm_000000000000_wrong", max_retries=0)
+    with bad, pytest.raises(openai.AuthenticationError) as caught:
+        bad.embeddings.create(model="keyed-fake", input="a")
+    error = caught.value
+    assert error.status_code == 401 and error.code == "UNAUTHORIZED"
+    assert set(error.response.json()["error"]) == {"message", "type", "param", "code"}
+    assert error.response.json()["error"]["type"] == "authentication_error"
+    assert error.response.headers["www-authenticate"].startswith("Bearer")
+    assert error.response.headers["x-trace-id"]
+    with openai.OpenAI(base_url=server.url + "/v1", api_key=token, max_retries=0) as good:
+        assert len(good.embeddings.create(model="keyed-fake", input="a").data) == 1
+        assert [m.id for m in good.models.list()] == ["keyed-fake"]
+    # The docs and their assets need no key.
+    assert httpx.get(server.url + "/docs/assets/swagger-ui.css").status_code == 200
