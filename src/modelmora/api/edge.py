@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from modelmora.api import fastpath
+from modelmora.api import fastpath, openai_errors
 from modelmora.auth.authenticator import Authenticator, require
 from modelmora.auth.keys import Principal, current_client, current_principal
 from modelmora.auth.keys import Scope as AuthScope
@@ -43,8 +43,8 @@ Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Any]
 Send = Callable[[Message], Any]
-# (model name, body schema, body, receive, send): the inference fast path.
-FastHandler = Callable[[str, Any, bytes, Receive, Send], Awaitable[None]]
+# (model name, body schema, body, receive, send, request headers): the inference fast path.
+FastHandler = Callable[[str, Any, bytes, Receive, Send, dict[bytes, bytes]], Awaitable[None]]
 
 # Probes and metrics answer while draining: orchestrators need them to see the drain.
 _ALWAYS_OPEN = ("/health/", "/metrics", "/api/v1/metrics")
@@ -147,7 +147,12 @@ class EdgeMiddleware:
         release: Release | None = None  # the caller's concurrency slot (auth/limiter.py)
 
         async def reject(error: ModelMoraError) -> None:
-            status, hdrs, body = error_response_parts(error, trace_id)
+            # -- the OpenAI-compatible routes answer in OpenAI's error shape (api/openai_errors.py)
+            if openai_errors.is_v1(scope["path"]):
+                status, hdrs, body = openai_errors.error_response_parts(error, scope["path"])
+            else:
+                status, hdrs, body = error_response_parts(error, trace_id)
+            # --
             if not reader.done:  # the rest of the body is never read: the connection must go
                 hdrs.append((b"connection", b"close"))
             await send_with_trace({"type": "http.response.start", "status": status, "headers": hdrs})
@@ -185,10 +190,10 @@ class EdgeMiddleware:
                     schema = route[1]
                     if isinstance(schema, fastpath.MultipartForm):
                         parsed = await schema.parse(reader.chunks(), self.limits.max_parts)
-                        await self.fast(route[0], parsed, b"", receive, send_with_trace)
+                        await self.fast(route[0], parsed, b"", receive, send_with_trace, headers)
                     else:
                         body = await reader.read_all()
-                        await self.fast(route[0], schema, body, receive, send_with_trace)
+                        await self.fast(route[0], schema, body, receive, send_with_trace, headers)
                 else:
                     # Read here whole, within the limits: the parsers downstream would turn
                     # an error raised mid-read into a generic 400.
@@ -240,7 +245,13 @@ _HANDLERS = (
     ("/api/v1/metrics", "metrics"),
     ("/metrics", "metrics"),
     ("/health/", "health"),
+    ("/v1/embeddings", "v1_embeddings"),
+    ("/v1/chat/completions", "v1_chat_completions"),
+    ("/v1/completions", "v1_completions"),
+    ("/v1/images/", "v1_images"),
+    ("/v1/models", "v1_models"),
     ("/docs", "docs"),
+    ("/redoc", "docs"),
     ("/openapi.json", "docs"),
 )
 

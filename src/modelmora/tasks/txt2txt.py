@@ -16,8 +16,20 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modelmora.contracts.channel import Outcome, WorkItem
 from modelmora.tasks import generation
-from modelmora.tasks.base import EmitFn
+from modelmora.tasks.base import EmitFn, RequestRejected
 from modelmora.tasks.torch_utils import resolve_device, resolve_dtype
+
+
+def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """A chat rendered by the tokenizer's chat template (the `messages` input, and so the
+    OpenAI-compatible chat route); a model without a template refuses the request alone
+    (VALIDATION_ERROR, a 400 on `/v1`), never its batch."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise RequestRejected(
+            "VALIDATION_ERROR", "this model's tokenizer has no chat template: send text, not messages"
+        )
+    text: str = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return text
 
 
 class TextGenerator:
@@ -54,12 +66,7 @@ class TextGenerator:
     def prompt(self, prompt: Any) -> str:
         if isinstance(prompt, str):
             return prompt
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("this model's tokenizer has no chat template: send text, not messages")
-        text: str = self.tokenizer.apply_chat_template(
-            prompt["messages"], add_generation_prompt=True, tokenize=False
-        )
-        return text
+        return chat_prompt(self.tokenizer, prompt["messages"])
 
     def preprocess(self, items: list[WorkItem]) -> dict[str, Any]:
         prompts = [self.prompt(p) for item in items for p in item.inputs]
