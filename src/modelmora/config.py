@@ -25,6 +25,10 @@ from modelmora.contracts.tasks import TaskType
 DEFAULT_CONFIG_FILE = "modelmora.yaml"
 
 
+class ConfigurationError(RuntimeError):
+    """Settings that each parse but do not work together: the server refuses to start."""
+
+
 def _drop_empty_sections(model: type[BaseModel], data: Any) -> Any:
     """A YAML section whose keys are all commented out (`registry:` alone, as `modelmora init`
     writes it) reads as null: take it as an empty section, not as an error."""

@@ -130,10 +130,11 @@ def registry_service(ctx: typer.Context, live: bool = False) -> Iterator[Registr
     settings = context(ctx).settings()
     states = live_states(ctx, settings) if live else {}
     with needs_server_extra():
+        from modelmora.registry.paths import roots_of
         from modelmora.registry.store import RegistryStore
         from modelmora.services.registry import RegistryService, inline
 
-        store = RegistryStore(settings.database_url)
+        store = RegistryStore(settings.database_url, roots_of(settings))
         try:
             store.create_schema()
             yield RegistryService(settings, store, live=states.get, offload=inline)

@@ -16,6 +16,7 @@ example, finish it and cancel it) and the per-status indexes stay in step with t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import uuid
@@ -160,6 +161,15 @@ return st
 """
 
 
+# KEYS: reporter key. ARGV: this consumer, ttl ms. Keep the role, or take it when free.
+_ELECT = """
+local current = redis.call('GET', KEYS[1])
+if current == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+if not current then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
+return 0
+"""
+
+
 def _s(value: bytes | None) -> str | None:
     return value.decode() if value else None
 
@@ -207,6 +217,7 @@ class RedisJobStore:
         self._cancel = self._redis.register_script(_CANCEL)
         self._progress = self._redis.register_script(_PROGRESS)
         self._forget_consumers = self._redis.register_script(_FORGET_CONSUMERS)
+        self._elect = self._redis.register_script(_ELECT)
         self._entries: dict[str, tuple[str, str]] = {}  # running job -> (stream, entry id)
         self._ready_models: set[str] = set()
         self._turn = 0  # rotates the model a claim reads first
@@ -240,6 +251,11 @@ class RedisJobStore:
 
     async def close(self) -> None:
         # Leave this consumer's pending entries: whatever it did not finish is taken over.
+        # Give up the idle mark and the reporter role at once (others would wait out the ttl).
+        with contextlib.suppress(Exception):
+            await self._redis.zrem(f"{self.prefix}idle", self.consumer)
+            if await self._redis.get(f"{self.prefix}reporter") == self.consumer.encode():
+                await self._redis.delete(f"{self.prefix}reporter")
         await self._redis.aclose()
 
     async def create(self, job: JobRecord, max_pending: int) -> tuple[JobRecord, bool]:
@@ -367,6 +383,25 @@ class RedisJobStore:
                         claimed.append(job)
                         left[model] -= 1
         return claimed
+
+    # -- presence (fair claiming, one reporter of the cluster-wide figures) ----------------------
+
+    async def set_idle(self, idle: bool, now: float) -> None:
+        """Idle replicas are members of `idle`, scored by when they last said so."""
+        if idle:
+            await self._redis.zadd(f"{self.prefix}idle", {self.consumer: now})
+        else:
+            await self._redis.zrem(f"{self.prefix}idle", self.consumer)
+
+    async def idle_elsewhere(self, now: float, within: float) -> int:
+        key = f"{self.prefix}idle"
+        await self._redis.zremrangebyscore(key, "-inf", now - 10 * within)  # replicas long gone
+        members = await self._redis.zrangebyscore(key, now - within, "+inf")
+        return sum(1 for m in members if m.decode() != self.consumer)
+
+    async def elect_reporter(self, ttl: float) -> bool:
+        taken = await self._elect(keys=[f"{self.prefix}reporter"], args=[self.consumer, int(ttl * 1000)])
+        return bool(taken)
 
     async def heartbeat(self, job_ids: list[str], now: float) -> None:
         by_stream: dict[str, list[str]] = {}

@@ -38,7 +38,7 @@ from modelmora.lifecycle.state import (
     transition,
 )
 from modelmora.observability.metrics import Metrics
-from modelmora.registry.catalog import ModelState
+from modelmora.registry.catalog import ModelRecord, ModelState
 from modelmora.registry.store import RegistryStore
 
 log = logging.getLogger("modelmora.lifecycle")
@@ -48,6 +48,9 @@ CRASH_LOOP_SECONDS = 60.0
 
 # Frees memory for a load: evict(name, reason) unloads that model (or gives up the spare).
 Evict = Callable[[str, str], Awaitable[None]]
+# Makes this node hold the active version's files before its worker starts (the model store's
+# `Materialiser`, set by the app when `registry.model_store` is; None: the files are local).
+FetchFiles = Callable[[ModelRecord], Awaitable[None]]
 
 
 class Loader:
@@ -74,6 +77,7 @@ class Loader:
         self.admission = admission
         self.counters = counters
         self.evict = evict
+        self.fetch_files: FetchFiles | None = None
         self.lock = asyncio.Lock()
         self.idle = asyncio.Event()  # set whenever a model may have become evictable
         self.closing = False
@@ -144,6 +148,9 @@ class Loader:
         # Re-read: `use`, `update` or a reinstall may have changed the record since.
         slot.record = await asyncio.to_thread(self.store.get, slot.name)
         transition(slot, ModelState.LOADING, reason)
+        if self.fetch_files is not None:
+            # Outside the load lock: a download must not hold up other models' loads.
+            await self.fetch_files(slot.record)
         need = self.residency.need(slot.record)
         adapter = slot.record.config.get("adapter")
         while True:

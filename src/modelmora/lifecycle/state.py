@@ -36,6 +36,7 @@ class UnloadKind(StrEnum):
     KEEP_ALIVE = "keep_alive"  # idle past its keep-alive
     SHUTDOWN = "shutdown"
     UNINSTALL = "uninstall"
+    REPLACED = "replaced"  # the catalog changed under it (use, update): the next load is anew
 
 
 class LoadError(ModelMoraError):

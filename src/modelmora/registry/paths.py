@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from modelmora.config import Settings
+
 
 @dataclass(frozen=True)
 class PathRoots:
@@ -28,6 +30,10 @@ class PathRoots:
 
     def root_for(self, source_kind: str) -> Path:
         return self.hub if source_kind == "hub" else self.models
+
+
+def roots_of(settings: Settings) -> PathRoots:
+    return PathRoots(models=settings.models_dir, hub=settings.cache_dir)
 
 
 def to_stored(roots: PathRoots | None, source_kind: str, path: str) -> str:
