@@ -8,7 +8,8 @@ replicas with free capacity. A claimed job first has its model loaded here; its 
 (`timeout_seconds`) starts once it is queued behind a loaded model, so neither the wait in
 the store nor the load eats into it (`created_at` still shows the submission). A job whose
 model is still loading here after `jobs.release_after_seconds`, while another replica has
-nothing to do, goes back to the queue for that one. Once queued, a job is an ordinary
+nothing to do and either has that model loaded or this replica's load waits for memory, goes
+back to the queue for that one (not counted as an attempt). Once queued, a job is an ordinary
 request: same priorities, same batches.
 
 With Redis, replicas also say when they are idle, and one of them (elected with a short
@@ -51,10 +52,11 @@ class Presence(Protocol):
     """What a store shared by several replicas adds (the Redis store): who is idle, and who
     reports the cluster-wide figures."""
 
-    async def set_idle(self, idle: bool, now: float) -> None: ...
+    async def set_idle(self, idle: bool, now: float, loaded: list[str]) -> None: ...
 
-    async def idle_elsewhere(self, now: float, within: float) -> int:
-        """Other replicas that said they were idle in the last `within` seconds."""
+    async def idle_elsewhere(self, now: float, within: float, model: str | None) -> int:
+        """Other replicas that said they were idle in the last `within` seconds (with
+        `model` loaded, when given)."""
 
     async def elect_reporter(self, ttl: float) -> bool:
         """Whether this replica reports the cluster-wide job gauges (for `ttl` seconds)."""
@@ -271,27 +273,42 @@ class JobDispatcher:
                 log.exception("job housekeeping failed")
 
     async def _share_work(self, presence: Presence) -> None:
-        """Say whether this replica is idle; give back the jobs stuck behind a load here when
-        another one is; keep (or take) the reporting of the cluster-wide figures."""
+        """Say whether this replica is idle (and with which models loaded); give back the jobs
+        stuck behind a load here when an idle replica can do better; keep (or take) the
+        reporting of the cluster-wide figures."""
         cfg = self.settings.jobs
         now = self.clock()
-        await presence.set_idle(self._claiming and not self.running, now)
+        slots = self.inference.manager.slots
+        loading = any(slot.load_task is not None for slot in slots.values())
+        idle = self._claiming and not self.running and not loading
+        await presence.set_idle(idle, now, [n for n, slot in slots.items() if slot.is_ready()])
         self.reports_cluster = await presence.elect_reporter(max(1.0, 4 * cfg.poll_seconds))
         started = time.monotonic()
         stuck = [
             j for j, (_m, since) in self._waiting.items() if started - since >= cfg.release_after_seconds
         ]
-        if not stuck or not await presence.idle_elsewhere(now, 3 * cfg.poll_seconds):
-            return
+        within = 3 * cfg.poll_seconds
+        given = 0
         for job_id in stuck:
-            model, _since = self._waiting.pop(job_id)
+            model, _since = self._waiting[job_id]
+            slot = slots.get(model)
+            # Better elsewhere: an idle replica has the model loaded, or this one cannot even
+            # start loading it (waiting for memory held by busy models) and another is idle.
+            waits_for_memory = slot is not None and slot.memory_plan is not None
+            if not await presence.idle_elsewhere(now, within, model) and not (
+                waits_for_memory and await presence.idle_elsewhere(now, within, None)
+            ):
+                continue
+            del self._waiting[job_id]
             # Not straight back here: the idle replica polls first.
             self._backoff_until[model] = now + cfg.release_after_seconds
             task = self.running.get(job_id)
             if task is not None:
                 self._yielded.add(job_id)
                 task.cancel()
-        log.info("jobs given back for an idle replica", extra={"jobs": len(stuck)})
+                given += 1
+        if given:
+            log.info("jobs given back for an idle replica", extra={"jobs": given})
 
     def stop_claiming(self) -> None:
         """A draining replica takes no new jobs (others, or the next start, will)."""

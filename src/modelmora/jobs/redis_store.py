@@ -218,6 +218,7 @@ class RedisJobStore:
         self._progress = self._redis.register_script(_PROGRESS)
         self._forget_consumers = self._redis.register_script(_FORGET_CONSUMERS)
         self._elect = self._redis.register_script(_ELECT)
+        self._advertised: set[str] = set()  # models this replica said it has loaded while idle
         self._entries: dict[str, tuple[str, str]] = {}  # running job -> (stream, entry id)
         self._ready_models: set[str] = set()
         self._turn = 0  # rotates the model a claim reads first
@@ -253,7 +254,7 @@ class RedisJobStore:
         # Leave this consumer's pending entries: whatever it did not finish is taken over.
         # Give up the idle mark and the reporter role at once (others would wait out the ttl).
         with contextlib.suppress(Exception):
-            await self._redis.zrem(f"{self.prefix}idle", self.consumer)
+            await self.set_idle(False, 0.0, [])
             if await self._redis.get(f"{self.prefix}reporter") == self.consumer.encode():
                 await self._redis.delete(f"{self.prefix}reporter")
         await self._redis.aclose()
@@ -386,15 +387,23 @@ class RedisJobStore:
 
     # -- presence (fair claiming, one reporter of the cluster-wide figures) ----------------------
 
-    async def set_idle(self, idle: bool, now: float) -> None:
-        """Idle replicas are members of `idle`, scored by when they last said so."""
-        if idle:
-            await self._redis.zadd(f"{self.prefix}idle", {self.consumer: now})
-        else:
-            await self._redis.zrem(f"{self.prefix}idle", self.consumer)
+    async def set_idle(self, idle: bool, now: float, loaded: list[str]) -> None:
+        """Idle replicas are members of `idle`, and of `idle:<model>` for each model they have
+        loaded, scored by when they last said so."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for model in self._advertised - set(loaded if idle else []):
+                pipe.zrem(f"{self.prefix}idle:{model}", self.consumer)
+            if idle:
+                pipe.zadd(f"{self.prefix}idle", {self.consumer: now})
+                for model in loaded:
+                    pipe.zadd(f"{self.prefix}idle:{model}", {self.consumer: now})
+            else:
+                pipe.zrem(f"{self.prefix}idle", self.consumer)
+            await pipe.execute()
+        self._advertised = set(loaded) if idle else set()
 
-    async def idle_elsewhere(self, now: float, within: float) -> int:
-        key = f"{self.prefix}idle"
+    async def idle_elsewhere(self, now: float, within: float, model: str | None) -> int:
+        key = f"{self.prefix}idle" if model is None else f"{self.prefix}idle:{model}"
         await self._redis.zremrangebyscore(key, "-inf", now - 10 * within)  # replicas long gone
         members = await self._redis.zrangebyscore(key, now - within, "+inf")
         return sum(1 for m in members if m.decode() != self.consumer)
