@@ -67,6 +67,7 @@ class CatalogSync:
         self._tasks: list[asyncio.Task[None]] = []
         self._unsubscribe: Callable[[], None] = lambda: None
         self._rechecks: set[asyncio.Task[None]] = set()
+        self._one_at_a_time = asyncio.Lock()  # the poll loop and a caller never interleave
 
     async def start(self) -> None:
         self.version = await asyncio.to_thread(self.store.catalog_version)
@@ -133,6 +134,10 @@ class CatalogSync:
 
     async def sync(self) -> None:
         """Apply every change after the version this replica has, in order."""
+        async with self._one_at_a_time:
+            await self._sync()
+
+    async def _sync(self) -> None:
         found = await asyncio.to_thread(self.store.changes_since, self.version)
         if found is None:  # further behind than the change log keeps
             current = await asyncio.to_thread(self.store.catalog_version)
