@@ -165,9 +165,9 @@ class CatalogSync:
                 "version": change.model_version,
             },
         )
+        await self.reconcile(change.model)  # first: stop serving what is gone
         if change.kind == "uninstalled":
             await asyncio.to_thread(self._remove_copies, change)
-        await self.reconcile(change.model)
         self.applied += 1
 
     async def reconcile(self, name: str) -> None:
