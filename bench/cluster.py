@@ -398,8 +398,8 @@ def main() -> None:
         cluster.cli("a", "install", f"sentence-transformers/{MODEL}", "--from", str(minilm))
         cluster.cli("a", "update", MODEL, "--set", 'options={"threads": 1}')
         replicas = [
-            Replica(cluster, "a"),
-            Replica(cluster, "b"),
+            Replica(cluster, "a", MODELMORA_SCHEDULER__MAX_BATCH_SIZE="8"),
+            Replica(cluster, "b", MODELMORA_SCHEDULER__MAX_BATCH_SIZE="8"),
             Replica(cluster, "c", MODELMORA_SCHEDULER__MAX_BATCH_SIZE="1"),  # the slowed one
         ]
         notices = Notices(pg_url)
