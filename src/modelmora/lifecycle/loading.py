@@ -43,7 +43,7 @@ from modelmora.lifecycle.state import (
 )
 from modelmora.lifecycle.verify import CACHE_FILE, WeightsVerifier, fingerprint
 from modelmora.observability.metrics import Metrics
-from modelmora.registry.catalog import ModelState
+from modelmora.registry.catalog import ModelRecord, ModelState
 from modelmora.registry.store import RegistryStore
 
 log = logging.getLogger("modelmora.lifecycle")
@@ -53,6 +53,9 @@ CRASH_LOOP_SECONDS = 60.0
 
 # Frees memory for a load: evict(name, reason) unloads that model (or gives up the spare).
 Evict = Callable[[str, str], Awaitable[None]]
+# Makes this node hold the active version's files before its worker starts (the model store's
+# `Materialiser`, set by the app when `registry.model_store` is; None: the files are local).
+FetchFiles = Callable[[ModelRecord], Awaitable[None]]
 
 
 class Loader:
@@ -79,6 +82,7 @@ class Loader:
         self.admission = admission
         self.counters = counters
         self.evict = evict
+        self.fetch_files: FetchFiles | None = None
         self.lock = asyncio.Lock()
         self.idle = asyncio.Event()  # set whenever a model may have become evictable
         self.closing = False
@@ -186,6 +190,9 @@ class Loader:
         # Re-read: `use`, `update` or a reinstall may have changed the record since.
         slot.record = await asyncio.to_thread(self.store.get, slot.name)
         transition(slot, ModelState.LOADING, reason)
+        if self.fetch_files is not None:
+            # Outside the load lock: a download must not hold up other models' loads.
+            await self.fetch_files(slot.record)
         report = await asyncio.to_thread(self.verifier.verify, slot.name, slot.record.version())
         log.info(
             "weights verified",

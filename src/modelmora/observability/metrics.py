@@ -72,7 +72,9 @@ class Live:
     system_available_bytes: int = 0
     spare_rss_bytes: int = 0
     gpus: list[dict[str, float | str]] = field(default_factory=list)  # device, total/used bytes, util
+    # Cluster-wide (the job store's counts): empty on all replicas but the one reporting them.
     jobs: dict[str, int] = field(default_factory=dict)
+    jobs_running: int = 0  # this replica's own share: the jobs it runs now
     jobs_processed: dict[str, int] = field(default_factory=dict)
     result_store_bytes: int | None = None
     ready: bool = False
@@ -173,10 +175,17 @@ class LiveCollector(Collector):
                 gpu_util.add_metric([name], float(dev["utilization"]))
         yield from (gpu_budget, gpu_total, gpu_used, gpu_util)
 
-        jobs = g("modelmora_jobs", "Async jobs in the job store, by status", labels=["status"])
+        jobs = g(
+            "modelmora_jobs",
+            "Async jobs in the job store, by status (cluster-wide: one replica exports it)",
+            labels=["status"],
+        )
         for status, count in sorted(live.jobs.items()):
             jobs.add_metric([status], count)
         yield jobs
+        running = g("modelmora_jobs_running", "Async jobs this replica runs now (sums over replicas)")
+        running.add_metric([], live.jobs_running)
+        yield running
         processed = g(
             "modelmora_jobs_processed",
             "Async jobs this server finished or requeued since it started, by outcome",
