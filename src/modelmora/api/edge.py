@@ -186,6 +186,8 @@ _HANDLERS = (
     ("/api/v1/results/", "results"),
     ("/api/v1/models", "models"),
     ("/api/v1/status", "status"),
+    ("/api/v1/stats", "status"),
+    ("/ui", "console"),
     ("/api/v1/lock", "models"),
     ("/api/v1/metrics", "metrics"),
     ("/metrics", "metrics"),

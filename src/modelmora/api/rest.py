@@ -15,6 +15,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modelmora import __version__
 from modelmora.api import fastpath
+from modelmora.api.console import build_console_router
+from modelmora.api.console_auth import ConsoleSessions, build_session_router, build_sessions
 from modelmora.api.edge import EdgeLimits, EdgeMiddleware, error_response_parts
 from modelmora.api.jobs import build_jobs_router
 from modelmora.api.schemas import (
@@ -196,6 +198,12 @@ def build_router() -> APIRouter:
     async def status(request: Request) -> Response:
         return JSON(await _mm(request).management.status())
 
+    @r.get("/api/v1/stats", tags=["management"], responses=_ERRORS)
+    async def stats(request: Request, window: int = 300) -> Response:
+        """Each model's recent figures over the last `window` seconds (10 up to 900): request
+        and error rates, p50/p90/p99 latency, batch size; one point per 5 s, from memory."""
+        return JSON(_mm(request).management.stats(window))
+
     async def metrics(request: Request) -> Response:
         """Prometheus text exposition of every metric (observability/metrics.py)."""
         body = await _mm(request).metrics_exposition()
@@ -239,8 +247,9 @@ def build_router() -> APIRouter:
     return r
 
 
-def create_rest_app(mm: ModelMora) -> FastAPI:
-    """The FastAPI application (routes, OpenAPI, handlers). Serve it wrapped by `asgi_app`."""
+def create_rest_app(mm: ModelMora, sessions: ConsoleSessions | None = None) -> FastAPI:
+    """The FastAPI application (routes, OpenAPI, handlers). Serve it wrapped by `asgi_app`.
+    `sessions`: the console's sign-in when the server checks keys (api/console_auth.py)."""
     app = FastAPI(
         title="ModelMora",
         version=__version__,
@@ -250,6 +259,8 @@ def create_rest_app(mm: ModelMora) -> FastAPI:
     app.state.mm = mm
     app.include_router(build_jobs_router())  # first: `/infer/{name}/async` before `/infer/{name:path}`
     app.include_router(build_router())
+    app.include_router(build_console_router())  # the web console at /ui (api/console.py)
+    app.include_router(build_session_router(sessions))
 
     @app.exception_handler(ModelMoraError)
     async def _mm_error(_request: Request, exc: ModelMoraError) -> Response:
@@ -281,8 +292,9 @@ def asgi_app(mm: ModelMora) -> EdgeMiddleware:
     async def fast(name: str, schema: Any, body: bytes, receive: Any, send: Any) -> None:
         await fastpath.handle(mm, name, schema, body, receive, send)
 
+    sessions = build_sessions(mm)
     return EdgeMiddleware(
-        create_rest_app(mm),
+        create_rest_app(mm, sessions),
         max_body=mm.settings.limits.max_request_bytes,
         is_draining=lambda: mm.draining,
         counter=mm,
