@@ -40,7 +40,9 @@ class _Asset:
         self.body = body
         guessed = mimetypes.guess_type(name)[0] or "application/octet-stream"
         suffix = name[name.rfind(".") :]
-        self.content_type = _TYPES.get(suffix, guessed + ("; charset=utf-8" if guessed.startswith("text/") else ""))
+        self.content_type = _TYPES.get(
+            suffix, guessed + ("; charset=utf-8" if guessed.startswith("text/") else "")
+        )
         self.etag = '"' + hashlib.sha256(body).hexdigest()[:20] + '"'
 
 

@@ -198,8 +198,7 @@ class ConsoleSessions:
             if not hmac.compare_digest(sent.encode(), session.csrf.encode()):
                 raise ModelMoraError(
                     ErrorCode.FORBIDDEN,
-                    "a console call that changes state must carry the session's CSRF token "
-                    "(X-CSRF-Token)",
+                    "a console call that changes state must carry the session's CSRF token (X-CSRF-Token)",
                 )
         await self.still_valid(session)
         return session.principal

@@ -7,7 +7,9 @@ One module per kind of command, each adding its commands to the one Typer `app`
 - registry_cmds: `install`, `list`, `info`, `update`, `use`, `uninstall`, `lock`: the catalog in
   the data dir, without a server, through the service layer (need the server extra);
 - db_cmds: `db upgrade`, `db current` (and the hidden developer command `db revision`);
-- client_cmds: `health`, `status`, `load`, `unload`, `jobs`: a running server, over HTTP
+- client_cmds: `health`, `status`, `ps`, `load`, `unload`, `jobs`: a running server, over
+  HTTP (the base install suffices);
+- run_cmds: `run MODEL [INPUT...]`: one inference through the SDK, shaped by the model's task
   (the base install suffices).
 
 A group of subcommands (`modelmora db ...`) is a Typer app of its own module, added here with
@@ -23,14 +25,14 @@ from modelmora.errors import ModelMoraError
 
 # The order of these imports is the order of `modelmora --help`.
 # isort: off
-from modelmora.cli import server_cmds, registry_cmds, client_cmds
+from modelmora.cli import server_cmds, registry_cmds, client_cmds, run_cmds
 
 # isort: on
 from modelmora.cli.db_cmds import db_app
 
 app.add_typer(db_app, name="db")
 
-__all__ = ["app", "client_cmds", "db_app", "main", "registry_cmds", "server_cmds"]
+__all__ = ["app", "client_cmds", "db_app", "main", "registry_cmds", "run_cmds", "server_cmds"]
 
 
 def main() -> None:
