@@ -31,7 +31,8 @@ def server(module_tmp: Path) -> Iterator[Server]:
     cli(env, "install", str(make_fake_model(module_tmp / "fake", per_item_ms=2)))
     cli(env, "install", str(make_fake_model(module_tmp / LONG_NAME)))
     cli(env, "install", str(make_fake_model(module_tmp / "chat", task_type="txt2txt", step_ms=1)))
-    srv = start_server(data, module_tmp / "server.log")
+    # A RAM budget: the console draws each worker's memory against it.
+    srv = start_server(data, module_tmp / "server.log", MODELMORA_RESOURCES__MAX_MEMORY_MB="1024")
     yield srv
     srv.stop()
 
@@ -181,6 +182,8 @@ def test_the_console_in_a_browser(server: Server, browser: Any, tmp_path: Path) 
     page.click(f"tr[data-model='{LONG_NAME}'] button[data-action='load']")
     page.wait_for_selector(f"tr[data-model='{LONG_NAME}'][data-state='ready']", timeout=60_000)
     assert page.is_visible(f"tr[data-model='{LONG_NAME}'] button[data-action='unload']")
+    assert page.is_visible(f"tr[data-model='{LONG_NAME}'] .bar")  # its RSS against the budget
+    assert "of 1.0 GiB budget" in page.inner_text("#memory")
 
     # After traffic, the charts get points.
     traffic(server, LONG_NAME, 30)
