@@ -14,19 +14,22 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Annotated, Any, TextIO
+from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
 import typer
 
 from modelmora.cli.common import app, context, err, out
-from modelmora.client.errors import ApiError, TransportError
-from modelmora.client.rest_client import Client
+
+if TYPE_CHECKING:  # imported when `run` runs: loading the SDK loads grpc, which no other command needs
+    from modelmora.client.rest_client import Client
 
 HEAD = 8  # figures of a vector shown without --json
 BYE = "/bye"
 
 
 def _client(ctx: typer.Context) -> Client:
+    from modelmora.client.rest_client import Client
+
     cli = context(ctx)
     settings = cli.settings()
     # An API key when the CLI has one (the --api-key option, once auth is wired in the CLI).
@@ -125,6 +128,8 @@ def _stream(
 
 def _chat(client: Client, model: str, params: dict[str, Any]) -> None:
     """A conversation on the terminal: the whole history goes with each turn."""
+    from modelmora.client.errors import ApiError
+
     with contextlib.suppress(ImportError):  # line editing and arrow-key history where it exists
         import readline  # noqa: F401
     out.print(f"chatting with {model}; {BYE} to leave", highlight=False)
@@ -142,7 +147,7 @@ def _chat(client: Client, model: str, params: dict[str, Any]) -> None:
         history.append({"role": "user", "content": prompt})
         try:
             answer = _stream(client, model, {"messages": history}, params, sys.stdout)
-        except ApiError as exc:
+        except ApiError as exc:  # one turn failed (too long, a timeout): the chat goes on
             history.pop()
             err.print(f"error: {exc.error_code}: {exc.message}", highlight=False)
             continue
@@ -213,6 +218,8 @@ def run_model(
     as_json: Annotated[bool, typer.Option("--json", help="The whole response, as JSON")] = False,
 ) -> None:
     """Run a model once on the running server (with no prompt on a terminal, txt2txt chats)."""
+    from modelmora.client.errors import ApiError, TransportError
+
     params = _params(param or [])
     items = list(inputs or [])
     client = _client(ctx)
