@@ -4,7 +4,6 @@ real server (the interactive chat through a pseudo-terminal)."""
 from __future__ import annotations
 
 import base64
-import io
 import json
 import math
 import subprocess
