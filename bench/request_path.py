@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import tempfile
 import threading
@@ -30,10 +31,14 @@ async def _trace(model: str | None) -> Counter[str]:
     from modelmora.registry.installer import InstallRequest
 
     data = Path(tempfile.mkdtemp(prefix="mm-path-"))
+    # The fake model is installed through the API's service: the install policy must allow it.
+    roots = [str(data)] + ([model] if model is not None else [])  # model: absolute (main)
     settings = load_settings(
         overrides={
             "server": {"data_dir": str(data), "grpc_enabled": False},
             "resources": {"worker_start": "fresh"},
+            "registry": {"allowed_sources": {"local_roots": roots}},
+            "testing": {"allow_fake_adapter": True},
         }
     )
     touched: Counter[str] = Counter()
@@ -82,7 +87,7 @@ def main() -> None:
     )
     parser.add_argument("--model", help="a sentence-transformers folder (default: the fake embedder)")
     args = parser.parse_args()
-    touched = asyncio.run(_trace(args.model))
+    touched = asyncio.run(_trace(os.path.abspath(args.model) if args.model else None))
     print(f"{'file':<40} {'calls':>6}")
     for name, calls in sorted(touched.items()):
         print(f"{name:<40} {calls:>6}")

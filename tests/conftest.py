@@ -40,13 +40,26 @@ def service_client(module: str) -> ModuleType:
         service_unavailable(f"{module} is not installed: {exc}")
 
 
+def suite_install_overrides(local_root: Path) -> dict[str, object]:
+    """What a test server needs to install the suites' fake models through the API: the fake
+    adapter allowed (`testing`, never in production) and the test temp folder as local root.
+    tests/e2e/test_install_sources.py shows each of them refused without these."""
+    return {
+        "testing": {"allow_fake_adapter": True},
+        "registry": {"allowed_sources": {"local_roots": [str(local_root)]}},
+    }
+
+
 @pytest.fixture
-def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+def settings(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Settings:
     monkeypatch.chdir(tmp_path)  # no stray ./modelmora.yaml is picked up
     for key in list(os.environ):
         if key.startswith("MODELMORA_"):
             monkeypatch.delenv(key)
-    return load_settings(overrides={"server": {"data_dir": str(tmp_path / "data")}})
+    overrides = {"server": {"data_dir": str(tmp_path / "data")}}
+    return load_settings(overrides=overrides | suite_install_overrides(tmp_path_factory.getbasetemp()))
 
 
 @pytest.fixture(scope="session")

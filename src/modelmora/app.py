@@ -18,8 +18,10 @@ import uvicorn
 from fastapi import FastAPI
 
 from modelmora import __version__
+from modelmora.auth.authenticator import Authenticator
 from modelmora.auth.limiter import KeyLimiter, build_limiter
-from modelmora.auth.mode import auth_enabled
+from modelmora.auth.mode import UnsafeBindError, auth_enabled
+from modelmora.auth.store import KeyStore
 from modelmora.config import Settings
 from modelmora.contracts.runner import RunnerFactory
 from modelmora.jobs.dispatcher import JobDispatcher
@@ -30,6 +32,7 @@ from modelmora.lifecycle.zygote_pool import worker_source
 from modelmora.observability.metrics import Live, Metrics, ModelLive
 from modelmora.observability.tracing import build_span_recorder
 from modelmora.registry.catalog import ModelState
+from modelmora.registry.policy import InstallPolicy
 from modelmora.registry.store import RegistryStore
 from modelmora.results.store import ResultStore, build_result_store
 from modelmora.services.inference import InferenceService
@@ -47,7 +50,21 @@ class ModelMora:
 
     def __init__(self, settings: Settings, runner_factory: RunnerFactory = process_runner_factory) -> None:
         self.settings = settings
+        # First: a public bind nobody secured must fail before anything is built
+        # (UnsafeBindError; `serve` exits 2 with its message).
+        auth_on = auth_enabled(settings)
         self.store = RegistryStore(settings.database_url)
+        self.keys = KeyStore(self.store.engine)
+        # One authenticator for both doors (its cache is shared); None: auth off, no check
+        # installed at all and every request acts as ANONYMOUS.
+        self.auth: Authenticator | None = None
+        if auth_on:
+            bootstrap = settings.auth.bootstrap_key
+            self.auth = Authenticator(
+                lookup=self.keys.get,
+                bootstrap_key=bootstrap.get_secret_value() if bootstrap is not None else None,
+                cache_seconds=settings.auth.cache_seconds,
+            )
         spares = worker_source(
             str(settings.resources.worker_start),
             runner_factory is process_runner_factory,
@@ -61,14 +78,17 @@ class ModelMora:
         spans = build_span_recorder(settings.telemetry.otlp_endpoint, settings.telemetry.service_name)
         self.inference = InferenceService(settings, self.manager, self.results, spans)
         # The doors (api/) call these two and `inference`, one method per operation.
-        self.registry = RegistryService(settings, self.store, self.manager)
+        # The API's installs obey registry.allowed_sources and testing.* (registry/policy.py).
+        self.registry = RegistryService(
+            settings, self.store, self.manager, policy=InstallPolicy.from_settings(settings)
+        )
         self.management = ManagementService(self.manager, self.inference, self.full_status)
         self.job_store = build_job_store(settings)
         self.dispatcher = JobDispatcher(settings, self.job_store, self.inference, self.results)
         self.jobs = JobService(settings, self.job_store, self.dispatcher, self.results)
         # Per-key rate and concurrency limits: the doors call `limiter.admit(principal)` right
         # after authenticating. None when auth is off or no limit is set.
-        self.limiter: KeyLimiter | None = build_limiter(settings, auth_on=auth_enabled(settings))
+        self.limiter: KeyLimiter | None = build_limiter(settings, auth_on=auth_on)
         self.ready = False
         self.draining = False
         self.inflight = 0  # HTTP requests in progress, counted by the edge middleware
@@ -90,6 +110,7 @@ class ModelMora:
     async def start(self) -> None:
         self.settings.server.data_dir.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(self.store.create_schema)
+        await self._log_auth()
         await self.manager.start()
         # Jobs left queued or processing by a previous run are taken up again from here.
         await self.job_store.open()
@@ -108,6 +129,20 @@ class ModelMora:
                 "pid": os.getpid(),
             },
         )
+
+    async def _log_auth(self) -> None:
+        if self.auth is None:
+            log.info("authentication off", extra={"host": self.settings.server.host})
+            return
+        keys = await asyncio.to_thread(self.keys.count_usable)
+        bootstrap = self.settings.auth.bootstrap_key is not None
+        log.info("authentication on", extra={"usable_keys": keys, "bootstrap_key": bootstrap})
+        if keys == 0 and not bootstrap:
+            log.warning(
+                "authentication is on and no API key exists: every call but health is refused "
+                "until one is made with `modelmora keys create NAME --scope admin` (or "
+                "MODELMORA_AUTH__BOOTSTRAP_KEY is set)"
+            )
 
     async def drain(self) -> None:
         """Readiness turns false and new requests get 503; wait for in-flight requests."""
@@ -272,10 +307,39 @@ class _DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def _ssl_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's ssl_* options from `server.tls` (none when it has no certificate)."""
+    import ssl
+
+    tls = settings.server.tls
+    if tls.certfile is None:
+        return {}
+    for path in (tls.certfile, tls.keyfile, tls.ca_certs):
+        if path is not None and not path.is_file():
+            raise OSError(f"server.tls: no such file {path}")
+    password = tls.keyfile_password
+    return {
+        "ssl_certfile": str(tls.certfile),
+        "ssl_keyfile": str(tls.keyfile),
+        "ssl_keyfile_password": password.get_secret_value() if password is not None else None,
+        "ssl_ca_certs": str(tls.ca_certs) if tls.ca_certs is not None else None,
+        "ssl_cert_reqs": {
+            "none": ssl.CERT_NONE,
+            "optional": ssl.CERT_OPTIONAL,
+            "required": ssl.CERT_REQUIRED,
+        }[tls.client_auth],
+    }
+
+
 def serve(settings: Settings) -> None:
     from modelmora.api.rest import asgi_app
 
-    mm = ModelMora(settings)
+    try:
+        mm = ModelMora(settings)
+        ssl_options = _ssl_options(settings)
+    except (UnsafeBindError, OSError) as exc:
+        log.error(str(exc))
+        sys.exit(2)  # a configuration the operator must change, as for a bad setting
     grpc_server = None
     if settings.server.grpc_enabled:
         from modelmora.api.grpc_server import GrpcServer, run_grpc_only
@@ -300,5 +364,6 @@ def serve(settings: Settings) -> None:
         timeout_keep_alive=max(1, round(settings.server.keep_alive_timeout_seconds)),  # the class's wins
         h11_max_incomplete_event_size=settings.server.max_header_bytes,  # if h11 is ever chosen
         timeout_graceful_shutdown=max(1, int(settings.server.drain_seconds)),
+        **ssl_options,
     )
     _DrainingServer(config, mm, grpc_server).run()

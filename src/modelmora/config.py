@@ -6,6 +6,7 @@ Nothing here reads the environment at import time: `load_settings` is called onc
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 import warnings
@@ -48,6 +49,34 @@ class _Section(BaseModel):
         return _drop_empty_sections(cls, data)
 
 
+class TlsSettings(_Section):
+    """TLS on both doors (uvicorn's ssl options, grpc.ssl_server_credentials); off without a
+    certificate. `client_auth` asks for client certificates (mTLS), checked against ca_certs."""
+
+    certfile: Path | None = None  # PEM: the server's certificate (chain)
+    keyfile: Path | None = None  # PEM: its private key
+    keyfile_password: SecretStr | None = None  # REST only: grpc takes unencrypted keys
+    ca_certs: Path | None = None  # PEM: the CAs client certificates are checked against
+    client_auth: Literal["none", "optional", "required"] = "none"
+
+    @property
+    def enabled(self) -> bool:
+        return self.certfile is not None
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsSettings:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("server.tls needs both certfile and keyfile")
+        if self.client_auth != "none" and (self.certfile is None or self.ca_certs is None):
+            raise ValueError("server.tls.client_auth needs certfile, keyfile and ca_certs")
+        # Not checked for existence here: a client loading the server's file has none of them.
+        for name in ("certfile", "keyfile", "ca_certs"):
+            path: Path | None = getattr(self, name)
+            if path is not None:
+                setattr(self, name, path.expanduser().absolute())
+        return self
+
+
 class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -68,6 +97,8 @@ class ServerSettings(_Section):
     body_deadline_seconds: float = Field(300.0, gt=0)  # the whole body, from the end of headers
     keep_alive_timeout_seconds: float = Field(5.0, gt=0)  # idle between requests on one connection
     max_header_bytes: int = Field(64 << 10, ge=1024)  # request line and headers
+    # -- TLS on REST and gRPC (issue 14; docs/security.md "TLS")
+    tls: TlsSettings = Field(default_factory=TlsSettings)  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _expand(self) -> ServerSettings:
@@ -77,6 +108,49 @@ class ServerSettings(_Section):
         if self.grpc_result_chunk_bytes > self.grpc_max_send_message_bytes - 1024:
             raise ValueError("grpc_result_chunk_bytes must leave 1 KiB under grpc_max_send_message_bytes")
         return self
+
+
+SourceScheme = Literal["hub", "file", "local", "http", "https", "s3"]
+DEFAULT_SCHEMES: tuple[SourceScheme, ...] = ("hub", "https", "file", "s3")
+
+
+class AllowedSourcesSettings(_Section):
+    """Where an install through the API may take a model's files from (registry/policy.py)."""
+
+    # "local" is another name for "file". Plain http is off: anyone on the path can swap bytes.
+    schemes: list[SourceScheme] = Field(default_factory=lambda: list(DEFAULT_SCHEMES))
+    # URL hosts (http/https), exact or "*.example.org" (any subdomain); empty: any host whose
+    # every address is public. Checked again on every redirect.
+    hosts: list[str] = Field(default_factory=list)
+    # Hosts (same patterns) or networks ("10.1.0.0/16") a URL may reach although they resolve
+    # to a loopback, private, link-local or otherwise non-public address.
+    private_hosts: list[str] = Field(default_factory=list)
+    # Folders a local source must lie under once every symlink is resolved; empty: none.
+    local_roots: list[Path] = Field(default_factory=list)
+    # s3:// buckets (read with the server's own credentials); empty: none.
+    s3_buckets: list[str] = Field(default_factory=list)
+    # The CLI run on the server machine is trusted (it reads the files anyway); true: it obeys
+    # these rules and `testing.*` as the API does.
+    enforce_on_cli: bool = False
+
+    @field_validator("local_roots", mode="after")
+    @classmethod
+    def _absolute(cls, roots: list[Path]) -> list[Path]:
+        for root in roots:
+            if not root.expanduser().is_absolute():
+                raise ValueError(f"registry.allowed_sources.local_roots: {root} is not an absolute path")
+        return [root.expanduser() for root in roots]
+
+    @field_validator("private_hosts", mode="after")
+    @classmethod
+    def _networks_parse(cls, entries: list[str]) -> list[str]:
+        for entry in entries:
+            if "/" in entry:
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError as exc:
+                    raise ValueError(f"registry.allowed_sources.private_hosts: {exc}") from None
+        return entries
 
 
 class RegistrySettings(_Section):
@@ -89,6 +163,9 @@ class RegistrySettings(_Section):
     # -- bounded resources (issue 14): what one archive source may expand to.
     max_archive_bytes: int = Field(64 << 30, ge=1)
     max_archive_files: int = Field(10_000, ge=1)
+    # -- install sources (issue 14; docs/security.md "Install sources"): what an install
+    # through the API (REST, gRPC) may fetch; the CLI too with `enforce_on_cli`.
+    allowed_sources: AllowedSourcesSettings = Field(default_factory=AllowedSourcesSettings)  # type: ignore[arg-type]
 
 
 WorkerStart = Literal["zygote", "spare", "fresh"]
@@ -109,6 +186,13 @@ class ResourcesSettings(_Section):
     warm_spare: bool | None = None  # deprecated: true means "spare", false "fresh"
     default_device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")
     default_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # -- worker bounds (issue 14; docs/security.md "Worker bounds"): an idle worker whose RSS
+    # stays above its high-water mark after a request is restarted (unloaded, loaded again on
+    # the next demand). The mark is `worker_rss_high_water_mb` when set, else
+    # `worker_rss_growth_factor` times the RSS the worker had right after its load (and at
+    # least 512 MiB above it); both None: never.
+    worker_rss_high_water_mb: int | None = Field(None, ge=1)
+    worker_rss_growth_factor: float | None = Field(3.0, gt=1)
 
     @model_validator(mode="after")
     def _resolve_worker_start(self) -> ResourcesSettings:
@@ -188,6 +272,11 @@ class LimitsSettings(_Section):
     # -- bounded resources at the edge (issue 14; docs/security.md "Limits").
     max_multipart_parts: int = Field(300, ge=2)  # parts of one multipart/form-data body
     max_buffered_bytes: int = Field(128 << 20, ge=1)  # request bodies held at once, all connections
+    # -- worker bounds (issue 14; docs/security.md "Worker bounds"): the bytes one request's
+    # images may take once decoded (width x height x bytes per pixel, at least 3 for the RGB
+    # conversion), read from each header before anything is decoded; checked by the server
+    # and again by the worker.
+    max_decoded_image_bytes_per_request: int = Field(64 << 20, ge=1)
 
     @model_validator(mode="after")
     def _buffer_fits_a_request(self) -> LimitsSettings:
@@ -252,6 +341,15 @@ class TelemetrySettings(_Section):
     slow_request_seconds: float = Field(10.0, gt=0)
 
 
+class TestingSettings(_Section):
+    """Switches for test suites, never for production (docs/security.md "Install sources")."""
+
+    # Installs and updates through the API may name the fake adapter (tasks/fake.py: fake
+    # vectors with 200) and adapter options other than `threads` and `pipeline` (the fake
+    # adapter's `fail_health_if_exists` reads a server path).
+    allow_fake_adapter: bool = False
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="MODELMORA_",
@@ -270,6 +368,7 @@ class Settings(BaseSettings):
     limits: LimitsSettings = Field(default_factory=LimitsSettings)  # type: ignore[arg-type]
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)  # type: ignore[arg-type]
     auth: AuthSettings = Field(default_factory=AuthSettings)  # type: ignore[arg-type]
+    testing: TestingSettings = Field(default_factory=TestingSettings)  # type: ignore[arg-type]
 
     @model_validator(mode="before")
     @classmethod

@@ -74,7 +74,9 @@ _TABLE: dict[ErrorCode, _Meta] = {
     ErrorCode.MODEL_NOT_FOUND: _Meta(404, "NOT_FOUND", False),
     ErrorCode.MODEL_EXISTS: _Meta(409, "ALREADY_EXISTS", False),
     ErrorCode.MODEL_LOADED: _Meta(409, "FAILED_PRECONDITION", False),
-    ErrorCode.CHECKSUM_MISMATCH: _Meta(409, "FAILED_PRECONDITION", False),
+    # The bytes differ from the recorded sha256s: the version cannot be served (a load, and
+    # verify/install/lock alike) until it is verified again or reinstalled; not retryable.
+    ErrorCode.CHECKSUM_MISMATCH: _Meta(503, "DATA_LOSS", False),
     ErrorCode.SOURCE_UNAVAILABLE: _Meta(502, "UNAVAILABLE", True),
     ErrorCode.JOB_NOT_FOUND: _Meta(404, "NOT_FOUND", False),
     ErrorCode.JOB_NOT_READY: _Meta(409, "FAILED_PRECONDITION", False),

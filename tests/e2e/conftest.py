@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,11 +26,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# The folder under which the suites' model folders lie (pytest's base temp, set per session):
+# a server started here may install from it through the API (registry.allowed_sources).
+LOCAL_ROOT: list[Path] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _local_root(tmp_path_factory: pytest.TempPathFactory) -> None:
+    LOCAL_ROOT[:] = [tmp_path_factory.getbasetemp()]
+
+
 def clean_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    """A MODELMORA_-free environment with the data dir, plus what the suites install through
+    the API (fake models from the temp folder: tests/conftest.py `suite_install_overrides`);
+    `extra` wins (an empty value drops a variable)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELMORA_")}
     env["MODELMORA_SERVER__DATA_DIR"] = str(data_dir)
+    env["MODELMORA_TESTING__ALLOW_FAKE_ADAPTER"] = "true"
+    roots = [str(root) for root in LOCAL_ROOT] or [tempfile.gettempdir()]
+    env["MODELMORA_REGISTRY__ALLOWED_SOURCES__LOCAL_ROOTS"] = json.dumps(roots)
     env.update(extra)
-    return env
+    return {k: v for k, v in env.items() if v != "" or not k.startswith("MODELMORA_")}
 
 
 def cli(

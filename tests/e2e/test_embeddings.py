@@ -202,7 +202,7 @@ def test_a_model_that_fails_to_load_does_not_stop_the_others(server: Server) -> 
     assert states["broken"] == "failed" and states["all-MiniLM-L6-v2"] == "ready"
 
 
-def test_registry_over_rest(server: Server) -> None:
+def test_registry_over_rest(server: Server, module_tmp: Path) -> None:
     listing = server.client.get("/api/v1/models", params={"task_type": "txt2embed", "page_size": 2}).json()
     assert listing["meta"]["total"] == 3 and listing["meta"]["total_pages"] == 2 and len(listing["data"]) == 2
     model = server.client.get("/api/v1/models/all-MiniLM-L6-v2").json()
@@ -229,7 +229,8 @@ def test_registry_over_rest(server: Server) -> None:
         },
     )
     assert again.status_code == 409 and again.json()["error_code"] == "MODEL_EXISTS"
-    missing = server.client.post("/api/v1/models", json={"source": "/does/not/exist", "name": "ghost"})
+    nowhere = str(module_tmp / "does-not-exist")  # under the local root: reachable, absent
+    missing = server.client.post("/api/v1/models", json={"source": nowhere, "name": "ghost"})
     assert missing.status_code == 502 and missing.json()["error_code"] == "SOURCE_UNAVAILABLE"
     assert server.client.get("/api/v1/models/ghost").status_code == 404
     assert server.client.get("/openapi.json").json()["info"]["title"] == "ModelMora"

@@ -287,7 +287,9 @@ def test_registry_rpcs(
         "MODEL_EXISTS",
     )
     expect_error(
-        lambda: registry.RegisterModel(pb.RegisterModelRequest(source="/does/not/exist", name="ghost")),
+        lambda: registry.RegisterModel(
+            pb.RegisterModelRequest(source=str(module_tmp / "does-not-exist"), name="ghost")
+        ),
         grpc.StatusCode.UNAVAILABLE,
         "SOURCE_UNAVAILABLE",
     )
@@ -328,7 +330,7 @@ def test_registry_rpcs(
     Path(model.versions[0].path, "modelmora.json").write_text('{"tampered": true}')
     expect_error(
         lambda: registry.DownloadModel(pb.DownloadModelRequest(name="extra", version="v1")),
-        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.DATA_LOSS,
         "CHECKSUM_MISMATCH",
     )
 

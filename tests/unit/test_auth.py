@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -199,3 +200,32 @@ def test_settings_refuse_short_bootstrap_keys_and_bad_rate_limits() -> None:
     with pytest.raises(ValueError):
         _settings("127.0.0.1", rate_limit="lots")
     assert _settings("127.0.0.1", rate_limit="10/second").auth.rate_limit == "10/second"
+
+
+def test_tls_settings_need_a_key_with_the_certificate_and_a_ca_for_client_auth(tmp_path: Path) -> None:
+    cert, key, ca = (tmp_path / n for n in ("c.pem", "k.pem", "ca.pem"))
+    with pytest.raises(ValueError, match="both certfile and keyfile"):
+        Settings.model_validate({"server": {"tls": {"certfile": str(cert)}}})
+    with pytest.raises(ValueError, match="client_auth needs"):
+        Settings.model_validate(
+            {"server": {"tls": {"certfile": str(cert), "keyfile": str(key), "client_auth": "required"}}}
+        )
+    tls = Settings.model_validate(
+        {"server": {"tls": {"certfile": str(cert), "keyfile": str(key), "ca_certs": str(ca)}}}
+    ).server.tls
+    assert tls.enabled and tls.client_auth == "none"
+    assert not Settings().server.tls.enabled
+
+
+def test_sdk_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelmora.client.credentials import bearer, grpc_target, resolve_api_key, rest_verify
+
+    monkeypatch.setenv("MODELMORA_API_KEY", "mm_from_env")
+    assert resolve_api_key(None) == "mm_from_env" and resolve_api_key("mine") == "mine"
+    assert resolve_api_key("") is None  # an explicit "" sends no key
+    assert bearer("k") == {"Authorization": "Bearer k"} and bearer(None) == {}
+    assert grpc_target("https://h:1", None, None, None) == ("h:1", True)
+    assert grpc_target("grpc://h:1", None, None, None) == ("h:1", False)
+    assert grpc_target("h:1", None, "ca.pem", None) == ("h:1", True)
+    assert grpc_target("h:1", None, None, None) == ("h:1", False)
+    assert rest_verify(True, None, None, None) is True and rest_verify(False, None, None, None) is False

@@ -6,6 +6,10 @@ body is read here, before any route runs, so that one place bounds it: its size
 (`server.body_timeout_seconds`, `body_deadline_seconds`), and the bytes that all requests in
 progress hold at once (`limits.max_buffered_bytes`). A multipart body is parsed as it arrives,
 off the event loop (`fastpath.MultipartForm`), never held whole.
+
+With auth on, the API key is checked here too, before any route runs and before the body is
+read: the inference fast path answers `/infer` before FastAPI, so a FastAPI dependency alone
+would leave inference (JSON, multipart, SSE) open.
 """
 
 from __future__ import annotations
@@ -13,12 +17,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextvars import Token
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from modelmora.api import fastpath
+from modelmora.auth.authenticator import Authenticator, require
+from modelmora.auth.keys import Principal, current_client, current_principal
+from modelmora.auth.keys import Scope as AuthScope
+from modelmora.auth.limiter import KeyLimiter, Release
+from modelmora.auth.policy import rest_scope
 from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.observability import tracing
 from modelmora.observability.metrics import Metrics, current_protocol
@@ -48,6 +58,8 @@ def error_response_parts(
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if error.retry_after is not None:
         headers.append((b"retry-after", str(max(1, round(error.retry_after))).encode()))
+    if error.code is ErrorCode.UNAUTHORIZED:  # RFC 6750: how to authenticate
+        headers.append((b"www-authenticate", b'Bearer realm="modelmora"'))
     return error.code.http_status, headers, body
 
 
@@ -84,8 +96,16 @@ class EdgeMiddleware:
         metrics: Metrics | None = None,
         tracing_on: Callable[[], bool] = lambda: False,
         limits: EdgeLimits | None = None,
+        auth: Authenticator | None = None,
+        metrics_public: bool = True,
+        limiter: KeyLimiter | None = None,
     ) -> None:
         self.app = app
+        # None: auth off, nothing checked, every request acts as ANONYMOUS.
+        self.auth = auth
+        # Per-key rate and concurrency limits, right after the key check; None: no limit set.
+        self.limiter = limiter
+        self.metrics_public = metrics_public
         self.metrics = metrics
         self.tracing_on = tracing_on
         self.fast = fast
@@ -121,6 +141,10 @@ class EdgeMiddleware:
             await send(message)
 
         reader = _BodyReader(self, receive, headers)
+        peer = scope.get("client")
+        client = current_client.set(f"{peer[0]}:{peer[1]}" if peer else "unknown")
+        principal: Token[Principal] | None = None
+        release: Release | None = None  # the caller's concurrency slot (auth/limiter.py)
 
         async def reject(error: ModelMoraError) -> None:
             status, hdrs, body = error_response_parts(error, trace_id)
@@ -136,6 +160,17 @@ class EdgeMiddleware:
                     ModelMoraError(ErrorCode.SHUTTING_DOWN, "the server is shutting down", retry_after=5)
                 )
                 return
+            if self.auth is not None:
+                needed = rest_scope(scope["method"], path, self.metrics_public)
+                if needed is not None:
+                    try:
+                        caller = await self._authenticate(headers.get(b"authorization"), needed)
+                        principal = current_principal.set(caller)
+                        if self.limiter is not None:
+                            release = await self.limiter.admit(caller)
+                    except ModelMoraError as exc:
+                        await reject(exc)  # before the body is read: it is never read
+                        return
             ctype = headers.get(b"content-type", b"")
             if scope["method"] in ("POST", "PUT") and (not ctype or ctype.startswith(_FORM)):
                 # `curl -d '{...}'` sends a form content type; every body here is JSON.
@@ -174,8 +209,23 @@ class EdgeMiddleware:
         finally:
             current_trace_id.reset(token)
             current_protocol.reset(door)
+            current_client.reset(client)
+            if principal is not None:
+                current_principal.reset(principal)
+            if release is not None:
+                release()  # the response has been sent, streamed ones included
             if self.metrics is not None and status:
                 self.metrics.record_http(_handler(scope["path"]), status)
+
+    async def _authenticate(self, authorization: bytes | None, needed: AuthScope) -> Principal:
+        """The caller, allowed `needed`; else UNAUTHORIZED (401) or FORBIDDEN (403). A key seen
+        within `auth.cache_seconds` costs one SHA-256 and a dict look-up, no I/O."""
+        assert self.auth is not None
+        caller = await self.auth.authenticate(
+            authorization.decode("latin-1") if authorization is not None else None
+        )
+        require(caller, needed)
+        return caller
 
 
 # Bounded `handler` labels for HTTP metrics: route groups by path prefix, never the raw path.

@@ -3,26 +3,34 @@
 Installed only when auth is on (an interceptor costs every call a Python round trip). A
 refused call ends with UNAUTHENTICATED or PERMISSION_DENIED and the same error metadata as
 any other error of the door; an accepted one runs with its principal in `current_principal`,
-for the job service's ownership checks.
+for the job service's ownership checks, and its peer address in `current_client`, for the audit
+log.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from modelmora.api.grpc_services import abort
 from modelmora.auth.authenticator import Authenticator, require
-from modelmora.auth.keys import Principal, current_principal
+from modelmora.auth.keys import Principal, current_client, current_principal
+from modelmora.auth.limiter import KeyLimiter, Release
 from modelmora.auth.policy import grpc_scope
 from modelmora.errors import ModelMoraError
 from modelmora.observability.metrics import Metrics
 from modelmora.observability.tracing import trace_id_from
 
-Handler = grpc.RpcMethodHandler[Any, Any]
-Ctx = grpc.aio.ServicerContext[Any, Any]
+# grpc's classes are generic in its stubs only: these aliases must not run.
+if TYPE_CHECKING:
+    Handler = grpc.RpcMethodHandler[Any, Any]
+    Ctx = grpc.aio.ServicerContext[Any, Any]
+    Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    Handler = Ctx = Any
+    Interceptor = grpc.aio.ServerInterceptor
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler]]
 
 
@@ -33,10 +41,16 @@ def _metadata(details: grpc.HandlerCallDetails, key: str) -> str | None:
     return None
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor[Any, Any]):
-    def __init__(self, authenticator: Authenticator, metrics: Metrics | None = None) -> None:
+class AuthInterceptor(Interceptor):
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        metrics: Metrics | None = None,
+        limiter: KeyLimiter | None = None,
+    ) -> None:
         self.auth = authenticator
         self.metrics = metrics
+        self.limiter = limiter
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -54,10 +68,37 @@ class AuthInterceptor(grpc.aio.ServerInterceptor[Any, Any]):
                 self.metrics.record_grpc(method.rsplit("/", 1)[-1], exc.code.grpc_status)
             trace_id = trace_id_from(_metadata(handler_call_details, "traceparent"))
             return _wrap(handler, _refuse(exc, trace_id))
-        return _wrap(handler, _as(principal))
+        admit = None
+        if self.limiter is not None:
+            # Per-key limits: checked inside the call (below), so that the concurrency slot
+            # taken is always given back by the call's own `finally`.
+            admit = _Admission(self.limiter, self.metrics, method, handler_call_details)
+        return _wrap(handler, _as(principal, admit))
+
+
+class _Admission:
+    """The rate and concurrency check of one call (auth/limiter.py), run as it starts."""
+
+    def __init__(
+        self, limiter: KeyLimiter, metrics: Metrics | None, method: str, details: grpc.HandlerCallDetails
+    ) -> None:
+        self.limiter, self.metrics, self.method, self.details = limiter, metrics, method, details
+
+    async def __call__(self, principal: Principal, context: Ctx) -> Release:
+        try:
+            return await self.limiter.admit(principal)
+        except ModelMoraError as exc:
+            if self.metrics is not None:
+                self.metrics.record_grpc(self.method.rsplit("/", 1)[-1], exc.code.grpc_status)
+            await abort(context, exc, trace_id_from(_metadata(self.details, "traceparent")))
+            raise  # abort raised already; for the type checker
 
 
 Behaviour = Callable[..., Any]
+
+
+def _nothing() -> None:
+    return None
 
 
 def _refuse(error: ModelMoraError, trace_id: str) -> Callable[[Behaviour, bool], Behaviour]:
@@ -78,25 +119,44 @@ def _refuse(error: ModelMoraError, trace_id: str) -> Callable[[Behaviour, bool],
     return make
 
 
-def _as(principal: Principal) -> Callable[[Behaviour, bool], Behaviour]:
+def peer_address(context: Ctx) -> str:
+    """The peer as REST's edge writes it: "127.0.0.1:53122", not grpc's "ipv4:127.0.0.1:53122"."""
+    peer = context.peer() or "unknown"
+    kind, _, address = peer.partition(":")
+    return address if kind in ("ipv4", "ipv6") and address else peer
+
+
+def _as(principal: Principal, admit: _Admission | None) -> Callable[[Behaviour, bool], Behaviour]:
     def make(behaviour: Behaviour, streams_out: bool) -> Behaviour:
         if streams_out:
 
             async def run_stream(request: Any, context: Ctx) -> AsyncIterator[Any]:
                 token = current_principal.set(principal)
+                client = current_client.set(peer_address(context))
+                release: Release = _nothing
                 try:
+                    if admit is not None:
+                        release = await admit(principal, context)
                     async for item in behaviour(request, context):
                         yield item
                 finally:
+                    release()
+                    current_client.reset(client)
                     current_principal.reset(token)
 
             return run_stream
 
         async def run(request: Any, context: Ctx) -> Any:
             token = current_principal.set(principal)
+            client = current_client.set(peer_address(context))
+            release: Release = _nothing
             try:
+                if admit is not None:
+                    release = await admit(principal, context)
                 return await behaviour(request, context)
             finally:
+                release()
+                current_client.reset(client)
                 current_principal.reset(token)
 
         return run

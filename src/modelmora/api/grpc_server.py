@@ -17,12 +17,14 @@ from grpc_health.v1 import _async as health_aio  # the aio HealthServicer (healt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from modelmora.api.grpc_auth import AuthInterceptor
 from modelmora.api.grpc_services import Door, InferenceServicer, ManagementServicer, RegistryServicer
 from modelmora.v1 import modelmora_pb2 as pb
 from modelmora.v1 import modelmora_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
     from modelmora.app import ModelMora
+    from modelmora.config import TlsSettings
 
 log = logging.getLogger("modelmora.api.grpc")
 
@@ -60,6 +62,23 @@ def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) 
     cast(Any, server).add_registered_method_handlers(name, handlers)  # grpcio >= 1.63, not in the stubs
 
 
+def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials | None:
+    """`server.tls` as gRPC credentials; None: plaintext. grpcio has no "ask for a client
+    certificate but accept none" mode: `client_auth: optional` does not ask on this door."""
+    if tls.certfile is None or tls.keyfile is None:
+        return None
+    try:
+        pair = (tls.keyfile.read_bytes(), tls.certfile.read_bytes())
+        roots = tls.ca_certs.read_bytes() if tls.ca_certs is not None else None
+    except OSError as exc:
+        raise OSError(f"server.tls: {exc}") from None
+    return grpc.ssl_server_credentials(
+        [pair],
+        root_certificates=roots if tls.client_auth == "required" else None,
+        require_client_auth=tls.client_auth == "required",
+    )
+
+
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -74,13 +93,20 @@ class GrpcServer:
     async def start(self) -> int:
         """Bind and serve; returns the bound port (useful when `grpc_port` is 0)."""
         cfg = self.mm.settings.server
+        # The key check, only when auth is on: an interceptor costs every call.
+        interceptors = (
+            [AuthInterceptor(self.mm.auth, self.mm.metrics, self.mm.limiter)]
+            if self.mm.auth is not None
+            else []
+        )
         server = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", cfg.grpc_max_receive_message_bytes),
                 ("grpc.max_send_message_length", cfg.grpc_max_send_message_bytes),
                 # A busy port must fail the start, not be silently shared with another server.
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         door = Door(self.mm)
         add_inference_service(InferenceServicer(door), server)
@@ -96,8 +122,12 @@ class GrpcServer:
             server,
         )
         address = _address(cfg.host, cfg.grpc_port)
+        credentials = server_credentials(cfg.tls)
         try:
-            port = server.add_insecure_port(address)
+            if credentials is None:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, credentials)
         except RuntimeError as exc:
             raise OSError(f"cannot bind gRPC to {address}: {exc}") from None
         if port == 0:
@@ -106,7 +136,7 @@ class GrpcServer:
         self._server, self.port = server, port
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("gRPC serving", extra={"address": _address(cfg.host, port)})
+        log.info("gRPC serving", extra={"address": _address(cfg.host, port), "tls": credentials is not None})
         return port
 
     async def drain(self) -> None:

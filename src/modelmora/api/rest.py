@@ -302,4 +302,7 @@ def asgi_app(mm: ModelMora) -> EdgeMiddleware:
         metrics=mm.metrics,
         tracing_on=lambda: mm.inference.spans is not None,
         limits=EdgeLimits.from_settings(mm.settings),
+        auth=mm.auth,
+        limiter=mm.limiter,
+        metrics_public=mm.settings.auth.metrics_public,
     )

@@ -129,6 +129,6 @@ def _status(ctx: typer.Context) -> dict[str, Any]:
     settings = context(ctx).settings()
     try:
         body: dict[str, Any] = raise_for(require_server(ctx, settings, "GET", "/api/v1/status", timeout=10))
-    except ModelMoraError as exc:  # e.g. UNAUTHORIZED from a server that checks keys
+    except ModelMoraError as exc:  # e.g. UNAUTHORIZED: a server that checks keys, no --api-key
         raise fail(exc) from None
     return body

@@ -43,12 +43,19 @@ EXIT_USAGE = 2  # bad configuration or arguments, or a missing extra
 
 
 class CliContext:
-    """The global options (`--config`, `--data-dir`, `--url`), shared by every command."""
+    """The global options (`--config`, `--data-dir`, `--url`, `--api-key`), shared by every
+    command."""
 
-    def __init__(self, config: Path | None, data_dir: Path | None, url: str | None) -> None:
+    def __init__(
+        self, config: Path | None, data_dir: Path | None, url: str | None, api_key: str | None = None
+    ) -> None:
         self.config = config
         self.data_dir = data_dir
         self.url = url
+        self.api_key = api_key
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def settings(self, overrides: dict[str, Any] | None = None) -> Settings:
         merged: dict[str, Any] = {}
@@ -79,8 +86,17 @@ def main_options(
         Path | None, typer.Option("--data-dir", help="Where the registry and models live")
     ] = None,
     url: Annotated[str | None, typer.Option("--url", help="A running server, for live state")] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar="MODELMORA_API_KEY",
+            show_envvar=True,
+            help="API key for a running server that checks keys",
+        ),
+    ] = None,
 ) -> None:
-    ctx.obj = CliContext(config, data_dir, url)
+    ctx.obj = CliContext(config, data_dir, url, api_key)
 
 
 def context(ctx: typer.Context) -> CliContext:
@@ -131,6 +147,7 @@ def registry_service(ctx: typer.Context, live: bool = False) -> Iterator[Registr
     states = live_states(ctx, settings) if live else {}
     with needs_server_extra():
         from modelmora.auth.keys import current_client
+        from modelmora.registry.policy import InstallPolicy
         from modelmora.registry.store import RegistryStore
         from modelmora.services.registry import RegistryService, inline
 
@@ -138,7 +155,8 @@ def registry_service(ctx: typer.Context, live: bool = False) -> Iterator[Registr
         client = current_client.set("cli")  # where the audit log says the change came from
         try:
             store.create_schema()
-            yield RegistryService(settings, store, live=states.get, offload=inline)
+            policy = InstallPolicy.for_cli(settings)  # None: the operator's CLI is trusted
+            yield RegistryService(settings, store, live=states.get, offload=inline, policy=policy)
         except ModelMoraError as exc:
             raise fail(exc) from None
         finally:
@@ -153,9 +171,15 @@ def server_call(ctx: typer.Context, settings: Settings, method: str, path: str, 
     """Call the running server; None when none answers."""
     import httpx
 
+    cli = context(ctx)
+    headers = {**cli.auth_headers(), **kwargs.pop("headers", {})}
     try:
         response = httpx.request(
-            method, context(ctx).server_url(settings) + path, timeout=kwargs.pop("timeout", 2.0), **kwargs
+            method,
+            cli.server_url(settings) + path,
+            timeout=kwargs.pop("timeout", 2.0),
+            headers=headers,
+            **kwargs,
         )
     except httpx.HTTPError:
         return None

@@ -26,6 +26,7 @@ registry:
   # database_url: postgresql+psycopg://user@host/modelmora   # default: SQLite in data_dir
   # hub_endpoint: https://huggingface.co
   # s3_endpoint_url: http://minio:9000                          # for --from s3://bucket/prefix
+  # allowed_sources: {local_roots: [/srv/models]}   # what installs through the API may fetch
 resources:
   default_device: auto            # auto | cpu | cuda | cuda:N
   default_dtype: auto             # auto | float32 | float16 | bfloat16

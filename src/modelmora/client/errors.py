@@ -60,15 +60,15 @@ class NotFoundError(ApiError):
 
 
 class ConflictError(ApiError):
-    """MODEL_EXISTS, MODEL_LOADED, CHECKSUM_MISMATCH, JOB_NOT_READY/FAILED/CANCELLED, ..."""
+    """MODEL_EXISTS, MODEL_LOADED, JOB_NOT_READY/FAILED/CANCELLED, ..."""
 
 
 class OverloadedError(ApiError):
-    """QUEUE_FULL, INSUFFICIENT_MEMORY: retried with backoff, honouring Retry-After."""
+    """QUEUE_FULL, INSUFFICIENT_MEMORY, RATE_LIMITED: retried with backoff, honouring Retry-After."""
 
 
 class UnavailableError(ApiError):
-    """MODEL_LOAD_FAILED, WORKER_DIED, SHUTTING_DOWN, SOURCE_UNAVAILABLE."""
+    """MODEL_LOAD_FAILED, WORKER_DIED, SHUTTING_DOWN, SOURCE_UNAVAILABLE, CHECKSUM_MISMATCH."""
 
 
 class DeadlineError(ApiError):
@@ -97,7 +97,6 @@ _CLASSES: dict[str, type[ApiError]] = {
         (
             "MODEL_EXISTS",
             "MODEL_LOADED",
-            "CHECKSUM_MISMATCH",
             "JOB_NOT_READY",
             "JOB_FAILED",
             "JOB_CANCELLED",
@@ -106,9 +105,10 @@ _CLASSES: dict[str, type[ApiError]] = {
         ),
         ConflictError,
     ),
-    **dict.fromkeys(("QUEUE_FULL", "INSUFFICIENT_MEMORY"), OverloadedError),
+    **dict.fromkeys(("QUEUE_FULL", "INSUFFICIENT_MEMORY", "RATE_LIMITED"), OverloadedError),
     **dict.fromkeys(
-        ("MODEL_LOAD_FAILED", "WORKER_DIED", "SHUTTING_DOWN", "SOURCE_UNAVAILABLE"), UnavailableError
+        ("MODEL_LOAD_FAILED", "WORKER_DIED", "SHUTTING_DOWN", "SOURCE_UNAVAILABLE", "CHECKSUM_MISMATCH"),
+        UnavailableError,
     ),
     "INFERENCE_TIMEOUT": DeadlineError,
     **dict.fromkeys(("INFERENCE_FAILED", "INTERNAL_ERROR"), InferenceError),

@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelmora.client import ops
 from modelmora.client.api import AsyncApi, SyncApi
+from modelmora.client.credentials import PathLike, grpc_credentials, grpc_target, resolve_api_key
 from modelmora.client.errors import ApiError, error_class, from_rpc_error
 from modelmora.client.ops import GrpcCall, Op
 from modelmora.client.retry import RetryPolicy
@@ -29,6 +30,13 @@ def _options(max_message_bytes: int) -> list[tuple[str, int]]:
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
     ]
+
+
+def _with_key(metadata: Metadata, api_key: str | None) -> Metadata:
+    key = resolve_api_key(api_key)
+    if not key or any(k == "authorization" for k, _ in metadata):
+        return metadata
+    return (*metadata, ("authorization", f"Bearer {key}"))
 
 
 def _stream_request(item: dict[str, Any]) -> pb.InferRequest:
@@ -84,7 +92,10 @@ def _stubs(channel: Any) -> dict[str, Any]:
 
 class GrpcClient(SyncApi):
     """ModelMora over gRPC, blocking. `GrpcClient("host:50051")`; `timeout` is each call's
-    deadline (the server caps the request's `timeout_seconds` by it)."""
+    deadline (the server caps the request's `timeout_seconds` by it). `api_key` (default:
+    MODELMORA_API_KEY) goes as `authorization` metadata. TLS: `tls=True`, an `https://` (or
+    `grpcs://`) target, or `ca_certs` / `client_cert` given; the server is verified against the
+    system's roots or `ca_certs`; `client_cert` and `client_key` for mTLS."""
 
     def __init__(
         self,
@@ -95,12 +106,25 @@ class GrpcClient(SyncApi):
         metadata: Metadata = (),
         max_message_bytes: int = 64 << 20,
         channel: grpc.Channel | None = None,
+        api_key: str | None = None,
+        tls: bool | None = None,
+        ca_certs: PathLike | None = None,
+        client_cert: PathLike | None = None,
+        client_key: PathLike | None = None,
     ) -> None:
         super().__init__()
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
-        self.metadata = metadata
-        self._channel = channel or grpc.insecure_channel(target, options=_options(max_message_bytes))
+        self.metadata = _with_key(metadata, api_key)
+        if channel is None:
+            address, secure = grpc_target(target, tls, ca_certs, client_cert)
+            options = _options(max_message_bytes)
+            channel = (
+                grpc.secure_channel(address, grpc_credentials(ca_certs, client_cert, client_key), options)
+                if secure
+                else grpc.insecure_channel(address, options=options)
+            )
+        self._channel = channel
         self._stub = _stubs(self._channel)
 
     def __enter__(self) -> GrpcClient:
@@ -162,7 +186,10 @@ class GrpcClient(SyncApi):
         def fetch() -> dict[str, Any]:
             request = pb.GetJobResultRequest(job_id=job_id, chunk_size=chunk_size)
             try:
-                chunks = [c.data for c in self._stub["inference"].GetJobResult(request, timeout=self.timeout)]
+                call = self._stub["inference"].GetJobResult(
+                    request, timeout=self.timeout, metadata=self.metadata
+                )
+                chunks = [c.data for c in call]
             except grpc.RpcError as exc:
                 raise from_rpc_error(exc) from None
             return _result(chunks)
@@ -193,12 +220,25 @@ class AsyncGrpcClient(AsyncApi):
         metadata: Metadata = (),
         max_message_bytes: int = 64 << 20,
         channel: grpc.aio.Channel | None = None,
+        api_key: str | None = None,
+        tls: bool | None = None,
+        ca_certs: PathLike | None = None,
+        client_cert: PathLike | None = None,
+        client_key: PathLike | None = None,
     ) -> None:
         super().__init__()
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
-        self.metadata = metadata
-        self._channel = channel or grpc.aio.insecure_channel(target, options=_options(max_message_bytes))
+        self.metadata = _with_key(metadata, api_key)
+        if channel is None:
+            address, secure = grpc_target(target, tls, ca_certs, client_cert)
+            options = _options(max_message_bytes)
+            channel = (
+                grpc.aio.secure_channel(address, grpc_credentials(ca_certs, client_cert, client_key), options)
+                if secure
+                else grpc.aio.insecure_channel(address, options=options)
+            )
+        self._channel = channel
         self._stub = _stubs(self._channel)
 
     async def __aenter__(self) -> AsyncGrpcClient:
@@ -256,7 +296,9 @@ class AsyncGrpcClient(AsyncApi):
         async def fetch() -> dict[str, Any]:
             request = pb.GetJobResultRequest(job_id=job_id, chunk_size=chunk_size)
             try:
-                call = self._stub["inference"].GetJobResult(request, timeout=self.timeout)
+                call = self._stub["inference"].GetJobResult(
+                    request, timeout=self.timeout, metadata=self.metadata
+                )
                 chunks = [c.data async for c in call]
             except grpc.RpcError as exc:
                 raise from_rpc_error(exc) from None

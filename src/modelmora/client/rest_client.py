@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, TypeVar
@@ -12,6 +13,7 @@ import orjson
 
 from modelmora.client import ops
 from modelmora.client.api import AsyncApi, SyncApi
+from modelmora.client.credentials import PathLike, bearer, resolve_api_key, rest_verify
 from modelmora.client.errors import ApiError, TransportError, from_body
 from modelmora.client.ops import Op, RestCall
 from modelmora.client.retry import RetryPolicy
@@ -68,7 +70,9 @@ def _event(name: str, raw: str) -> dict[str, Any]:
 
 class Client(SyncApi):
     """ModelMora over REST, blocking. `Client("http://host:8000")`; use as a context manager
-    or call `close()`."""
+    or call `close()`. `api_key` (default: MODELMORA_API_KEY) is sent as a Bearer token; an
+    `https://` URL verifies the server against certifi's CAs, or `ca_certs`; `client_cert` and
+    `client_key` for mTLS; `verify=False` turns the check off (never in production)."""
 
     def __init__(
         self,
@@ -77,10 +81,20 @@ class Client(SyncApi):
         timeout: float = 300.0,
         retry: RetryPolicy | None = None,
         headers: dict[str, str] | None = None,
+        api_key: str | None = None,
+        verify: bool | PathLike | ssl.SSLContext = True,
+        ca_certs: PathLike | None = None,
+        client_cert: PathLike | None = None,
+        client_key: PathLike | None = None,
     ) -> None:
         super().__init__()
         self.retry = retry or RetryPolicy()
-        self._http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout, headers=headers)
+        self._http = httpx.Client(
+            base_url=url.rstrip("/"),
+            timeout=timeout,
+            headers={**bearer(resolve_api_key(api_key)), **(headers or {})},
+            verify=rest_verify(verify, ca_certs, client_cert, client_key),
+        )
 
     def __enter__(self) -> Client:
         return self
@@ -175,10 +189,20 @@ class AsyncClient(AsyncApi):
         timeout: float = 300.0,
         retry: RetryPolicy | None = None,
         headers: dict[str, str] | None = None,
+        api_key: str | None = None,
+        verify: bool | PathLike | ssl.SSLContext = True,
+        ca_certs: PathLike | None = None,
+        client_cert: PathLike | None = None,
+        client_key: PathLike | None = None,
     ) -> None:
         super().__init__()
         self.retry = retry or RetryPolicy()
-        self._http = httpx.AsyncClient(base_url=url.rstrip("/"), timeout=timeout, headers=headers)
+        self._http = httpx.AsyncClient(
+            base_url=url.rstrip("/"),
+            timeout=timeout,
+            headers={**bearer(resolve_api_key(api_key)), **(headers or {})},
+            verify=rest_verify(verify, ca_certs, client_cert, client_key),
+        )
 
     async def __aenter__(self) -> AsyncClient:
         return self

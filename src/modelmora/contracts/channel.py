@@ -37,6 +37,13 @@ class WorkItem:
     inputs: list[Any]
     params: dict[str, Any] = field(default_factory=dict)
     trace_id: str | None = None
+    # -- worker bounds (issue 14): the request's deadline as a time.monotonic() value (the
+    # clock is system-wide, so the worker reads it as the server wrote it): a worker drops an
+    # item whose deadline passed at the next batch or sub-batch boundary. None: no deadline.
+    deadline: float | None = None
+    # Image tasks: the most bytes this request's images may take decoded (checked again in
+    # the worker from each image's header, before decoding). None: no cap.
+    max_decoded_bytes: int | None = None
 
 
 @dataclass(slots=True)

@@ -5,7 +5,9 @@ another loads, and concurrent first requests for one model share a single load. 
 starting a worker the pure `plan_load` decides, over a snapshot of the residents, whether the
 model fits, which idle models to evict, or whether to wait for a busy one to become idle. A
 failed load is retried with backoff; its typed reason (`LoadFailure`) decides the state the
-model is left in.
+model is left in. Every load first checks the version's files against the registry's sha256s
+(`lifecycle/verify.py`); a mismatch fails the model at once and is not retried until the
+files are verified again or reinstalled.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from modelmora.lifecycle.residency import Residency
 from modelmora.lifecycle.spare import WorkerSource
 from modelmora.lifecycle.state import (
     STATE_AFTER_FAILURE,
+    ChecksumFailure,
     LoadError,
     ModelSlot,
     backoff,
@@ -37,6 +40,7 @@ from modelmora.lifecycle.state import (
     load_failed,
     transition,
 )
+from modelmora.lifecycle.verify import CACHE_FILE, WeightsVerifier, fingerprint
 from modelmora.observability.metrics import Metrics
 from modelmora.registry.catalog import ModelState
 from modelmora.registry.store import RegistryStore
@@ -77,11 +81,17 @@ class Loader:
         self.lock = asyncio.Lock()
         self.idle = asyncio.Event()  # set whenever a model may have become evictable
         self.closing = False
+        self.verifier = WeightsVerifier(settings.server.data_dir / CACHE_FILE)
 
     async def ensure_loaded(self, slot: ModelSlot, deadline: float | None, reason: str) -> None:
         """Wait for the model's load (starting it unless one runs), within `deadline`."""
         while not slot.is_ready():
             if slot.load_task is None:
+                checksum = slot.checksum
+                if checksum is not None:
+                    if not await self._checksum_cleared(slot, checksum):
+                        raise checksum.again()
+                    continue  # awaited: another request may have started the load meanwhile
                 if slot.error is not None and self.clock() < slot.retry_at:
                     raise load_failed(slot, self.clock())
                 slot.load_task = asyncio.create_task(self._load(slot, reason), name=f"load-{slot.name}")
@@ -103,7 +113,28 @@ class Loader:
                 if slot.waiters == 0 and slot.memory_plan is not None and not task.done():
                     task.cancel()  # waiting for memory, and nobody wants the model any more
             if not slot.is_ready():
+                failed = slot.checksum
+                if failed is not None:
+                    raise failed.again()
                 raise load_failed(slot, self.clock())
+
+    async def _checksum_cleared(self, slot: ModelSlot, checksum: ChecksumFailure) -> bool:
+        """A model failed by a checksum mismatch loads again once it was reinstalled (its
+        version's files or path changed) or verified again (every file's verified hash is in
+        the cache with its current stamps): a registry read and a stat per file, no hashing."""
+        record = await asyncio.to_thread(self.store.get, slot.name)
+        version = record.version()
+        reinstalled = fingerprint(version) != checksum.fingerprint
+        if not reinstalled and not await asyncio.to_thread(self.verifier.verified_from_cache, version):
+            return False
+        if slot.checksum is checksum:
+            slot.checksum, slot.error, slot.failures, slot.retry_at = None, None, 0, 0.0
+            slot.record = record
+            log.info(
+                "checksum failure cleared",
+                extra={"model": slot.name, "why": "reinstalled" if reinstalled else "verified again"},
+            )
+        return True
 
     async def _load(self, slot: ModelSlot, reason: str) -> None:
         """Load with retries: each failure (including a failed health check) backs off
@@ -121,6 +152,16 @@ class Loader:
                 except ModelMoraError as exc:
                     if exc.code is ErrorCode.INSUFFICIENT_MEMORY:
                         slot.error = exc.message
+                        transition(slot, ModelState.FAILED, exc.message)
+                        return
+                    if exc.code is ErrorCode.CHECKSUM_MISMATCH:
+                        # Damaged files do not heal by waiting: no backoff, no retry.
+                        slot.checksum = ChecksumFailure(exc, fingerprint(slot.record.version()))
+                        slot.failure, slot.error = LoadFailure.ERROR, exc.message
+                        slot.failures += 1
+                        self.counters["load_failures"] += 1
+                        self.metrics.loads.labels(slot.name, "failure").inc()
+                        log.error("model files damaged", extra={"model": slot.name, **exc.details})
                         transition(slot, ModelState.FAILED, exc.message)
                         return
                     slot.failure = exc.reason if isinstance(exc, LoadError) else LoadFailure.ERROR
@@ -144,6 +185,17 @@ class Loader:
         # Re-read: `use`, `update` or a reinstall may have changed the record since.
         slot.record = await asyncio.to_thread(self.store.get, slot.name)
         transition(slot, ModelState.LOADING, reason)
+        report = await asyncio.to_thread(self.verifier.verify, slot.name, slot.record.version())
+        log.info(
+            "weights verified",
+            extra={
+                "model": slot.name,
+                "files": report.files,
+                "hashed": report.hashed,
+                "cached": report.cached,
+                "seconds": round(report.seconds, 4),
+            },
+        )
         need = self.residency.need(slot.record)
         adapter = slot.record.config.get("adapter")
         while True:
@@ -252,8 +304,10 @@ class Loader:
             + (f" ({self.spares.label})" if from_spare else ""),
         )
         by_pid = self.residency.probe.gpu_bytes_by_pid() if loaded.device.startswith("cuda") else {}
+        slot.rss_baseline = runner.rss_bytes() or loaded.rss_bytes
+        slot.rss_checked_at = slot.loaded_at
         memory = {
-            "rss_bytes": runner.rss_bytes() or loaded.rss_bytes,
+            "rss_bytes": slot.rss_baseline,
             **fork_measurements(runner),
             "gpu_bytes": self.residency.gpu_bytes(slot, by_pid),
             "device": loaded.device,

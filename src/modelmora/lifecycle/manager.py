@@ -74,6 +74,7 @@ class ModelManager:
             lambda name, reason: self.unload(name, reason, kind=UnloadKind.KEEP_ALIVE),
             self.spares,
             self.loader.lock,
+            lambda name, reason: self.unload(name, reason, kind=UnloadKind.MEMORY),
         )
 
     @property

@@ -36,6 +36,7 @@ class UnloadKind(StrEnum):
     KEEP_ALIVE = "keep_alive"  # idle past its keep-alive
     SHUTDOWN = "shutdown"
     UNINSTALL = "uninstall"
+    MEMORY = "memory"  # the idle worker stayed above its RSS high-water mark: restarted on demand
 
 
 class LoadError(ModelMoraError):
@@ -44,6 +45,20 @@ class LoadError(ModelMoraError):
     def __init__(self, reason: LoadFailure, message: str, details: dict[str, Any] | None = None) -> None:
         super().__init__(ErrorCode.MODEL_LOAD_FAILED, message, details)
         self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class ChecksumFailure:
+    """A load refused because the files differ from the registry (CHECKSUM_MISMATCH): not
+    retried by the backoff until the version is reinstalled (`fingerprint` changes) or
+    verified again (the verified-files cache says so)."""
+
+    error: ModelMoraError
+    fingerprint: tuple[Any, ...]
+
+    def again(self) -> ModelMoraError:
+        """A fresh exception for each request refused (no traceback chains pile up)."""
+        return ModelMoraError(self.error.code, self.error.message, dict(self.error.details))
 
 
 # The state a model is left in after a failed load, by reason: a model that loaded but fails
@@ -78,6 +93,9 @@ class ModelSlot:
     memory_plan: Plan | None = None  # set while the load waits for memory
     load_task: asyncio.Task[None] | None = None
     stats: WorkerStats | None = None  # the worker's last answer to `stats` (see poll_stats)
+    checksum: ChecksumFailure | None = None  # set while the files are known to be damaged
+    rss_baseline: int = 0  # the worker's RSS right after its load (the growth factor's base)
+    rss_checked_at: float = 0.0  # when the RSS high-water mark was last checked
     event_handlers: dict[str, Callable[[Event], None]] = field(default_factory=dict)
 
     def is_ready(self) -> bool:

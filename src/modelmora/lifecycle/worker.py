@@ -11,6 +11,7 @@ import argparse
 import importlib
 import itertools
 import logging
+import math
 import os
 import queue
 import signal
@@ -94,6 +95,34 @@ def _trace_ids(items: list[WorkItem]) -> list[str]:
     return [i.trace_id for i in items if i.trace_id]
 
 
+def _expired(item: WorkItem, now: float) -> bool:
+    return item.deadline is not None and now >= item.deadline
+
+
+def _dropped(item: WorkItem, when: str) -> ItemError:
+    """The outcome of an item the worker did not finish: its deadline passed, or the server
+    cancelled it (the client went away, or gave up)."""
+    if _expired(item, time.monotonic()):
+        return ItemError("INFERENCE_TIMEOUT", f"the request's deadline passed {when}")
+    return ItemError("CANCELLED", f"cancelled {when}")
+
+
+def non_finite(value: Any) -> bool:
+    """Whether a result holds NaN or an infinity (floats, lists and dicts of them, numpy
+    arrays): what damaged weights produce while everything else looks fine."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, list | tuple):
+        return any(non_finite(v) for v in value)
+    if isinstance(value, dict):
+        return any(non_finite(v) for v in value.values())
+    kind = getattr(getattr(value, "dtype", None), "kind", None)
+    numpy = sys.modules.get("numpy")
+    if kind in ("f", "c") and numpy is not None:
+        return not bool(numpy.isfinite(value).all())
+    return False
+
+
 @dataclass
 class Begun:
     """A batch whose preprocessing is done (or failed), waiting for the model."""
@@ -137,6 +166,14 @@ class WorkerCore:
                         {"health_check": first.details},
                         LoadFailure.HEALTH_CHECK,
                     )
+                if non_finite(first.value):
+                    # Damaged weights often load fine and compute NaN: never serve them.
+                    self.adapter = None
+                    return LoadFailed(
+                        "health check failed: the sample's output has NaN or infinite values",
+                        {"health_check": {"non_finite": True}},
+                        LoadFailure.HEALTH_CHECK,
+                    )
         except Exception as exc:
             self.adapter = None
             return LoadFailed(
@@ -157,10 +194,12 @@ class WorkerCore:
         return self.finish(self.begin(message))
 
     def begin(self, message: Infer) -> Begun:
-        """The CPU part (drop cancelled items, preprocess): a pipelined worker runs it for
-        the next batch while `finish` runs the model on the current one."""
+        """The CPU part (drop cancelled items and those past their deadline, preprocess): a
+        pipelined worker runs it for the next batch while `finish` runs the model on the
+        current one."""
         started = time.perf_counter()
-        live = [i for i in message.items if i.request_id not in self.cancelled]
+        now = time.monotonic()
+        live = [i for i in message.items if i.request_id not in self.cancelled and not _expired(i, now)]
         begun = Begun(message, live)
         if self.adapter is not None and live:
             try:
@@ -173,9 +212,7 @@ class WorkerCore:
     def finish(self, begun: Begun) -> BatchDone:
         started = time.perf_counter()
         items = begun.message.items
-        outcomes: dict[str, Outcome] = {
-            i.request_id: ItemError("CANCELLED", "cancelled before it ran") for i in items
-        }
+        outcomes: dict[str, Outcome] = {i.request_id: _dropped(i, "before it ran") for i in items}
         if self.adapter is None:
             err = ItemError("MODEL_LOAD_FAILED", "no model is loaded in this worker")
             return BatchDone(begun.message.batch_id, [err for _ in items], 0.0)
@@ -187,6 +224,8 @@ class WorkerCore:
                 )
             results = self._run(begun.live, begun)
             for item, outcome in zip(begun.live, results, strict=True):
+                if isinstance(outcome, ItemError) and outcome.code == "CANCELLED":
+                    outcome = _dropped(item, "while it ran")  # the deadline may be why
                 outcomes[item.request_id] = outcome
         for item in items:
             self.cancelled.discard(item.request_id)
@@ -214,7 +253,8 @@ class WorkerCore:
         def send(request_id: str, kind: str, data: dict[str, Any]) -> None:
             self._emit(Event(request_id, kind, data))
 
-        emit = Emitter(send, self.cancelled)
+        deadlines = {i.request_id: i.deadline for i in items if i.deadline is not None}
+        emit = Emitter(send, self.cancelled, deadlines)
         try:
             if begun is not None and begun.failed is not None:
                 raise begun.failed

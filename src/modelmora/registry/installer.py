@@ -27,6 +27,7 @@ from modelmora.registry.catalog import (
     validate_version,
 )
 from modelmora.registry.lockfile import LockEntry
+from modelmora.registry.policy import InstallPolicy
 from modelmora.registry.store import RegistryStore
 
 
@@ -72,8 +73,13 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def install(
-    settings: Settings, store: RegistryStore, req: InstallRequest, progress: bool = False
+    settings: Settings,
+    store: RegistryStore,
+    req: InstallRequest,
+    progress: bool = False,
+    policy: InstallPolicy | None = None,
 ) -> ModelRecord:
+    """`policy`: the API's install rules (registry/policy.py); None for the trusted CLI."""
     if req.model_id is None and req.source is None:
         raise _bad("model_id", "a model ID or a source is required")
     if req.source is None and req.model_id is not None and not is_hub_id(req.model_id):
@@ -88,6 +94,8 @@ def install(
         except ValueError as exc:
             raise _bad("task_type", f"must be one of {', '.join(t.value for t in TaskType)}") from exc
     config = validate_config(req.config)
+    if policy is not None:
+        policy.check_config(config)
     existing = store.find(name)
     if existing and req.version and any(v.version == req.version for v in existing.versions):
         raise ModelMoraError(
@@ -112,6 +120,7 @@ def install(
         archive_limits=sources.ArchiveLimits(
             settings.registry.max_archive_bytes, settings.registry.max_archive_files
         ),
+        policy=policy,
     )
     kind = sources.classify_source(req.model_id if req.source is None else None, req.source)
     owned = kind != "hub"  # hub files live in the shared HF cache; the rest we copied
@@ -126,6 +135,8 @@ def install(
         for key in ("adapter", "options"):
             if key in manifest and key not in config:
                 config[key] = manifest[key]
+        if policy is not None:  # the folder's own manifest may name them too
+            policy.check_config(config, where="modelmora.json")
         if owned:
             final = settings.models_dir / name / version
             if final.exists():
@@ -184,7 +195,11 @@ def lock_entries(records: list[ModelRecord]) -> list[LockEntry]:
 
 
 def install_from_lock_entry(
-    settings: Settings, store: RegistryStore, entry: LockEntry, progress: bool
+    settings: Settings,
+    store: RegistryStore,
+    entry: LockEntry,
+    progress: bool,
+    policy: InstallPolicy | None = None,
 ) -> str:
     """Install one lock entry, verifying every checksum. Returns 'installed' or 'present'."""
     existing = store.find(entry.name)
@@ -218,5 +233,6 @@ def install_from_lock_entry(
             expected_files=entry.files,
         ),
         progress=progress,
+        policy=policy,
     )
     return "installed"

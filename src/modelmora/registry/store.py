@@ -83,6 +83,22 @@ class _Version(_Base):
     model: Mapped[_Model] = relationship(back_populates="versions")
 
 
+class ApiKeyRow(_Base):
+    """An API key (auth/store.py): only the SHA-256 digest of its token is kept. In the
+    registry database so that the CLI manages keys without a server and replicas share them."""
+
+    __tablename__ = "api_keys"
+
+    key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    digest: Mapped[str] = mapped_column(String(64))
+    scopes: Mapped[str] = mapped_column(String(128))  # comma-separated Scope values
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 # The tables as the code expects them; migrations/registry must produce the same.
 METADATA = _Base.metadata
 

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -201,7 +202,17 @@ class InferenceService:
             record.config.get("default_timeout_seconds")
             or default_timeout(self.settings.scheduler, spec.task)
         )
-        item = WorkItem(f"r{next(_request_ids)}", parsed.inputs, dict(parsed.params), trace_id)
+        item = WorkItem(
+            f"r{next(_request_ids)}",
+            parsed.inputs,
+            dict(parsed.params),
+            trace_id,
+            # The worker drops the item once this passes (its clock is time.monotonic too).
+            deadline=time.monotonic() + timeout - (self.manager.clock() - received),
+            max_decoded_bytes=self.settings.limits.max_decoded_image_bytes_per_request
+            if spec.image_inputs
+            else None,
+        )
         return _Call(name, record, spec, parsed, item, level, timeout, received)
 
     async def _run(

@@ -37,6 +37,7 @@ from modelmora.registry.installer import (
     validate_config,
 )
 from modelmora.registry.lockfile import LockEntry, build_lock, diff_files, read_lock, write_lock
+from modelmora.registry.policy import InstallPolicy
 from modelmora.registry.store import RegistryStore
 from modelmora.services.events import CatalogChange, CatalogEvent, CatalogObserver
 
@@ -81,8 +82,11 @@ class RegistryService:
         *,
         live: LiveState | None = None,
         offload: Offload = asyncio.to_thread,
+        policy: InstallPolicy | None = None,
     ) -> None:
         self.settings = settings
+        # What installs and updates may fetch and set (the API's doors); None: trusted (CLI).
+        self.policy = policy
         self.store = store
         self.manager = manager
         self._live = live
@@ -168,11 +172,14 @@ class RegistryService:
         return await self._offload(self._verify, validate_name(name), version)
 
     def _verify(self, name: str, version: str | None) -> dict[str, Any]:
-        from modelmora.registry.sources import hash_folder  # the source stack, only when hashing
+        from modelmora.lifecycle.verify import CACHE_FILE, WeightsVerifier
 
         v = self.store.get(name).version(version)
         path = Path(v.path)
-        actual = hash_folder(path) if path.is_dir() else {}
+        # Recorded in the loads' verified-files cache: a model failed by a mismatch is
+        # served again once this passes (lifecycle/loading.py).
+        verifier = WeightsVerifier(self.settings.server.data_dir / CACHE_FILE)
+        actual = verifier.rehash_folder(path) if path.is_dir() else {}
         diff = diff_files(v.files, actual)
         if any(diff.values()):
             raise ModelMoraError(
@@ -188,7 +195,7 @@ class RegistryService:
         """Fetch the files, detect the task, record the version; the model's record back."""
         target = req.name or req.model_id or req.source
         with audited("model.install", target, source=req.source, model_id=req.model_id) as learned:
-            record = await self._offload(install, self.settings, self.store, req, progress)
+            record = await self._offload(install, self.settings, self.store, req, progress, self.policy)
             # Versions are unique per model and stamped at install: the newest is this one.
             installed = max(record.versions, key=lambda v: v.installed_at)
             learned.update(name=record.name, version=installed.version)
@@ -211,7 +218,7 @@ class RegistryService:
             entries: Iterable[LockEntry] = await self._offload(read_lock, path)
             for entry in entries:
                 outcome = await self._offload(
-                    install_from_lock_entry, self.settings, self.store, entry, progress
+                    install_from_lock_entry, self.settings, self.store, entry, progress, self.policy
                 )
                 if outcome == "installed":
                     installed.append(f"{entry.name}@{entry.version}")
@@ -230,6 +237,8 @@ class RegistryService:
         # record's descriptive fields by name only.
         with audited("model.update", name, config=config, fields=sorted(fields or {})):
             changes = validate_config(config)
+            if self.policy is not None:
+                self.policy.check_config(changes)
             for key, value in (fields or {}).items():
                 if key not in RECORD_FIELDS:
                     known = ", ".join(sorted((*RECORD_FIELDS, *CONFIG_KEYS)))

@@ -8,7 +8,8 @@ its model needs it, and the server process never does.
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,19 +29,29 @@ class EmitFn(Protocol):
 class Emitter:
     """The worker's EmitFn: events go out through `send`; cancellations are read from the set
     that the worker's channel reader fills while the model computes (a membership test under
-    the GIL, no lock needed)."""
+    the GIL, no lock needed). A request past its deadline (`deadlines`: time.monotonic()
+    values) counts as cancelled: nobody waits for its result any more."""
 
-    __slots__ = ("_cancelled", "_send")
+    __slots__ = ("_cancelled", "_deadlines", "_send")
 
-    def __init__(self, send: Callable[[str, str, dict[str, Any]], None], cancelled: set[str]) -> None:
+    def __init__(
+        self,
+        send: Callable[[str, str, dict[str, Any]], None],
+        cancelled: set[str],
+        deadlines: Mapping[str, float] | None = None,
+    ) -> None:
         self._send = send
         self._cancelled = cancelled
+        self._deadlines = deadlines or {}
 
     def __call__(self, request_id: str, kind: str, data: dict[str, Any]) -> None:
         self._send(request_id, kind, data)
 
     def cancelled(self, request_id: str) -> bool:
-        return request_id in self._cancelled
+        if request_id in self._cancelled:
+            return True
+        deadline = self._deadlines.get(request_id)
+        return deadline is not None and time.monotonic() >= deadline
 
 
 # The request id of the health check run after a load (the fake adapter fails it on demand).

@@ -6,7 +6,10 @@ model config): `dim`, `delay_ms` per batch, `per_item_ms`. Inputs steer it in te
 starting with `fail:` fails that item, `crash:` fails the whole batch, `exit:` ends the worker
 process abruptly (a crash), `sleep:<ms>` sleeps before the batch. Options simulate loads:
 `ballast_mb` (real memory held, for budget tests), `fail_load`, `load_ms`, and `fail_health`
-or `fail_health_if_exists: PATH` (the health check after load fails).
+or `fail_health_if_exists: PATH` (the health check after load fails). Worker bounds:
+`grow_mb` (real memory added by every batch and kept, as a leak would), `nan` (every vector is
+NaN, as damaged weights give); with `per_item_ms` a request cancelled or past its deadline is
+dropped between two of its texts (the sub-batch boundary of the real adapters).
 
 Stepping mode (for progress and cancellation tests): `steps` and `step_ms` make `forward` run
 that many steps per batch, sleeping `step_ms` each, emit `progress` {"step": i, "total": n}
@@ -49,7 +52,11 @@ class FakeEmbedder:
         self.per_item_s = 0.0
         self.fail_load = False
         self.ballast = bytearray()
+        self.grown: list[bytearray] = []
+        self.grow_mb = 0
+        self.nan = False
         self.fail_health = False
+        self.computed = 0  # texts that went through per_item_ms (the rest were dropped)
         self.seen: deque[str] = deque(maxlen=10_000)  # what reached the model, for tests
 
     def load(self, path: Path, device: str, dtype: str, options: dict[str, Any]) -> None:
@@ -58,6 +65,8 @@ class FakeEmbedder:
         self.per_item_s = float(options.get("per_item_ms", 0)) / 1000
         self.steps = int(options.get("steps", 0))
         self.step_s = float(options.get("step_ms", 0)) / 1000
+        self.grow_mb = int(options.get("grow_mb", 0))
+        self.nan = bool(options.get("nan"))
         if options.get("fail_load"):
             raise RuntimeError("fake adapter asked to fail its load")
         marker = options.get("fail_health_if_exists")
@@ -65,9 +74,7 @@ class FakeEmbedder:
         # Real memory, touched page by page, so budgets can be tested with real processes.
         ballast_mb = int(options.get("ballast_mb", 0))
         if ballast_mb:
-            self.ballast = bytearray(ballast_mb << 20)
-            for i in range(0, len(self.ballast), 4096):
-                self.ballast[i] = 1
+            self.ballast = _touched(ballast_mb)
         load_ms = float(options.get("load_ms", 0))
         if load_ms:
             time.sleep(load_ms / 1000)
@@ -85,8 +92,26 @@ class FakeEmbedder:
                 raise RuntimeError(f"fake batch failure on {text!r}")
             if isinstance(text, str) and text.startswith("sleep:"):
                 time.sleep(float(text.split(":", 1)[1].split()[0]) / 1000)
-        time.sleep(self.delay_s + self.per_item_s * len(texts))
-        return prepared, self._step(prepared, emit)
+        time.sleep(self.delay_s)
+        dropped = self._per_item(prepared, emit)
+        if self.grow_mb and not any(i.request_id == HEALTH_CHECK_ID for i in prepared):
+            self.grown.append(_touched(self.grow_mb))
+        return prepared, dropped | self._step([i for i in prepared if i.request_id not in dropped], emit)
+
+    def _per_item(self, items: list[WorkItem], emit: EmitFn) -> set[str]:
+        """`per_item_ms` per text, one text at a time: a request given up meanwhile is
+        dropped before its next text."""
+        dropped: set[str] = set()
+        if not self.per_item_s:
+            return dropped
+        for item in items:
+            for _ in item.inputs:
+                if emit.cancelled(item.request_id):
+                    dropped.add(item.request_id)
+                    break
+                time.sleep(self.per_item_s)
+                self.computed += 1
+        return dropped
 
     def _step(self, items: list[WorkItem], emit: EmitFn) -> set[str]:
         """Stepping mode: the request ids dropped because they were cancelled between steps."""
@@ -119,6 +144,8 @@ class FakeEmbedder:
                 outcomes.append(ItemError("INFERENCE_FAILED", f"fake failure on {bad[0]!r}"))
                 continue
             vectors = [fake_vector(t, self.dim) for t in item.inputs]
+            if self.nan:
+                vectors = [[math.nan] * self.dim for _ in item.inputs]
             if item.params.get("normalize"):
                 vectors = [_unit(v) for v in vectors]
             outcomes.append(ItemOk(vectors, {"truncated": 0}))
@@ -126,7 +153,16 @@ class FakeEmbedder:
 
     def info(self) -> dict[str, Any]:
         # rss_bytes: what the in-process runner reports for this "worker" (its ballast).
-        return {"dim": self.dim, "adapter": "fake", "rss_bytes": len(self.ballast)}
+        grown = sum(len(b) for b in self.grown)
+        return {"dim": self.dim, "adapter": "fake", "rss_bytes": len(self.ballast) + grown}
+
+
+def _touched(mb: int) -> bytearray:
+    """Real memory, touched page by page (resident, not just reserved)."""
+    block = bytearray(mb << 20)
+    for i in range(0, len(block), 4096):
+        block[i] = 1
+    return block
 
 
 def _unit(vector: list[float]) -> list[float]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from modelmora.errors import ErrorCode, ModelMoraError
-from modelmora.tasks.images import b64_bytes, check_image
+from modelmora.tasks.images import b64_bytes, check_decoded_total, check_image
 
 if TYPE_CHECKING:  # the worker imports the task specs, and with them this module: no pydantic there
     from modelmora.config import LimitsSettings
@@ -210,7 +210,7 @@ def _images(value: Any, limits: LimitsSettings) -> tuple[list[bytes], bool]:
     if not isinstance(images, list) or not images:
         raise _invalid(field, "must be a base64 string or a non-empty list of them")
     _check_count(field, len(images), limits)
-    out = []
+    infos = []
     for i, image in enumerate(images):
         where = field if single else f"{field}[{i}]"
         if isinstance(image, str):
@@ -227,8 +227,10 @@ def _images(value: Any, limits: LimitsSettings) -> tuple[list[bytes], bool]:
             data = image
         else:
             raise _invalid(where, "must be a base64 string")
-        out.append(check_image(data, where, limits.max_image_pixels).data)
-    return out, single
+        cap = limits.max_decoded_image_bytes_per_request
+        infos.append(check_image(data, where, limits.max_image_pixels, cap))
+    check_decoded_total(infos, field, limits.max_decoded_image_bytes_per_request)
+    return [i.data for i in infos], single
 
 
 def parse_img2embed(

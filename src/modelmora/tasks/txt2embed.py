@@ -5,10 +5,16 @@ requests with different `normalize` settings, and is the seam where tokenizing t
 overlaps the model's work on the current one: the scheduler sends a full batch ahead while the
 worker computes, and a pipelined worker (on a GPU, or with the model option `pipeline`; see
 lifecycle/worker.py) preprocesses it in its main thread while its model thread runs forward.
+
+A long batch runs in sub-batches (`tasks/subbatch.py`; options `sub_batch_size`, default 32
+texts, and `sub_batch_chars`, default 256,000 characters): the first is tokenized ahead as
+above, the others just before their forward, and a request cancelled or past its deadline is
+dropped between two of them, so a timed-out list of long texts stops within one sub-batch.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +23,24 @@ import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.util import batch_to_device
 
-from modelmora.contracts.channel import ItemOk, Outcome, WorkItem
+from modelmora.contracts.channel import ItemError, ItemOk, Outcome, WorkItem
 from modelmora.tasks.base import EmitFn
+from modelmora.tasks.subbatch import DEFAULT_ROWS, DEFAULT_TEXT_CHARS, Pieces, option_int, split
 from modelmora.tasks.torch_utils import resolve_device, resolve_dtype
+
+
+@dataclass
+class Prepared:
+    texts: list[str]
+    pieces: Pieces
+    first: tuple[dict[str, Any], list[bool]] | None  # the first piece, tokenized ahead
+
+
+@dataclass
+class Output:
+    embeddings: Any  # (texts, dim) float32; rows of dropped requests are left at zero
+    truncated: list[bool]
+    dropped: set[str]
 
 
 class SentenceEmbedder:
@@ -28,8 +49,12 @@ class SentenceEmbedder:
         self.device = "cpu"
         self.dtype = "float32"
         self.max_tokens = 512
+        self.rows = DEFAULT_ROWS
+        self.chars = DEFAULT_TEXT_CHARS
 
     def load(self, path: Path, device: str, dtype: str, options: dict[str, Any]) -> None:
+        self.rows = option_int(options, "sub_batch_size", DEFAULT_ROWS)
+        self.chars = option_int(options, "sub_batch_chars", DEFAULT_TEXT_CHARS)
         self.device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, self.device)
         self.dtype = str(torch_dtype).removeprefix("torch.")
@@ -58,30 +83,54 @@ class SentenceEmbedder:
                 flags[i] = len(seq) > limit
         return flags
 
-    def preprocess(self, items: list[WorkItem]) -> tuple[dict[str, Any], list[bool]]:
-        texts = [t for item in items for t in item.inputs]
+    def _tokenize(self, texts: list[str]) -> tuple[dict[str, Any], list[bool]]:
         features = self._preprocess(texts)
         return batch_to_device(features, torch.device(self.device)), self._truncated(texts)
 
-    def forward(self, prepared: tuple[dict[str, Any], list[bool]], emit: EmitFn) -> tuple[Any, list[bool]]:
-        assert self.model is not None
-        features, truncated = prepared
-        with torch.inference_mode():
-            out = self.model.forward(features)
-            embeddings = out["sentence_embedding"].float().cpu().numpy()
-        return embeddings, truncated
+    def preprocess(self, items: list[WorkItem]) -> Prepared:
+        texts = [t for item in items for t in item.inputs]
+        pieces = split(items, self.rows, self.chars, len)
+        first = self._tokenize([texts[r.index] for r in pieces.rows[0]]) if pieces.rows else None
+        return Prepared(texts, pieces, first)
 
-    def postprocess(self, output: tuple[Any, list[bool]], items: list[WorkItem]) -> list[Outcome]:
-        embeddings, truncated = output
+    def forward(self, prepared: Prepared, emit: EmitFn) -> Output:
+        assert self.model is not None
+        embeddings: Any = None
+        truncated = [False] * len(prepared.texts)
+        for k, piece in enumerate(prepared.pieces.rows):
+            live = prepared.pieces.live(piece, emit)
+            first, prepared.first = prepared.first, None  # freed once used
+            if not live:
+                continue
+            if k == 0 and first is not None and len(live) == len(piece):
+                features, flags = first
+            else:
+                features, flags = self._tokenize([prepared.texts[r.index] for r in live])
+            with torch.inference_mode():
+                out = self.model.forward(features)["sentence_embedding"].float().cpu().numpy()
+            del features
+            if embeddings is None:
+                embeddings = np.zeros((len(prepared.texts), out.shape[1]), dtype=np.float32)
+            index = [r.index for r in live]
+            embeddings[index] = out
+            for i, flag in zip(index, flags, strict=True):
+                truncated[i] = flag
+        return Output(embeddings, truncated, prepared.pieces.dropped)
+
+    def postprocess(self, output: Output, items: list[WorkItem]) -> list[Outcome]:
         outcomes: list[Outcome] = []
         start = 0
         for item in items:
             end = start + len(item.inputs)
-            block = np.ascontiguousarray(embeddings[start:end], dtype=np.float32)
+            if item.request_id in output.dropped:
+                outcomes.append(ItemError("CANCELLED", "cancelled while it ran"))
+                start = end
+                continue
+            block = np.ascontiguousarray(output.embeddings[start:end], dtype=np.float32)
             if item.params.get("normalize"):
                 norms = np.linalg.norm(block, axis=1, keepdims=True)
                 block = block / np.maximum(norms, 1e-12)
-            outcomes.append(ItemOk(block, {"truncated": int(sum(truncated[start:end]))}))
+            outcomes.append(ItemOk(block, {"truncated": int(sum(output.truncated[start:end]))}))
             start = end
         return outcomes
 

@@ -11,13 +11,19 @@ which the caller renames into its final place: a rename on one file system is at
 half-copied model is never visible under its real name.
 
 One module per source (`hub`, `local`, `url`, `s3`), `archive` for extraction, `files` and
-`common` for what they share; this module picks the source and owns the all-or-nothing rule.
+`common` for what they share, `guard` for URLs under a policy; this module picks the source
+and owns the all-or-nothing rule.
+
+With an `InstallPolicy` (installs through the API, registry/policy.py) the source is checked
+before anything is fetched, and local and URL fetches check again on the way (files behind
+symlinks, redirects, the addresses connected to).
 """
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.registry.catalog import is_hub_id, read_folder_metadata
@@ -34,6 +40,9 @@ from modelmora.registry.sources.hub import DEFAULT_REVISION, fetch_hub
 from modelmora.registry.sources.local import fetch_local, file_origin
 from modelmora.registry.sources.s3 import fetch_s3
 from modelmora.registry.sources.url import fetch_url
+
+if TYPE_CHECKING:
+    from modelmora.registry.policy import InstallPolicy
 
 
 def classify_source(model_id: str | None, source: str | None) -> SourceKind:
@@ -79,14 +88,18 @@ def fetch(
     progress: bool = True,
     expected_files: dict[str, str] | None = None,
     archive_limits: ArchiveLimits | None = None,
+    policy: InstallPolicy | None = None,
 ) -> FetchResult:
     """Fetch a model's files and hash every one of them.
 
     `expected_files` (from a lock file) turns the fetch into a verified one: any missing, extra
     or different file raises CHECKSUM_MISMATCH and the staged copy is removed. Failures to
     reach or read the source raise SOURCE_UNAVAILABLE; nothing is left in `staging_dir`.
+    A source `policy` refuses raises FORBIDDEN, before anything is fetched.
     """
     kind = classify_source(model_id, source)
+    if policy is not None:
+        policy.check_source(kind, source)
     if kind == "hub":
         repo_id = source[5:].strip("/") if source else model_id
         assert repo_id is not None  # classify_source checked it
@@ -116,11 +129,13 @@ def fetch(
     fetch_dir = make_fetch_dir(staging_dir)
     try:
         if kind == "local":
-            origin, files, sizes = fetch_local(source, fetch_dir, staging_dir, progress, archive_limits)
+            origin, files, sizes = fetch_local(
+                source, fetch_dir, staging_dir, progress, archive_limits, policy
+            )
         elif kind == "s3":
             origin, files, sizes = fetch_s3(source, fetch_dir, s3_endpoint_url, progress)
         else:
-            origin, files, sizes = fetch_url(source, fetch_dir, staging_dir, progress, archive_limits)
+            origin, files, sizes = fetch_url(source, fetch_dir, staging_dir, progress, archive_limits, policy)
         if expected_files is not None:
             check_expected(expected_files, files, origin, cleanup=fetch_dir)
         metadata = read_folder_metadata(fetch_dir)

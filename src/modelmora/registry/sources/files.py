@@ -151,12 +151,18 @@ def write_stream(stream: IO[bytes], dst: Path, advance: Callable[[int], None]) -
     return digest.hexdigest(), size
 
 
-def copy_file(src: Path, dst: Path, advance: Callable[[int], None]) -> str:
+def copy_file(
+    src: Path, dst: Path, advance: Callable[[int], None], check: Callable[[str], None] | None = None
+) -> str:
+    """`check` (an install policy's) sees the path of the file actually opened, where the
+    system tells it (/proc/self/fd on Linux), else `src` itself."""
     try:
         stream = src.open("rb")
     except OSError as exc:
         raise _read_error(src, exc) from exc
     with stream:
+        if check is not None:
+            check(opened_path(stream.fileno(), src))
         try:
             sha, _ = write_stream(stream, dst, advance)
         except ModelMoraError:
@@ -164,6 +170,14 @@ def copy_file(src: Path, dst: Path, advance: Callable[[int], None]) -> str:
         except OSError as exc:
             raise _read_error(src, exc) from exc
     return sha
+
+
+def opened_path(fd: int, fallback: Path) -> str:
+    """The path the kernel resolved for an open file: what it is, whatever symlink led there."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return str(fallback)
 
 
 def _hash_file(path: Path, advance: Callable[[int], None]) -> str:

@@ -1,16 +1,21 @@
 """A local folder or file (an archive is extracted), named by path or `file://` URL: copied
-into the staging folder and hashed on the way, so every byte is read once."""
+into the staging folder and hashed on the way, so every byte is read once.
+
+Under an `InstallPolicy` the source was checked against the local roots before we get here;
+a folder is checked again file by file (a symlink inside it may point anywhere), and each
+file once more after it is opened, by the path the kernel opened (/proc/self/fd), so a
+symlink swapped between the check and the open is caught too."""
 
 from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
-from urllib.request import url2pathname
 
 from modelmora.errors import ErrorCode, ModelMoraError
+from modelmora.registry.policy import InstallPolicy, forbidden, local_source_path
 from modelmora.registry.sources.archive import ArchiveLimits, archive_kind, extract_archive
 from modelmora.registry.sources.common import ByteProgress
 from modelmora.registry.sources.files import copy_file, list_files
@@ -22,29 +27,18 @@ def file_origin(path: Path) -> str:
     return Path(os.path.abspath(path.expanduser())).as_uri()
 
 
-def _local_path(source: str) -> Path:
-    if source.lower().startswith("file://"):
-        parts = urlsplit(source)
-        if parts.netloc not in ("", "localhost"):
-            raise ModelMoraError(
-                ErrorCode.SOURCE_UNAVAILABLE,
-                f"cannot fetch {source}: file URLs on another host are not supported",
-                {"source": source, "source_kind": "local"},
-            )
-        return Path(url2pathname(unquote(parts.path)))
-    return Path(source).expanduser()
-
-
 def fetch_local(
     source: str,
     fetch_dir: Path,
     staging_dir: Path,
     progress: bool,
     archive_limits: ArchiveLimits | None = None,
+    policy: InstallPolicy | None = None,
 ) -> tuple[str, dict[str, str], dict[str, int]]:
     """Copy a folder (or one file; an archive is extracted) into `fetch_dir`, hashing each file
     on the way so every byte is read once."""
-    path = Path(os.path.abspath(_local_path(source)))
+    path = Path(os.path.abspath(local_source_path(source)))
+    check = None if policy is None else _root_check(policy, source)
     origin = file_origin(path)
 
     def unavailable(message: str, **extra: Any) -> ModelMoraError:
@@ -69,7 +63,7 @@ def fetch_local(
             )
         else:
             with ByteProgress(progress, f"copying {path.name}", st.st_size) as bar:
-                sha = copy_file(path, fetch_dir / path.name, bar.advance)
+                sha = copy_file(path, fetch_dir / path.name, bar.advance, check)
             files, sizes = {path.name: sha}, {path.name: st.st_size}
         return origin, files, sizes
     if not stat.S_ISDIR(st.st_mode):
@@ -82,6 +76,22 @@ def fetch_local(
     sizes = {}
     with ByteProgress(progress, f"copying {path.name}", sum(s for _, _, s in entries)) as bar:
         for rel, src, size in entries:
-            files[rel] = copy_file(src, fetch_dir / rel, bar.advance)
+            if check is not None:
+                check(str(src))
+            files[rel] = copy_file(src, fetch_dir / rel, bar.advance, check)
             sizes[rel] = size
     return origin, files, sizes
+
+
+def _root_check(policy: InstallPolicy, source: str) -> Callable[[str], None]:
+    """Raises FORBIDDEN for a path (or an open file's /proc/self/fd path) outside the roots."""
+
+    def check(path: str) -> None:
+        if not policy.within_roots(path):
+            raise forbidden(
+                f"{source} leads outside registry.allowed_sources.local_roots (a symlink?)",
+                "registry.allowed_sources.local_roots",
+                source=source,
+            )
+
+    return check

@@ -1,5 +1,6 @@
 """An http(s) URL: one file, or an archive that is downloaded beside the staging folder and
-extracted. Credentials in the URL are used but never recorded."""
+extracted. Credentials in the URL are used but never recorded. Under an `InstallPolicy` the
+client is `guard.guarded_client`: every hop's URL and every address connected to checked."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import contextlib
 import hashlib
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import httpx
@@ -16,6 +17,10 @@ from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.registry.sources.archive import ArchiveLimits, archive_kind, extract_archive
 from modelmora.registry.sources.common import CHUNK_SIZE, ByteProgress, first_line
 from modelmora.registry.sources.files import write_error
+from modelmora.registry.sources.guard import guarded_client
+
+if TYPE_CHECKING:
+    from modelmora.registry.policy import InstallPolicy
 
 # Connect fast or fail; a slow read of a large file is fine as long as bytes keep coming.
 HTTP_TIMEOUT = httpx.Timeout(60.0, connect=15.0)
@@ -41,7 +46,12 @@ def _safe_basename(name: str) -> str | None:
 
 
 def fetch_url(
-    url: str, fetch_dir: Path, staging_dir: Path, progress: bool, archive_limits: ArchiveLimits | None = None
+    url: str,
+    fetch_dir: Path,
+    staging_dir: Path,
+    progress: bool,
+    archive_limits: ArchiveLimits | None = None,
+    policy: InstallPolicy | None = None,
 ) -> tuple[str, dict[str, str], dict[str, int]]:
     """Stream a URL to disk, hashing as it arrives; archives go to a side file first (outside
     the model folder) and are extracted from it."""
@@ -55,9 +65,14 @@ def fetch_url(
             details["reason"] = f"{type(exc).__name__}: {first_line(exc)}"
         return ModelMoraError(ErrorCode.SOURCE_UNAVAILABLE, message, details)
 
+    client = (
+        httpx.Client(follow_redirects=True, timeout=HTTP_TIMEOUT)
+        if policy is None
+        else guarded_client(policy, HTTP_TIMEOUT)
+    )
     try:
         with (
-            httpx.Client(follow_redirects=True, timeout=HTTP_TIMEOUT) as client,
+            client,
             client.stream("GET", url) as response,
         ):
             if response.status_code >= 400:
