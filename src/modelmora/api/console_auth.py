@@ -227,29 +227,25 @@ class ConsoleSessions:
 
 def build_sessions(mm: ModelMora) -> ConsoleSessions | None:
     """The console's sessions when the server checks keys (`mm.auth`), else None."""
-    authenticator: Authenticator | None = getattr(mm, "auth", None)
-    if authenticator is None:
+    if mm.auth is None:
         return None
     settings = mm.settings.auth
-    configured = getattr(settings, "session_secret", None)
-    if configured is not None:
-        secret = configured.get_secret_value().encode()
+    if settings.session_secret is not None:
+        secret = settings.session_secret.get_secret_value().encode()
     else:
         secret = secrets.token_bytes(32)
         log.warning(
             "auth.session_secret is not set: console sessions are signed with a random secret "
             "of this process, end when it restarts and are not accepted by other replicas"
         )
-    keys = getattr(mm, "keys", None)
-    tls = getattr(mm.settings.server, "tls", None)
     return ConsoleSessions(
-        authenticator,
+        mm.auth,
         secret,
-        lifetime=getattr(settings, "session_seconds", 8 * 3600.0),
-        lookup=keys.get if keys is not None else None,
+        lifetime=settings.session_seconds,
+        lookup=mm.keys.get,
         bootstrap=settings.bootstrap_key is not None,
         cache_seconds=settings.cache_seconds,
-        secure=bool(tls is not None and tls.certfile is not None),
+        secure=mm.settings.server.tls.enabled,
     )
 
 

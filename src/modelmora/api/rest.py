@@ -305,4 +305,5 @@ def asgi_app(mm: ModelMora) -> EdgeMiddleware:
         auth=mm.auth,
         limiter=mm.limiter,
         metrics_public=mm.settings.auth.metrics_public,
+        sessions=sessions,
     )

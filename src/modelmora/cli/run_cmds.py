@@ -31,11 +31,8 @@ def _client(ctx: typer.Context) -> Client:
     from modelmora.client.rest_client import Client
 
     cli = context(ctx)
-    settings = cli.settings()
-    # An API key when the CLI has one (the --api-key option, once auth is wired in the CLI).
-    auth_headers = getattr(cli, "auth_headers", None)
-    headers: dict[str, str] = auth_headers() if auth_headers is not None else {}
-    return Client(cli.server_url(settings), headers=headers or None, timeout=600)
+    # --api-key (or MODELMORA_API_KEY) for a server that checks keys, as the other commands.
+    return Client(cli.server_url(cli.settings()), api_key=cli.api_key, timeout=600)
 
 
 def _read_stdin_text() -> str:
