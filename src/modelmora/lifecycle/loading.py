@@ -24,7 +24,8 @@ from modelmora.contracts.channel import Event, LoadFailure, LoadSpec
 from modelmora.contracts.runner import Runner, RunnerFactory
 from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.inference.batcher import BatchLimits
-from modelmora.inference.scheduler import Admission, ModelScheduler
+from modelmora.inference.continuous import open_scheduler
+from modelmora.inference.scheduler import Admission
 from modelmora.lifecycle.eviction import Need, plan_load
 from modelmora.lifecycle.memory import fork_measurements
 from modelmora.lifecycle.residency import Residency
@@ -276,20 +277,28 @@ class Loader:
                 self.spares.fill()
             raise
         sched = self.settings.scheduler
+        try:  # static or continuous batching (config.batching; inference/continuous.py)
+            scheduler = await open_scheduler(
+                name=name,
+                runner=runner,
+                task=record.task_type,
+                batching=config.get("batching"),
+                limits=BatchLimits(
+                    int(config.get("max_batch_size") or sched.max_batch_size),
+                    float(config.get("max_wait_ms", sched.max_wait_ms)),
+                ),
+                admission=self.admission,
+                queue_size=sched.queue_size_per_model,
+                aging_seconds=sched.aging_seconds,
+                clock=self.clock,
+                metrics=self.metrics,
+                timeout=self.settings.lifecycle.load_timeout_seconds,
+            )
+        except BaseException:
+            await runner.close(grace=0)
+            raise
         slot.runner, slot.loaded, slot.version = runner, loaded, version.version
-        slot.scheduler = ModelScheduler(
-            name=name,
-            runner=runner,
-            limits=BatchLimits(
-                int(config.get("max_batch_size") or sched.max_batch_size),
-                float(config.get("max_wait_ms", sched.max_wait_ms)),
-            ),
-            admission=self.admission,
-            queue_size=sched.queue_size_per_model,
-            aging_seconds=sched.aging_seconds,
-            clock=self.clock,
-            metrics=self.metrics,
-        )
+        slot.scheduler = scheduler
         slot.scheduler.start()
         slot.error, slot.failure, slot.failures, slot.loaded_at = None, None, 0, self.clock()
         slot.last_used = slot.loaded_at

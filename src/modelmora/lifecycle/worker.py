@@ -47,10 +47,12 @@ from modelmora.contracts.channel import (
     Prepare,
     Prepared,
     Stats,
+    Stepping,
     WorkerStats,
     WorkItem,
 )
 from modelmora.contracts.tasks import TaskType
+from modelmora.lifecycle import stepping
 from modelmora.tasks.base import Emitter, TaskAdapter
 from modelmora.tasks.specs import spec_for
 
@@ -379,6 +381,15 @@ def _serve(sock: socket.socket) -> None:
             send(core.prepare(message))
         elif isinstance(message, Infer):
             send(core.infer(message))
+        elif isinstance(message, Stepping):
+            # Continuous batching: the step loop serves every batch from now on, until Close.
+            stepper = stepping.open_stepper(core, message, send)
+            if stepper is not None:
+                if model is not None:
+                    model.stop()
+                stepping.Loop(core, stepper, send).run(lambda block: inbox.get(block)[2])
+                core.close()
+                return
         elif isinstance(message, Close):
             if model is not None:
                 model.stop()

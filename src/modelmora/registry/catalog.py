@@ -243,4 +243,5 @@ CONFIG_KEYS: dict[str, type] = {
     "adapter": str,
     "options": dict,  # passed to the adapter's load (e.g. the fake adapter's dim)
     "parameters": dict,  # default task parameters (e.g. {"normalize": true})
+    "batching": str,  # continuous batching: "continuous" | "static" (inference/continuous.py)
 }

@@ -69,6 +69,8 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
             out[key] = expected(value)
         except (TypeError, ValueError) as exc:
             raise _bad(f"config.{key}", f"must be {expected.__name__}") from exc
+        if key == "batching" and out[key] not in ("continuous", "static"):
+            raise _bad("config.batching", "must be continuous or static")
     return out
 
 
