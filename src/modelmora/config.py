@@ -324,6 +324,19 @@ class AuthSettings(_Section):
     # Per key, per replica ("redis": cluster-wide when jobs.backend is redis); None: no limit.
     rate_limit: str | None = None  # the `limits` notation: "100/second", "5000/minute"
     max_concurrent_per_key: int | None = Field(None, ge=1)
+    # -- the web console's sign-in (issue 19; docs/console.md): an API key is exchanged once
+    # for a signed session cookie. The secret signs it: set the same one on every replica
+    # behind one address (at least 32 characters); None: random per process (a warning;
+    # sessions then end with a restart and hold on one replica only).
+    session_secret: SecretStr | None = None
+    session_seconds: float = Field(8 * 3600.0, ge=60, le=30 * 86400)  # a session's lifetime
+
+    @field_validator("session_secret", mode="after")
+    @classmethod
+    def _secret_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("auth.session_secret must be at least 32 characters")
+        return value
 
     @field_validator("bootstrap_key", mode="after")
     @classmethod

@@ -35,6 +35,7 @@ from modelmora.observability.metrics import Metrics, current_protocol
 from modelmora.observability.tracing import current_trace_id, trace_id_from, traceparent_for
 
 if TYPE_CHECKING:
+    from modelmora.api.console_auth import ConsoleSessions
     from modelmora.config import Settings
 
 log = logging.getLogger("modelmora.api")
@@ -99,8 +100,11 @@ class EdgeMiddleware:
         auth: Authenticator | None = None,
         metrics_public: bool = True,
         limiter: KeyLimiter | None = None,
+        sessions: ConsoleSessions | None = None,
     ) -> None:
         self.app = app
+        # The web console's signed session cookie, accepted instead of a key (console_auth.py).
+        self.sessions = sessions
         # None: auth off, nothing checked, every request acts as ANONYMOUS.
         self.auth = auth
         # Per-key rate and concurrency limits, right after the key check; None: no limit set.
@@ -169,7 +173,9 @@ class EdgeMiddleware:
                 needed = rest_scope(scope["method"], path, self.metrics_public)
                 if needed is not None:
                     try:
-                        caller = await self._authenticate(headers.get(b"authorization"), needed)
+                        caller = await self._authenticate(
+                            headers.get(b"authorization"), needed, headers, scope["method"]
+                        )
                         principal = current_principal.set(caller)
                         if self.limiter is not None:
                             release = await self.limiter.admit(caller)
@@ -222,10 +228,26 @@ class EdgeMiddleware:
             if self.metrics is not None and status:
                 self.metrics.record_http(_handler(scope["path"]), status)
 
-    async def _authenticate(self, authorization: bytes | None, needed: AuthScope) -> Principal:
+    async def _authenticate(
+        self,
+        authorization: bytes | None,
+        needed: AuthScope,
+        headers: dict[bytes, bytes] | None = None,
+        method: str = "GET",
+    ) -> Principal:
         """The caller, allowed `needed`; else UNAUTHORIZED (401) or FORBIDDEN (403). A key seen
         within `auth.cache_seconds` costs one SHA-256 and a dict look-up, no I/O."""
         assert self.auth is not None
+        # -- the web console's session (api/console_auth.py) -----------------------------------
+        # No Authorization header but a valid session cookie: the call acts as the key that
+        # signed in (CSRF token checked for calls that change state). A request with a header
+        # is judged by its header alone.
+        if authorization is None and self.sessions is not None and headers is not None:
+            session_caller = await self.sessions.principal(headers, method)
+            if session_caller is not None:
+                require(session_caller, needed)
+                return session_caller
+        # -- end of the console's session -------------------------------------------------------
         caller = await self.auth.authenticate(
             authorization.decode("latin-1") if authorization is not None else None
         )
@@ -241,6 +263,8 @@ _HANDLERS = (
     ("/api/v1/results/", "results"),
     ("/api/v1/models", "models"),
     ("/api/v1/status", "status"),
+    ("/api/v1/stats", "status"),
+    ("/ui", "console"),
     ("/api/v1/lock", "models"),
     ("/api/v1/metrics", "metrics"),
     ("/metrics", "metrics"),

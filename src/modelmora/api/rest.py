@@ -17,6 +17,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modelmora import __version__
 from modelmora.api import fastpath, openai_embeddings, openai_errors, openai_schemas
+from modelmora.api.console import build_console_router
+from modelmora.api.console_auth import ConsoleSessions, build_session_router, build_sessions
 from modelmora.api.edge import EdgeLimits, EdgeMiddleware, error_response_parts
 from modelmora.api.jobs import build_jobs_router
 from modelmora.api.openai_routes import build_openai_router
@@ -206,6 +208,12 @@ def build_router() -> APIRouter:
     async def status(request: Request) -> Response:
         return JSON(await _mm(request).management.status())
 
+    @r.get("/api/v1/stats", tags=["management"], responses=_ERRORS)
+    async def stats(request: Request, window: int = 300) -> Response:
+        """Each model's recent figures over the last `window` seconds (10 up to 900): request
+        and error rates, p50/p90/p99 latency, batch size; one point per 5 s, from memory."""
+        return JSON(_mm(request).management.stats(window))
+
     async def metrics(request: Request) -> Response:
         """Prometheus text exposition of every metric (observability/metrics.py)."""
         body = await _mm(request).metrics_exposition()
@@ -249,8 +257,9 @@ def build_router() -> APIRouter:
     return r
 
 
-def create_rest_app(mm: ModelMora) -> FastAPI:
-    """The FastAPI application (routes, OpenAPI, handlers). Serve it wrapped by `asgi_app`."""
+def create_rest_app(mm: ModelMora, sessions: ConsoleSessions | None = None) -> FastAPI:
+    """The FastAPI application (routes, OpenAPI, handlers). Serve it wrapped by `asgi_app`.
+    `sessions`: the console's sign-in when the server checks keys (api/console_auth.py)."""
     app = FastAPI(
         title="ModelMora",
         version=__version__,
@@ -264,6 +273,8 @@ def create_rest_app(mm: ModelMora) -> FastAPI:
     app.include_router(build_router())
     app.include_router(build_openai_router())
     app.include_router(build_docs_router())
+    app.include_router(build_console_router())  # the web console at /ui (api/console.py)
+    app.include_router(build_session_router(sessions))
 
     @app.exception_handler(ModelMoraError)
     async def _mm_error(request: Request, exc: ModelMoraError) -> Response:
@@ -357,8 +368,9 @@ def asgi_app(mm: ModelMora) -> EdgeMiddleware:
         else:
             await fastpath.handle(mm, name, schema, body, receive, send, headers)
 
+    sessions = build_sessions(mm)
     return EdgeMiddleware(
-        create_rest_app(mm),
+        create_rest_app(mm, sessions),
         max_body=mm.settings.limits.max_request_bytes,
         is_draining=lambda: mm.draining,
         counter=mm,
@@ -369,4 +381,5 @@ def asgi_app(mm: ModelMora) -> EdgeMiddleware:
         auth=mm.auth,
         limiter=mm.limiter,
         metrics_public=mm.settings.auth.metrics_public,
+        sessions=sessions,
     )

@@ -18,6 +18,7 @@ from modelmora.v1.convert import (
     dict_to_struct,
     message_to_dict,
     response_to_dict,
+    stats_to_dict,
     struct_to_dict,
 )
 
@@ -227,6 +228,13 @@ def status() -> Op:
     return Op(
         RestCall("GET", "/api/v1/status"),
         GrpcCall("management", "GetSystemStatus", pb.GetSystemStatusRequest()),
+    )
+
+
+def stats(window: int | None = None) -> Op:
+    return Op(
+        RestCall("GET", "/api/v1/stats", params=_drop_none({"window": window})),
+        GrpcCall("management", "GetStats", pb.GetStatsRequest(window_seconds=window or 0), stats_to_dict),
     )
 
 

@@ -28,6 +28,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from modelmora.observability.stats import RequestStats
+
 __all__ = ["CONTENT_TYPE_LATEST", "Live", "LiveCollector", "Metrics", "ModelLive", "current_protocol"]
 
 # Request latencies: from a millisecond (the null model) to minutes (an image generation).
@@ -324,6 +326,9 @@ class Metrics:
             registry=r,
         )
 
+        # The last minutes per model, in the server (the console's charts, GET /api/v1/stats).
+        self.stats = RequestStats()
+
         # Children cached by label values: `labels()` takes a lock and hashes every time.
         self._req: dict[tuple[str, str, str], tuple[Counter, Histogram, Histogram, Histogram]] = {}
         self._http: dict[tuple[str, int], Counter] = {}
@@ -332,7 +337,14 @@ class Metrics:
     # -- recording ------------------------------------------------------------------------
 
     def record_success(
-        self, model: str, task: str, protocol: str, queue_s: float, inference_s: float, total_s: float
+        self,
+        model: str,
+        task: str,
+        protocol: str,
+        queue_s: float,
+        inference_s: float,
+        total_s: float,
+        batch_size: int = 0,
     ) -> None:
         key = (model, task, protocol)
         children = self._req.get(key)
@@ -348,9 +360,12 @@ class Metrics:
         children[1].observe(queue_s)
         children[2].observe(inference_s)
         children[3].observe(total_s)
+        self.stats.record_ok(model, total_s, batch_size)
 
     def record_error(self, model: str, task: str, protocol: str, code: str) -> None:
         self.requests.labels(model, task, protocol, "error", code).inc()
+        if model:  # "" (a model that does not exist) has no series
+            self.stats.record_error(model)
 
     def record_http(self, handler: str, code: int) -> None:
         key = (handler, code)

@@ -239,7 +239,9 @@ class InferenceService:
         timing = response["timing"]
         queue_s, inference_s = timing["queue_time_ms"] / 1000, timing["inference_time_ms"] / 1000
         total_s = timing["total_time_ms"] / 1000
-        self.metrics.record_success(call.name, task, protocol, queue_s, inference_s, total_s)
+        self.metrics.record_success(
+            call.name, task, protocol, queue_s, inference_s, total_s, response["metadata"]["batch_size"]
+        )
         if total_s >= self.slow_seconds:
             self.metrics.slow.labels(call.name).inc()
             log.warning(
