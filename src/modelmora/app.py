@@ -32,9 +32,12 @@ from modelmora.lifecycle.zygote_pool import worker_source
 from modelmora.observability.metrics import Live, Metrics, ModelLive
 from modelmora.observability.tracing import build_span_recorder
 from modelmora.registry.catalog import ModelState
+from modelmora.registry.model_store import Materialiser, open_model_store
+from modelmora.registry.paths import roots_of
 from modelmora.registry.policy import InstallPolicy
 from modelmora.registry.store import RegistryStore
-from modelmora.results.store import ResultStore, build_result_store
+from modelmora.results.store import ResultStore, build_result_store, require_shared
+from modelmora.services.catalog_sync import CatalogSync
 from modelmora.services.inference import InferenceService
 from modelmora.services.management import ManagementService
 from modelmora.services.registry import RegistryService
@@ -53,7 +56,9 @@ class ModelMora:
         # First: a public bind nobody secured must fail before anything is built
         # (UnsafeBindError; `serve` exits 2 with its message).
         auth_on = auth_enabled(settings)
-        self.store = RegistryStore(settings.database_url)
+        require_shared(settings)  # several replicas must read each other's results
+        # Paths in the registry are relative to this node's roots (replicas share the database).
+        self.store = RegistryStore(settings.database_url, roots_of(settings))
         self.keys = KeyStore(self.store.engine)
         # One authenticator for both doors (its cache is shared); None: auth off, no check
         # installed at all and every request acts as ANONYMOUS.
@@ -76,12 +81,18 @@ class ModelMora:
         self.manager = ModelManager(settings, self.store, runner_factory, spares=spares, metrics=self.metrics)
         self.results: ResultStore = build_result_store(settings)
         spans = build_span_recorder(settings.telemetry.otlp_endpoint, settings.telemetry.service_name)
+        # A version whose files this node lacks is fetched from the model store at its load.
+        self.model_store = open_model_store(settings)
+        if self.model_store is not None:
+            self.manager.loader.fetch_files = Materialiser(settings, self.model_store, spans)
         self.inference = InferenceService(settings, self.manager, self.results, spans)
         # The doors (api/) call these two and `inference`, one method per operation.
         # The API's installs obey registry.allowed_sources and testing.* (registry/policy.py).
         self.registry = RegistryService(
             settings, self.store, self.manager, policy=InstallPolicy.from_settings(settings)
         )
+        # Catalog writes made anywhere (other replicas, the CLI) reach this replica's models.
+        self.catalog_sync = CatalogSync(settings, self.store, self.manager, self.registry)
         self.management = ManagementService(self.manager, self.inference, self.full_status)
         self.job_store = build_job_store(settings)
         self.dispatcher = JobDispatcher(settings, self.job_store, self.inference, self.results)
@@ -112,6 +123,7 @@ class ModelMora:
         await asyncio.to_thread(self.store.create_schema)
         await self._log_auth()
         await self.manager.start()
+        await self.catalog_sync.start()
         # Jobs left queued or processing by a previous run are taken up again from here.
         await self.job_store.open()
         self.dispatcher.start()
@@ -164,6 +176,7 @@ class ModelMora:
         # Jobs first: a job still running goes back to the queue instead of failing with
         # SHUTTING_DOWN when the workers stop.
         await self.dispatcher.stop()
+        await self.catalog_sync.stop()
         await self.manager.shutdown()
         await self.job_store.close()
         await self.results.close()
@@ -224,7 +237,9 @@ class ModelMora:
             system_available_bytes=memory["system_available_bytes"],
             spare_rss_bytes=memory["spare"]["rss_bytes"],
             gpus=probe_devices() if probe_devices is not None else [],
-            jobs=self._jobs_by_status,
+            # Exported by one replica only, so that a sum over replicas counts each job once.
+            jobs=self._jobs_by_status if self.dispatcher.reports_cluster else {},
+            jobs_running=len(self.dispatcher.running),
             jobs_processed=dict(self.dispatcher.counters),
             result_store_bytes=self._result_bytes,
             ready=self.ready and not self.draining,
@@ -238,7 +253,11 @@ class ModelMora:
         body = self.status()
         probe_devices = getattr(self.manager.probe, "gpu_devices", None)
         body["gpus"] = await asyncio.to_thread(probe_devices) if probe_devices is not None else []
+        # Cluster-wide counts, the same on every replica (do not add them up: `jobs_running`
+        # is this replica's own share).
         body["jobs"] = dict(self._jobs_by_status)
+        body["jobs_scope"] = "cluster" if self.settings.jobs.backend == "redis" else "replica"
+        body["jobs_running"] = len(self.dispatcher.running)
         body["started_at"] = self.started_at
         return body
 
@@ -255,6 +274,7 @@ class ModelMora:
             "workers": sum(1 for m in models if m["pid"] is not None),
             "memory": self.manager.memory_status(),
             "counters": dict(self.manager.counters),
+            "catalog": self.catalog_sync.status(),
         }
 
 

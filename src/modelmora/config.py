@@ -26,6 +26,10 @@ from modelmora.contracts.tasks import TaskType
 DEFAULT_CONFIG_FILE = "modelmora.yaml"
 
 
+class ConfigurationError(RuntimeError):
+    """Settings that each parse but do not work together: the server refuses to start."""
+
+
 def _drop_empty_sections(model: type[BaseModel], data: Any) -> Any:
     """A YAML section whose keys are all commented out (`registry:` alone, as `modelmora init`
     writes it) reads as null: take it as an empty section, not as an error."""
@@ -166,6 +170,14 @@ class RegistrySettings(_Section):
     # -- install sources (issue 14; docs/security.md "Install sources"): what an install
     # through the API (REST, gRPC) may fetch; the CLI too with `enforce_on_cli`.
     allowed_sources: AllowedSourcesSettings = Field(default_factory=AllowedSourcesSettings)  # type: ignore[arg-type]
+    # -- replicas that share (issue 15; docs/operations.md "Running several replicas"):
+    # where every installed version's files go once, for the other replicas to fetch on their
+    # first load: "s3://bucket/prefix" (endpoint: s3_endpoint_url) or a shared directory.
+    # None: the files stay on the node that installed them (one node, as before).
+    model_store: str | None = None
+    # How often a replica reads the catalog version (the safety net under PostgreSQL
+    # LISTEN/NOTIFY, and the only way with SQLite).
+    catalog_poll_seconds: float = Field(0.5, gt=0, le=60)
 
 
 WorkerStart = Literal["zygote", "spare", "fresh"]
@@ -239,14 +251,18 @@ class JobsSettings(_Section):
     max_pending: int = Field(10_000, ge=1)
     queued_ttl_seconds: float = Field(24 * 3600, gt=0)
     result_ttl_seconds: float = Field(24 * 3600, gt=0)
-    # Jobs one replica runs at once (each model also stops at 2 * its max_batch_size, or half its queue).
+    # Jobs one replica runs at once (each model also stops at one batch: its max_batch_size).
     max_running: int = Field(256, ge=1)
     # Runs of one job that ended with its worker dying before the job is failed.
     max_attempts: int = Field(3, ge=1)
-    # Redis: a replica silent this long has its jobs taken over by another.
-    lease_seconds: float = Field(30.0, gt=0)
+    # Redis: a replica silent this long has its jobs taken over by another (renewed every
+    # poll_seconds, so 10 s is 20 missed renewals).
+    lease_seconds: float = Field(10.0, gt=0)
     poll_seconds: float = Field(0.5, gt=0)
     expiry_interval_seconds: float = Field(60.0, gt=0)
+    # -- fair claiming (issue 15): a job claimed but not started (its model still loading
+    # here) this long goes back to the queue when another replica has nothing to do.
+    release_after_seconds: float = Field(2.0, gt=0)
 
 
 class S3Settings(_Section):
@@ -260,6 +276,14 @@ class ResultsSettings(_Section):
     backend: Literal["files", "s3"] = "files"
     inline_max_bytes: int = Field(1 << 20, ge=0)
     s3: S3Settings = Field(default_factory=S3Settings)  # type: ignore[arg-type]
+    # -- replicas that share (issue 15): whether every replica reads the results any replica
+    # wrote. None: true for s3, false for files (say true when the directory is shared).
+    # Several replicas (jobs.backend redis) refuse to start with results not shared.
+    shared: bool | None = None
+
+    @property
+    def is_shared(self) -> bool:
+        return self.shared if self.shared is not None else self.backend == "s3"
 
 
 class LimitsSettings(_Section):
@@ -300,6 +324,19 @@ class AuthSettings(_Section):
     # Per key, per replica ("redis": cluster-wide when jobs.backend is redis); None: no limit.
     rate_limit: str | None = None  # the `limits` notation: "100/second", "5000/minute"
     max_concurrent_per_key: int | None = Field(None, ge=1)
+    # -- the web console's sign-in (issue 19; docs/console.md): an API key is exchanged once
+    # for a signed session cookie. The secret signs it: set the same one on every replica
+    # behind one address (at least 32 characters); None: random per process (a warning;
+    # sessions then end with a restart and hold on one replica only).
+    session_secret: SecretStr | None = None
+    session_seconds: float = Field(8 * 3600.0, ge=60, le=30 * 86400)  # a session's lifetime
+
+    @field_validator("session_secret", mode="after")
+    @classmethod
+    def _secret_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("auth.session_secret must be at least 32 characters")
+        return value
 
     @field_validator("bootstrap_key", mode="after")
     @classmethod

@@ -288,6 +288,8 @@ def test_redis_store_two_replicas_one_killed(tmp_path: Path) -> None:
         "MODELMORA_JOBS__LEASE_SECONDS": "2",
         "MODELMORA_JOBS__POLL_SECONDS": "0.2",
         "MODELMORA_SCHEDULER__MAX_BATCH_SIZE": "4",
+        # One data dir for both, so one result directory: the operator says it is shared.
+        "MODELMORA_RESULTS__SHARED": "true",
     }
     a = start_server(data, tmp_path / "a.log", **opts)
     b = start_server(data, tmp_path / "b.log", **opts)

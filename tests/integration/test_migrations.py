@@ -260,8 +260,8 @@ def _check_legacy_registry(url: str) -> None:
         assert record.resource_requirements == {"device": "cpu"}
         assert record.created_at == datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
         assert [(v.version, v.path, v.files, v.size_bytes) for v in record.versions] == [
-            ("v1", "/m/legacy/v1", {"model.safetensors": "ab"}, 10),
-            ("v2", "/m/legacy/v2", {"model.safetensors": "cd"}, 20),
+            ("v1", "legacy/v1", {"model.safetensors": "ab"}, 10),  # relative since 0003
+            ("v2", "legacy/v2", {"model.safetensors": "cd"}, 20),
         ]
         # and it takes writes: a new version, the old rows beside it
         store.add_version(

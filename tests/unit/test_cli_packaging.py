@@ -57,7 +57,9 @@ def test_a_server_command_without_the_server_extra_names_it(tmp_path: Path, args
 SERVER_LIBRARIES = ("fastapi", "starlette", "uvicorn", "sqlalchemy", "torch", "huggingface_hub", "grpc")
 
 
-@pytest.mark.parametrize("args", [["status"], ["health"], ["load", "emb"], ["unload", "emb"], ["jobs"]])
+@pytest.mark.parametrize(
+    "args", [["status"], ["ps"], ["health"], ["load", "emb"], ["unload", "emb"], ["jobs"]]
+)
 def test_a_client_command_runs_without_any_server_library(tmp_path: Path, args: list[str]) -> None:
     proc = run_cli(tmp_path, SERVER_LIBRARIES, *args)
     # It got as far as calling the server: none answers at NO_SERVER.
@@ -74,3 +76,11 @@ def test_importing_the_cli_loads_no_server_module() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_run_needs_the_sdk_only(tmp_path: Path) -> None:
+    """`modelmora run` uses the SDK (grpc included: a base dependency), no server library."""
+    blocked = tuple(m for m in SERVER_LIBRARIES if m != "grpc")
+    proc = run_cli(tmp_path, blocked, "run", "emb", "hello")
+    assert proc.returncode == 1, proc.stderr
+    assert f"no server answers at {NO_SERVER}" in proc.stderr and "Traceback" not in proc.stderr

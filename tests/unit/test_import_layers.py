@@ -33,7 +33,7 @@ LAYERS: list[set[str]] = [
     {"migrations"},  # imports nothing of the project: the table definitions are passed in
     {"client"},
     {"v1"},
-    {"contracts", "errors", ""},  # "" is the root package (its __version__)
+    {"contracts", "errors", "console", ""},  # "" is the root package (its __version__); console: files
 ]
 # What the SDK may import: itself and the protocol, nothing that needs the server's extra.
 CLIENT_ALLOWED = {"client", "v1", "errors", "contracts", ""}

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from modelmora.api import fastpath
+from modelmora.api import fastpath, openai_errors
 from modelmora.auth.authenticator import Authenticator, require
 from modelmora.auth.keys import Principal, current_client, current_principal
 from modelmora.auth.keys import Scope as AuthScope
@@ -35,6 +35,7 @@ from modelmora.observability.metrics import Metrics, current_protocol
 from modelmora.observability.tracing import current_trace_id, trace_id_from, traceparent_for
 
 if TYPE_CHECKING:
+    from modelmora.api.console_auth import ConsoleSessions
     from modelmora.config import Settings
 
 log = logging.getLogger("modelmora.api")
@@ -43,8 +44,8 @@ Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Any]
 Send = Callable[[Message], Any]
-# (model name, body schema, body, receive, send): the inference fast path.
-FastHandler = Callable[[str, Any, bytes, Receive, Send], Awaitable[None]]
+# (model name, body schema, body, receive, send, request headers): the inference fast path.
+FastHandler = Callable[[str, Any, bytes, Receive, Send, dict[bytes, bytes]], Awaitable[None]]
 
 # Probes and metrics answer while draining: orchestrators need them to see the drain.
 _ALWAYS_OPEN = ("/health/", "/metrics", "/api/v1/metrics")
@@ -99,8 +100,11 @@ class EdgeMiddleware:
         auth: Authenticator | None = None,
         metrics_public: bool = True,
         limiter: KeyLimiter | None = None,
+        sessions: ConsoleSessions | None = None,
     ) -> None:
         self.app = app
+        # The web console's signed session cookie, accepted instead of a key (console_auth.py).
+        self.sessions = sessions
         # None: auth off, nothing checked, every request acts as ANONYMOUS.
         self.auth = auth
         # Per-key rate and concurrency limits, right after the key check; None: no limit set.
@@ -147,7 +151,12 @@ class EdgeMiddleware:
         release: Release | None = None  # the caller's concurrency slot (auth/limiter.py)
 
         async def reject(error: ModelMoraError) -> None:
-            status, hdrs, body = error_response_parts(error, trace_id)
+            # -- the OpenAI-compatible routes answer in OpenAI's error shape (api/openai_errors.py)
+            if openai_errors.is_v1(scope["path"]):
+                status, hdrs, body = openai_errors.error_response_parts(error, scope["path"])
+            else:
+                status, hdrs, body = error_response_parts(error, trace_id)
+            # --
             if not reader.done:  # the rest of the body is never read: the connection must go
                 hdrs.append((b"connection", b"close"))
             await send_with_trace({"type": "http.response.start", "status": status, "headers": hdrs})
@@ -164,7 +173,9 @@ class EdgeMiddleware:
                 needed = rest_scope(scope["method"], path, self.metrics_public)
                 if needed is not None:
                     try:
-                        caller = await self._authenticate(headers.get(b"authorization"), needed)
+                        caller = await self._authenticate(
+                            headers.get(b"authorization"), needed, headers, scope["method"]
+                        )
                         principal = current_principal.set(caller)
                         if self.limiter is not None:
                             release = await self.limiter.admit(caller)
@@ -185,10 +196,10 @@ class EdgeMiddleware:
                     schema = route[1]
                     if isinstance(schema, fastpath.MultipartForm):
                         parsed = await schema.parse(reader.chunks(), self.limits.max_parts)
-                        await self.fast(route[0], parsed, b"", receive, send_with_trace)
+                        await self.fast(route[0], parsed, b"", receive, send_with_trace, headers)
                     else:
                         body = await reader.read_all()
-                        await self.fast(route[0], schema, body, receive, send_with_trace)
+                        await self.fast(route[0], schema, body, receive, send_with_trace, headers)
                 else:
                     # Read here whole, within the limits: the parsers downstream would turn
                     # an error raised mid-read into a generic 400.
@@ -217,10 +228,26 @@ class EdgeMiddleware:
             if self.metrics is not None and status:
                 self.metrics.record_http(_handler(scope["path"]), status)
 
-    async def _authenticate(self, authorization: bytes | None, needed: AuthScope) -> Principal:
+    async def _authenticate(
+        self,
+        authorization: bytes | None,
+        needed: AuthScope,
+        headers: dict[bytes, bytes] | None = None,
+        method: str = "GET",
+    ) -> Principal:
         """The caller, allowed `needed`; else UNAUTHORIZED (401) or FORBIDDEN (403). A key seen
         within `auth.cache_seconds` costs one SHA-256 and a dict look-up, no I/O."""
         assert self.auth is not None
+        # -- the web console's session (api/console_auth.py) -----------------------------------
+        # No Authorization header but a valid session cookie: the call acts as the key that
+        # signed in (CSRF token checked for calls that change state). A request with a header
+        # is judged by its header alone.
+        if authorization is None and self.sessions is not None and headers is not None:
+            session_caller = await self.sessions.principal(headers, method)
+            if session_caller is not None:
+                require(session_caller, needed)
+                return session_caller
+        # -- end of the console's session -------------------------------------------------------
         caller = await self.auth.authenticate(
             authorization.decode("latin-1") if authorization is not None else None
         )
@@ -236,11 +263,19 @@ _HANDLERS = (
     ("/api/v1/results/", "results"),
     ("/api/v1/models", "models"),
     ("/api/v1/status", "status"),
+    ("/api/v1/stats", "status"),
+    ("/ui", "console"),
     ("/api/v1/lock", "models"),
     ("/api/v1/metrics", "metrics"),
     ("/metrics", "metrics"),
     ("/health/", "health"),
+    ("/v1/embeddings", "v1_embeddings"),
+    ("/v1/chat/completions", "v1_chat_completions"),
+    ("/v1/completions", "v1_completions"),
+    ("/v1/images/", "v1_images"),
+    ("/v1/models", "v1_models"),
     ("/docs", "docs"),
+    ("/redoc", "docs"),
     ("/openapi.json", "docs"),
 )
 

@@ -6,15 +6,22 @@ machine every millisecond the server spends is taken from the model's worker. So
 hands `POST /infer/{name}` and `POST /api/v1/infer/{name}` to this handler; the FastAPI routes
 of the same paths stay registered for the OpenAPI document. Both use the same schemas, the
 same service call and the same error shape.
+
+The binary embedding encodings live here too (`parameters.encoding: base64`, `Accept:
+application/x-npy`), built once for the native routes and for `/v1/embeddings`: turning
+hundreds of floats per vector into JSON text in the one server process cost more than the
+model's own work on a GPU.
 """
 
 from __future__ import annotations
 
 import asyncio
+import binascii
 import contextlib
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import orjson
 from pydantic import BaseModel, ValidationError
 from python_multipart.exceptions import MultipartParseError
@@ -36,6 +43,11 @@ _ROUTES: tuple[tuple[str, type[BaseModel]], ...] = (
     ("/api/v1/infer/", InferRequest),
     ("/infer/", ShortInferRequest),
 )
+# The schema slot of `POST /v1/embeddings` (its model name is in the body): the edge hands it
+# to the fast handler like the native routes, which pass it to api/openai_embeddings.py.
+OPENAI_EMBEDDINGS = "openai-embeddings"
+NPY_TYPE = b"application/x-npy"
+ENCODINGS = ("float", "base64")
 
 
 def match(method: str, path: str, content_type: bytes = b"") -> tuple[str, Any] | None:
@@ -43,6 +55,8 @@ def match(method: str, path: str, content_type: bytes = b"") -> tuple[str, Any] 
     body (image uploads) gets a `MultipartForm` in place of the JSON schema."""
     if method != "POST":
         return None
+    if path == "/v1/embeddings":
+        return "", OPENAI_EMBEDDINGS
     for prefix, schema in _ROUTES:
         if path.startswith(prefix):
             name = path[len(prefix) :]
@@ -278,7 +292,10 @@ async def run_infer(
     )
 
 
-def _disconnect(receive: Receive) -> asyncio.Future[None]:
+def disconnect_watch(receive: Callable[[], Awaitable[Any]]) -> asyncio.Future[None]:
+    """Completes when the client goes away (the body has been read by then, so the next ASGI
+    message can only be the disconnect)."""
+
     async def wait() -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
@@ -286,7 +303,83 @@ def _disconnect(receive: Receive) -> asyncio.Future[None]:
     return asyncio.ensure_future(wait())
 
 
-async def handle(mm: ModelMora, name: str, schema: Any, body: bytes, receive: Receive, send: Send) -> None:
+# -- binary embeddings ----------------------------------------------------------------------
+
+
+def float32_le(value: Any) -> np.ndarray:
+    """The embeddings as one C-ordered little-endian float32 array (no copy when they are one
+    already, as the worker sends them)."""
+    return np.ascontiguousarray(value, dtype="<f4")
+
+
+def b64_float32(array: np.ndarray) -> str:
+    """Base64 of the array's row-major little-endian float32 bytes."""
+    return binascii.b2a_base64(float32_le(array).data, newline=False).decode("ascii")
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """The array as an `.npy` file (format 1.0), header written by hand: numpy's writer goes
+    through a file object and costs more than the header itself."""
+    arr = float32_le(array)
+    header = f"{{'descr': '<f4', 'fortran_order': False, 'shape': {tuple(arr.shape)!r}, }}"
+    # magic (6) + version (2) + length (2) + header + newline, padded to a multiple of 64
+    pad = 64 - (10 + len(header) + 1) % 64
+    text = (header + " " * (pad % 64) + "\n").encode("latin-1")
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text + arr.tobytes()
+
+
+def take_encoding(body: InferRequest) -> str:
+    """`parameters.encoding` (float|base64), removed from the parameters the task sees: it
+    says how the response carries embeddings, nothing the model does."""
+    encoding = body.parameters.pop("encoding", "float")
+    if encoding not in ENCODINGS:
+        message = "must be float or base64"
+        raise ModelMoraError(
+            ErrorCode.VALIDATION_ERROR,
+            f"parameters.encoding: {message}",
+            {"errors": [{"field": "parameters.encoding", "message": message}]},
+        )
+    return str(encoding)
+
+
+def wants_npy(accept: bytes) -> bool:
+    return NPY_TYPE in accept.lower()
+
+
+def render(response: dict[str, Any], encoding: str, npy: bool) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """The response body and its headers: JSON (embeddings as float lists, or one base64
+    string plus `result.shape`), or, when asked by `Accept` and the result is embeddings,
+    the `.npy` array with metadata and timing in `x-modelmora-metadata`. A result without
+    embeddings is JSON whatever was asked (`Accept` is a preference)."""
+    result = response["result"]
+    embeddings = result.get("embeddings") if isinstance(result, dict) else None
+    if embeddings is not None and npy:
+        payload = npy_bytes(embeddings)
+        meta = orjson.dumps({"metadata": response["metadata"], "timing": response["timing"]})
+        return payload, [
+            (b"content-type", NPY_TYPE),
+            (b"content-length", str(len(payload)).encode()),
+            (b"x-modelmora-metadata", meta),
+        ]
+    if embeddings is not None and encoding == "base64":
+        arr = float32_le(embeddings)
+        response = {
+            **response,
+            "result": {**result, "embeddings": b64_float32(arr), "shape": list(arr.shape)},
+        }
+    payload = orjson.dumps(response, option=JSON_OPTIONS)
+    return payload, [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+
+
+async def handle(
+    mm: ModelMora,
+    name: str,
+    schema: Any,
+    body: bytes,
+    receive: Receive,
+    send: Send,
+    headers: dict[bytes, bytes],
+) -> None:
     """Answer one inference request; errors are raised as ModelMoraError for the edge.
     `schema` is the body's schema, or the request already parsed (a multipart form)."""
     if isinstance(schema, InferRequest):
@@ -297,7 +390,8 @@ async def handle(mm: ModelMora, name: str, schema: Any, body: bytes, receive: Re
         except ValidationError as exc:
             raise validation_error(exc.errors(include_url=False)) from None  # type: ignore[arg-type]
     full = to_full(parsed)
-    watch = _disconnect(receive)
+    encoding = take_encoding(full)
+    watch = disconnect_watch(receive)
     try:
         if full.stream:
             await send_stream(open_stream(mm, name, full, watch), send)
@@ -305,15 +399,6 @@ async def handle(mm: ModelMora, name: str, schema: Any, body: bytes, receive: Re
         result = await run_infer(mm, name, full, watch)
     finally:
         watch.cancel()
-    payload = orjson.dumps(result, option=JSON_OPTIONS)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(payload)).encode()),
-            ],
-        }
-    )
+    payload, response_headers = render(result, encoding, wants_npy(headers.get(b"accept", b"")))
+    await send({"type": "http.response.start", "status": 200, "headers": response_headers})
     await send({"type": "http.response.body", "body": payload})

@@ -32,6 +32,7 @@ from modelmora.v1.convert import (
     from_dict,
     request_fields,
     response_to_proto,
+    stats_to_proto,
     struct_to_dict,
 )
 
@@ -470,4 +471,9 @@ class ManagementServicer(pb_grpc.ManagementServiceServicer):
     async def GetModelHealth(self, request: pb.GetModelHealthRequest, context: Ctx) -> pb.ModelHealth:
         async with self.door.call(context, "GetModelHealth"):
             return from_dict(self.management.health(), pb.ModelHealth())
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def GetStats(self, request: pb.GetStatsRequest, context: Ctx) -> pb.Stats:
+        async with self.door.call(context, "GetStats"):
+            return stats_to_proto(self.management.stats(request.window_seconds or None))
         raise AssertionError("unreachable")  # pragma: no cover

@@ -5,18 +5,23 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response, StreamingResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modelmora import __version__
-from modelmora.api import fastpath
+from modelmora.api import fastpath, openai_embeddings, openai_errors, openai_schemas
+from modelmora.api.console import build_console_router
+from modelmora.api.console_auth import ConsoleSessions, build_session_router, build_sessions
 from modelmora.api.edge import EdgeLimits, EdgeMiddleware, error_response_parts
 from modelmora.api.jobs import build_jobs_router
+from modelmora.api.openai_routes import build_openai_router
 from modelmora.api.schemas import (
     ErrorBody,
     InferRequest,
@@ -45,8 +50,12 @@ class JSON(Response):
         return orjson.dumps(content, option=JSON_OPTIONS)
 
 
-def _error(exc: ModelMoraError) -> Response:
-    status, headers, body = error_response_parts(exc, current_trace_id.get())
+def _error(exc: ModelMoraError, request: Request) -> Response:
+    path = request.url.path
+    if openai_errors.is_v1(path):  # the declared exception: OpenAI's shape on `/v1`
+        status, headers, body = openai_errors.error_response_parts(exc, path)
+    else:
+        status, headers, body = error_response_parts(exc, current_trace_id.get())
     return Response(body, status_code=status, headers={k.decode(): v.decode() for k, v in headers})
 
 
@@ -81,6 +90,7 @@ def build_router() -> APIRouter:
     # The edge serves these two routes through api/fastpath.py; they stay here for the
     # OpenAPI document and run the same code if the fast path is ever turned off.
     async def _infer(request: Request, name: str, body: InferRequest) -> Response:
+        encoding = fastpath.take_encoding(body)
         watch = _disconnect_watch(request)
         if body.stream:
             events = fastpath.open_stream(_mm(request), name, body, watch)
@@ -107,7 +117,9 @@ def build_router() -> APIRouter:
             result = await fastpath.run_infer(_mm(request), name, body, watch)
         finally:
             watch.cancel()
-        return JSON(result)
+        npy = fastpath.wants_npy(request.headers.get("accept", "").encode("latin-1"))
+        payload, headers = fastpath.render(result, encoding, npy)
+        return Response(payload, headers={k.decode(): v.decode() for k, v in headers})
 
     @r.post(
         "/api/v1/infer/{name:path}",
@@ -196,6 +208,12 @@ def build_router() -> APIRouter:
     async def status(request: Request) -> Response:
         return JSON(await _mm(request).management.status())
 
+    @r.get("/api/v1/stats", tags=["management"], responses=_ERRORS)
+    async def stats(request: Request, window: int = 300) -> Response:
+        """Each model's recent figures over the last `window` seconds (10 up to 900): request
+        and error rates, p50/p90/p99 latency, batch size; one point per 5 s, from memory."""
+        return JSON(_mm(request).management.stats(window))
+
     async def metrics(request: Request) -> Response:
         """Prometheus text exposition of every metric (observability/metrics.py)."""
         body = await _mm(request).metrics_exposition()
@@ -239,50 +257,120 @@ def build_router() -> APIRouter:
     return r
 
 
-def create_rest_app(mm: ModelMora) -> FastAPI:
-    """The FastAPI application (routes, OpenAPI, handlers). Serve it wrapped by `asgi_app`."""
+def create_rest_app(mm: ModelMora, sessions: ConsoleSessions | None = None) -> FastAPI:
+    """The FastAPI application (routes, OpenAPI, handlers). Serve it wrapped by `asgi_app`.
+    `sessions`: the console's sign-in when the server checks keys (api/console_auth.py)."""
     app = FastAPI(
         title="ModelMora",
         version=__version__,
         description="One server for many PyTorch models.",
         lifespan=mm.lifespan,
+        docs_url=None,  # served below from assets in the package, not from a CDN
+        redoc_url=None,
     )
     app.state.mm = mm
     app.include_router(build_jobs_router())  # first: `/infer/{name}/async` before `/infer/{name:path}`
     app.include_router(build_router())
+    app.include_router(build_openai_router())
+    app.include_router(build_docs_router())
+    app.include_router(build_console_router())  # the web console at /ui (api/console.py)
+    app.include_router(build_session_router(sessions))
 
     @app.exception_handler(ModelMoraError)
-    async def _mm_error(_request: Request, exc: ModelMoraError) -> Response:
-        return _error(exc)
+    async def _mm_error(request: Request, exc: ModelMoraError) -> Response:
+        return _error(exc, request)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_request: Request, exc: RequestValidationError) -> Response:
-        return _error(fastpath.validation_error(list(exc.errors())))
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        if openai_errors.is_v1(request.url.path):
+            return _error(openai_schemas.validation_error(list(exc.errors())), request)
+        return _error(fastpath.validation_error(list(exc.errors())), request)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> Response:
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         code = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}.get(exc.status_code)
         if code is None:
             code = ErrorCode.VALIDATION_ERROR if exc.status_code < 500 else ErrorCode.INTERNAL_ERROR
-        return _error(ModelMoraError(code, str(exc.detail)))
+        return _error(ModelMoraError(code, str(exc.detail)), request)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_request: Request, exc: Exception) -> Response:
+    async def _unexpected(request: Request, exc: Exception) -> Response:
         logging.getLogger("modelmora.api").exception("unhandled error")
-        return _error(ModelMoraError(ErrorCode.INTERNAL_ERROR, f"internal error: {type(exc).__name__}"))
+        return _error(
+            ModelMoraError(ErrorCode.INTERNAL_ERROR, f"internal error: {type(exc).__name__}"), request
+        )
 
     return app
+
+
+# Swagger UI and ReDoc, shipped by the `fastapi-offline` package: `/docs` works on a machine
+# without internet (FastAPI's own pages load them from a CDN). Under `/docs/`, which needs no key.
+DOCS_ASSETS = "/docs/assets/"
+_ASSET_TYPES = {".js": "text/javascript", ".css": "text/css", ".png": "image/png"}
+
+
+def _asset(name: str) -> bytes | None:
+    static = resources.files("fastapi_offline") / "static"
+    if "/" in name or name.startswith(".") or not name.endswith(tuple(_ASSET_TYPES)):
+        return None
+    path = static / name
+    return path.read_bytes() if path.is_file() else None
+
+
+def build_docs_router() -> APIRouter:
+    r = APIRouter(include_in_schema=False)
+
+    @r.get("/docs")
+    async def swagger() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="ModelMora - Swagger UI",
+            oauth2_redirect_url="/docs/oauth2-redirect",
+            swagger_js_url=DOCS_ASSETS + "swagger-ui-bundle.js",
+            swagger_css_url=DOCS_ASSETS + "swagger-ui.css",
+            swagger_favicon_url=DOCS_ASSETS + "favicon.png",
+        )
+
+    @r.get("/docs/oauth2-redirect")
+    async def oauth2_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @r.get("/redoc")
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url="/openapi.json",
+            title="ModelMora - ReDoc",
+            redoc_js_url=DOCS_ASSETS + "redoc.standalone.js",
+            redoc_favicon_url=DOCS_ASSETS + "favicon.png",
+            with_google_fonts=False,
+        )
+
+    @r.get(DOCS_ASSETS + "{name}")
+    async def asset(name: str) -> Response:
+        data = await asyncio.to_thread(_asset, name)
+        if data is None:
+            raise ModelMoraError(ErrorCode.NOT_FOUND, f"no docs asset {name!r}")
+        media = _ASSET_TYPES["." + name.rsplit(".", 1)[-1]]
+        return Response(data, media_type=media, headers={"cache-control": "public, max-age=86400"})
+
+    return r
 
 
 def asgi_app(mm: ModelMora) -> EdgeMiddleware:
     """What uvicorn runs: the edge first (trace ids, limits, drain, the inference fast path),
     outside FastAPI's middleware stack so that none of it is paid twice."""
 
-    async def fast(name: str, schema: Any, body: bytes, receive: Any, send: Any) -> None:
-        await fastpath.handle(mm, name, schema, body, receive, send)
+    async def fast(
+        name: str, schema: Any, body: bytes, receive: Any, send: Any, headers: dict[bytes, bytes]
+    ) -> None:
+        if schema is fastpath.OPENAI_EMBEDDINGS:
+            await openai_embeddings.handle(mm, body, receive, send, headers)
+        else:
+            await fastpath.handle(mm, name, schema, body, receive, send, headers)
 
+    sessions = build_sessions(mm)
     return EdgeMiddleware(
-        create_rest_app(mm),
+        create_rest_app(mm, sessions),
         max_body=mm.settings.limits.max_request_bytes,
         is_draining=lambda: mm.draining,
         counter=mm,
@@ -293,4 +381,5 @@ def asgi_app(mm: ModelMora) -> EdgeMiddleware:
         auth=mm.auth,
         limiter=mm.limiter,
         metrics_public=mm.settings.auth.metrics_public,
+        sessions=sessions,
     )

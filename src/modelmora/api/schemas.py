@@ -80,10 +80,14 @@ class InferMetadata(BaseModel):
     device: str | None
     batch_size: int
     truncated: int = 0
+    prompt_tokens: int | None = Field(None, description="embeddings: input tokens, by the model's tokenizer")
 
 
 class InferResponse(BaseModel):
-    result: dict[str, Any] = Field(description="txt2embed: `embeddings` (a vector, or a list of vectors)")
+    result: dict[str, Any] = Field(
+        description="txt2embed: `embeddings` (a vector, or a list of vectors; with `parameters.encoding: "
+        "base64`, one base64 string of the little-endian float32 array, and `shape`)"
+    )
     metadata: InferMetadata
     timing: Timing
 

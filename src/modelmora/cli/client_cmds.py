@@ -1,4 +1,5 @@
-"""The commands that talk to a running server: health, status, load, unload, jobs.
+"""The commands that talk to a running server: health, status, ps, load, unload, jobs (and
+`run`, in run_cmds.py).
 
 They need only the base install (`pip install modelmora`): httpx, typer and rich, no server
 library, so an operator's machine can watch and steer a server it does not run.
@@ -8,13 +9,13 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from modelmora.cli.common import app, context, fail, out, raise_for, require_server
 from modelmora.errors import ModelMoraError
+from modelmora.status_view import Column, fitted_table, models_table, ps_table, render_status
 
 
 @app.command()
@@ -24,20 +25,7 @@ def health(ctx: typer.Context) -> None:
     ready = require_server(ctx, settings, "GET", "/health/ready")
     models = require_server(ctx, settings, "GET", "/health/models").json().get("models", [])
     out.print(f"server: {ready.json().get('status')}")
-    table = Table(title="models")
-    for col in ("name", "state", "pid", "queued", "in flight", "rss", "error"):
-        table.add_column(col)
-    for m in models:
-        table.add_row(
-            m["name"],
-            m["state"],
-            str(m["pid"] or "-"),
-            str(m["queued"]),
-            str(m["in_flight"]),
-            f"{m['memory']['rss_bytes'] / 1e6:.0f} MB",
-            m["error"] or "",
-        )
-    out.print(table)
+    out.print(models_table(models, out.width))
     if ready.status_code != 200:
         raise typer.Exit(1)
 
@@ -83,17 +71,27 @@ def jobs(
         )
     except ModelMoraError as exc:
         raise fail(exc) from None
-    table = Table(title=f"jobs ({body['meta']['total']} in all)")
-    table.add_column("job id", no_wrap=True, min_width=36)  # ids are copied from here
-    for col in ("model", "status", "priority", "progress", "attempts", "created", "error"):
-        table.add_column(col)
+    columns = [
+        Column("job id"),  # copied from here: never cut
+        Column("model", keep=9),
+        Column("status", keep=8),
+        Column("priority", keep=1),
+        Column("progress", keep=6),
+        Column("attempts", keep=2),
+        Column("created", keep=4),
+        Column("error", keep=5),
+    ]
+    rows = []
     for j in body["data"]:
         progress = f"{j['progress'] * 100:.0f}%" if j["progress"] is not None else "-"
         error = (j["error"] or {}).get("error_code", "")
-        table.add_row(
-            j["job_id"], j["model"], j["status"], str(j["priority"]), progress, str(j["attempts"]),
-            j["created_at"][:19], error,
+        rows.append(
+            [
+                j["job_id"], j["model"], j["status"], str(j["priority"]), progress, str(j["attempts"]),
+                j["created_at"][:19], error,
+            ]
         )  # fmt: skip
+    table = fitted_table(f"jobs ({body['meta']['total']} in all)", columns, rows, out.width)
     out.print(table)
 
 
@@ -103,15 +101,34 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="The raw status document, as JSON")] = False,
 ) -> None:
     """The running server's status: version, uptime, models, memory, queues, workers, GPUs, jobs."""
-    settings = context(ctx).settings()
-    try:
-        body = raise_for(require_server(ctx, settings, "GET", "/api/v1/status", timeout=10))
-    except ModelMoraError as exc:  # e.g. UNAUTHORIZED: a server that checks keys, no --api-key
-        raise fail(exc) from None
+    body = _status(ctx)
     if as_json:
         sys.stdout.write(json.dumps(body, indent=2) + "\n")
         return
-    from modelmora.status_view import render_status
-
-    for renderable in render_status(body):
+    for renderable in render_status(body, out.width):
         out.print(renderable)
+
+
+@app.command()
+def ps(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="The loaded models' status, as JSON")] = False,
+) -> None:
+    """The models loaded in the running server: memory, device, requests, until when they stay."""
+    loaded = [m for m in _status(ctx).get("models", []) if m.get("pid") is not None]
+    if as_json:
+        sys.stdout.write(json.dumps(loaded, indent=2) + "\n")
+        return
+    if not loaded:
+        out.print("no model is loaded")
+        return
+    out.print(ps_table(loaded, out.width))
+
+
+def _status(ctx: typer.Context) -> dict[str, Any]:
+    settings = context(ctx).settings()
+    try:
+        body: dict[str, Any] = raise_for(require_server(ctx, settings, "GET", "/api/v1/status", timeout=10))
+    except ModelMoraError as exc:  # e.g. UNAUTHORIZED: a server that checks keys, no --api-key
+        raise fail(exc) from None
+    return body

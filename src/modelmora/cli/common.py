@@ -147,11 +147,12 @@ def registry_service(ctx: typer.Context, live: bool = False) -> Iterator[Registr
     states = live_states(ctx, settings) if live else {}
     with needs_server_extra():
         from modelmora.auth.keys import current_client
+        from modelmora.registry.paths import roots_of
         from modelmora.registry.policy import InstallPolicy
         from modelmora.registry.store import RegistryStore
         from modelmora.services.registry import RegistryService, inline
 
-        store = RegistryStore(settings.database_url)
+        store = RegistryStore(settings.database_url, roots_of(settings))
         client = current_client.set("cli")  # where the audit log says the change came from
         try:
             store.create_schema()

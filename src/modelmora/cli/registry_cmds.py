@@ -10,11 +10,11 @@ extra (sqlalchemy, the sources): without it they say so and exit 2.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from modelmora.cli.common import (
     EXIT_USAGE,
@@ -31,6 +31,7 @@ from modelmora.cli.common import (
     server_call,
 )
 from modelmora.errors import ModelMoraError
+from modelmora.status_view import Column, fitted_table
 
 
 def _looks_like_source(value: str) -> bool:
@@ -95,25 +96,33 @@ def install(
 def list_models(
     ctx: typer.Context,
     task: Annotated[str | None, typer.Option("--task", help="Only this task type")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The records, as JSON")] = False,
 ) -> None:
     """List installed models."""
     with registry_service(ctx, live=True) as registry:
         listed = run(registry.list(task, page_size=1_000_000))
-    table = Table(title="models")
-    for col in ("name", "task", "version", "versions", "size", "state", "model id"):
-        table.add_column(col)
+    if as_json:
+        sys.stdout.write(json.dumps(listed["data"], indent=2, default=str) + "\n")
+        return
+    columns = [
+        Column("name"),
+        Column("task", keep=5),
+        Column("version", keep=4),
+        Column("versions", keep=1, justify="right"),
+        Column("size", keep=3, justify="right"),
+        Column("state", keep=6),
+        Column("model id", keep=2),
+    ]
+    rows = []
     for rec in listed["data"]:
         active = _active(rec)
-        table.add_row(
-            rec["name"],
-            rec["task_type"],
-            active["version"],
-            str(len(rec["versions"])),
-            f"{active['size_bytes'] / 1e6:.1f} MB",
-            rec["state"],
-            rec["model_id"],
-        )
-    out.print(table)
+        rows.append(
+            [
+                rec["name"], rec["task_type"], active["version"], str(len(rec["versions"])),
+                f"{active['size_bytes'] / 1e6:.1f} MB", rec["state"], rec["model_id"],
+            ]
+        )  # fmt: skip
+    out.print(fitted_table("models", columns, rows, out.width))
 
 
 @app.command()

@@ -95,7 +95,12 @@ def serve(
     settings = context(ctx).settings({"server": {k: v for k, v in flags.items() if v is not None}})
     with needs_server_extra():
         from modelmora.app import serve as run_server
+        from modelmora.config import ConfigurationError
         from modelmora.observability.logging import configure_logging
 
         configure_logging(settings.server.log_level, settings.server.log_format)
-        run_server(settings)
+        try:
+            run_server(settings)
+        except ConfigurationError as exc:
+            err.print(f"configuration error: {exc}", markup=False, highlight=False)
+            raise typer.Exit(2) from None

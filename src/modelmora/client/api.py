@@ -105,6 +105,11 @@ class SyncApi:
     def status(self) -> dict[str, Any]:
         return self._d(ops.status())
 
+    def stats(self, window: int | None = None) -> dict[str, Any]:
+        """Each model's recent figures: rates, p50/p90/p99 latency, batch size, one point per
+        few seconds over the last `window` seconds (default 300)."""
+        return self._d(ops.stats(window))
+
     def infer(
         self,
         model: str,
@@ -202,6 +207,9 @@ class AsyncApi:
 
     async def status(self) -> dict[str, Any]:
         return await self._d(ops.status())
+
+    async def stats(self, window: int | None = None) -> dict[str, Any]:
+        return await self._d(ops.stats(window))
 
     async def infer(
         self,

@@ -3,6 +3,7 @@ gives both transports' callers the same dict (REST's JSON shape; embeddings as n
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ from modelmora.v1.convert import (
     dict_to_struct,
     message_to_dict,
     response_to_dict,
+    stats_to_dict,
     struct_to_dict,
 )
 
@@ -55,11 +57,26 @@ def _q(name: str) -> str:
 
 
 def with_numpy(response: dict[str, Any]) -> dict[str, Any]:
-    """REST's embeddings (JSON lists) as float32 arrays, as the gRPC client gives them."""
+    """REST's embeddings (JSON lists, or base64 of little-endian float32 with `shape`) as
+    float32 arrays, as the gRPC client gives them."""
     result = response.get("result")
     if isinstance(result, dict) and "embeddings" in result:
-        response["result"] = {**result, "embeddings": np.asarray(result["embeddings"], dtype=np.float32)}
+        embeddings = result["embeddings"]
+        if isinstance(embeddings, str):
+            shape = tuple(result["shape"])
+            array = np.frombuffer(base64.b64decode(embeddings), dtype="<f4").reshape(shape)
+            result = {k: v for k, v in result.items() if k != "shape"}
+            response["result"] = {**result, "embeddings": array.astype(np.float32, copy=False)}
+        else:
+            response["result"] = {**result, "embeddings": np.asarray(embeddings, dtype=np.float32)}
     return response
+
+
+# Embeddings travel over REST as base64 unless the caller asks otherwise: a quarter of the
+# bytes of JSON floats, and no float formatting in the server (gRPC sends bytes anyway).
+# The server reads `encoding` at its REST door for every task; results without embeddings
+# are unaffected.
+REST_ENCODING = "base64"
 
 
 def _page(body: Any) -> dict[str, Any]:
@@ -214,6 +231,13 @@ def status() -> Op:
     )
 
 
+def stats(window: int | None = None) -> Op:
+    return Op(
+        RestCall("GET", "/api/v1/stats", params=_drop_none({"window": window})),
+        GrpcCall("management", "GetStats", pb.GetStatsRequest(window_seconds=window or 0), stats_to_dict),
+    )
+
+
 def model_health() -> Op:
     return Op(
         RestCall("GET", "/health/models", convert=lambda b: b["models"]),
@@ -256,11 +280,12 @@ def infer(
     timeout_seconds: float | None = None,
     keep_alive: float | None = None,
 ) -> Op:
-    body = infer_body(input_data, parameters, priority, timeout_seconds, keep_alive)
+    rest_parameters = {"encoding": REST_ENCODING, **(parameters or {})}
+    body = infer_body(input_data, rest_parameters, priority, timeout_seconds, keep_alive)
     request = build_request(
         model,
         input_data,
-        parameters,
+        {k: v for k, v in (parameters or {}).items() if k != "encoding"},  # a REST option
         priority=priority,
         timeout_seconds=timeout_seconds,
         keep_alive=keep_alive,

@@ -180,6 +180,32 @@ class WorkerStats:
     items: int
 
 
+# Continuous (iteration-level) batching: lifecycle/stepping.py in the worker,
+# inference/continuous.py in the server.
+@dataclass(slots=True)
+class Stepping:
+    """server -> worker, after `Loaded`: run the model as one running batch of at most
+    `slots` rows. Each `Infer` from then on is a request that joins it at the next step and
+    is answered by its own `BatchDone` when its rows are done."""
+
+    slots: int
+
+
+@dataclass(slots=True)
+class Credit:
+    """worker -> server: the room left in the running batch, sent in answer to `Stepping`
+    and whenever it changes. `received` counts the `Infer` messages the worker has taken so
+    far, so the server subtracts what it sent after this report (no race). Which queued
+    requests fill the room stays the server's choice. `supported` False (with `reason`):
+    this model cannot be stepped and keeps static batching."""
+
+    free_slots: int
+    free_tokens: int
+    received: int
+    supported: bool = True
+    reason: str = ""
+
+
 def encode(message: object) -> bytes:
     body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
     return _HEADER.pack(len(body)) + body

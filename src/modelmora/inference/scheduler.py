@@ -193,17 +193,22 @@ class ModelScheduler:
             # work riding along would make the critical requests wait for all of it.
             only = Priority.CRITICAL if computing and self._jumps_line(computing) else None
             batch, expired = next_batch(self._queue, now, self.limits, only)
-            self.admission.queued -= len(batch) + len(expired)
-            if expired:
-                self._m_expired.inc(len(expired))
-            for entry in expired:
-                _settle(entry, _timeout())
+            self._taken(batch, expired)
             if batch:
                 self._m_batch.observe(sum(e.size for e in batch))
                 self._batches.append(batch)
                 task = asyncio.create_task(self._dispatch(batch))
                 self._batch_tasks.add(task)
                 task.add_done_callback(self._batch_tasks.discard)
+
+    def _taken(self, batch: list[Entry], expired: list[Entry]) -> None:
+        """Entries that left the queue: those going to the worker, and those whose deadline
+        passed there (answered with a timeout, never sent)."""
+        self.admission.queued -= len(batch) + len(expired)
+        if expired:
+            self._m_expired.inc(len(expired))
+        for entry in expired:
+            _settle(entry, _timeout())
 
     def _jumps_line(self, computing: int) -> bool:
         head = self._queue.peek(self.clock())
@@ -257,6 +262,8 @@ class ModelScheduler:
             self._wake.set()
         inference_ms = done.compute_ms
         size = sum(e.size for e in batch)
+        if "batch_size" in done.stats:  # a stepped worker: the rows that ran beside it
+            size = max(1, round(done.stats["batch_size"]))
         self._record_worker(done.stats)
         finished = self.clock()
         if not self._batches:  # the worker is idle now: its clients are about to come back

@@ -1,10 +1,20 @@
-"""Runs async jobs: pulls them from the job store when the model's queue has room.
+"""Runs async jobs: pulls them from the job store when this replica can start them.
 
 Jobs wait in the store, not in the request queue, so a burst of jobs is never refused with
-429 while the store has room; a replica keeps at most `2 * max_batch_size` jobs of one model
-in the scheduler (enough to fill a batch and the one gathering behind it), never more than
-half of that model's queue, and `max_running` in all. Once pulled, a job is an ordinary
+429 while the store has room. Claiming is fair between replicas (issue 15): a replica takes
+only what it can start soon, one batch of a model at a time (the model's `max_batch_size`,
+never more than half its queue) and `max_running` in all, so the rest stays in the store for
+replicas with free capacity. A claimed job first has its model loaded here; its deadline
+(`timeout_seconds`) starts once it is queued behind a loaded model, so neither the wait in
+the store nor the load eats into it (`created_at` still shows the submission). A job whose
+model is still loading here after `jobs.release_after_seconds`, while another replica has
+nothing to do and either has that model loaded or this replica's load waits for memory, goes
+back to the queue for that one (not counted as an attempt). Once queued, a job is an ordinary
 request: same priorities, same batches.
+
+With Redis, replicas also say when they are idle, and one of them (elected with a short
+lease) reports the cluster-wide job gauges, so that dashboards summing over replicas count
+each job once (`reports_cluster`).
 """
 
 from __future__ import annotations
@@ -15,7 +25,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import orjson
 
@@ -35,6 +45,21 @@ log = logging.getLogger("modelmora.jobs")
 # fine, the replica could not run it now. Bounded by `max_attempts`.
 _REQUEUE = {ErrorCode.WORKER_DIED, ErrorCode.INSUFFICIENT_MEMORY, ErrorCode.SHUTTING_DOWN}
 _PROGRESS_EVERY_S = 0.25  # store writes for progress, at most this often per job
+
+
+@runtime_checkable
+class Presence(Protocol):
+    """What a store shared by several replicas adds (the Redis store): who is idle, and who
+    reports the cluster-wide figures."""
+
+    async def set_idle(self, idle: bool, now: float, loaded: list[str]) -> None: ...
+
+    async def idle_elsewhere(self, now: float, within: float, model: str | None) -> int:
+        """Other replicas that said they were idle in the last `within` seconds (with
+        `model` loaded, when given)."""
+
+    async def elect_reporter(self, ttl: float) -> bool:
+        """Whether this replica reports the cluster-wide job gauges (for `ttl` seconds)."""
 
 
 class JobDispatcher:
@@ -59,6 +84,10 @@ class JobDispatcher:
         self._tasks: list[asyncio.Task[None]] = []
         self._claiming = True
         self.counters: Counter[str] = Counter()
+        self._waiting: dict[str, tuple[str, float]] = {}  # claimed, model loading: id -> (model, since)
+        self._yielded: set[str] = set()  # given back for an idle replica
+        # Whether this replica exports the cluster-wide job gauges (one does, with Redis).
+        self.reports_cluster = not isinstance(store, Presence)
 
     def start(self) -> None:
         self._tasks = [
@@ -69,11 +98,15 @@ class JobDispatcher:
     def poke(self) -> None:
         self._wake.set()
 
-    def _per_model_limit(self) -> int:
-        """Enough jobs to fill a batch and the one gathering behind it, but never more than
-        half of a model's queue: the rest stays for synchronous requests."""
+    def _batch_of(self, model: str | None) -> int:
+        """One batch of the model (its own max_batch_size when this replica knows it), never
+        more than half of its queue: the rest stays for synchronous requests."""
         cfg = self.settings.scheduler
-        return max(1, min(2 * cfg.max_batch_size, cfg.queue_size_per_model // 2))
+        slot = self.inference.manager.slots.get(model) if model is not None else None
+        size = int(
+            (slot.record.config.get("max_batch_size") if slot is not None else None) or cfg.max_batch_size
+        )
+        return max(1, min(size, cfg.queue_size_per_model // 2))
 
     async def _claim_loop(self) -> None:
         cfg = self.settings.jobs
@@ -82,11 +115,12 @@ class JobDispatcher:
             claimed = 0
             if room > 0 and self._claiming:
                 now = self.clock()
-                limit = self._per_model_limit()
-                share = {m: limit - n for m, n in self._per_model.items()}
+                # Free batch capacity: what this replica can start now, per model.
+                share = {m: self._batch_of(m) - n for m, n in self._per_model.items()}
+                share |= {m: self._batch_of(m) for m in self.inference.manager.slots if m not in share}
                 share |= {m: 0 for m, until in self._backoff_until.items() if until > now}
                 try:
-                    jobs = await self.store.claim(room, share, limit, now)
+                    jobs = await self.store.claim(room, share, self._batch_of(None), now)
                 except Exception:
                     log.exception("claiming jobs failed")
                     jobs = []
@@ -107,6 +141,8 @@ class JobDispatcher:
     def _done(self, job: JobRecord) -> None:
         self.running.pop(job.job_id, None)
         self._cancelled.discard(job.job_id)
+        self._waiting.pop(job.job_id, None)
+        self._yielded.discard(job.job_id)
         self._per_model[job.model] -= 1
         if self._per_model[job.model] <= 0:
             del self._per_model[job.model]
@@ -114,7 +150,6 @@ class JobDispatcher:
 
     async def _run(self, job: JobRecord) -> None:
         current_protocol.set("job")  # this task's own context: its requests count as jobs
-        request = job.request
         last_write = 0.0
 
         def on_event(kind: str, data: dict[str, Any]) -> None:
@@ -131,16 +166,8 @@ class JobDispatcher:
             task.add_done_callback(_quiet)
 
         try:
-            response = await self.inference.infer(
-                job.model,
-                request.get("input_data") or {},
-                request.get("parameters"),
-                priority=request.get("priority"),
-                timeout_seconds=request.get("timeout_seconds"),
-                keep_alive=request.get("keep_alive"),
-                trace_id=job.trace_id,
-                on_event=on_event,
-            )
+            # The model first: its load is not the job's time (nor bounded by its timeout).
+            response = await self._loaded_then_run(job, on_event)
             stored, key = await self._store_result(job, response)
             now = self.clock()
             await self.store.finish(job.job_id, JobStatus.COMPLETED, now, response=stored, result_key=key)
@@ -149,7 +176,9 @@ class JobDispatcher:
             if job.job_id in self._cancelled:
                 error = ModelMoraError(ErrorCode.CANCELLED, "the job was cancelled while it ran")
                 await asyncio.shield(self._fail(job, JobStatus.CANCELLED, error))
-            else:  # this replica is stopping: the job runs again on the next start
+            else:  # stopping, or given back for an idle replica: it runs again elsewhere
+                if job.job_id in self._yielded:
+                    self.counters["released"] += 1
                 await asyncio.shield(self.store.release(job.job_id, count_attempt=False))
             raise
         except ModelMoraError as exc:
@@ -159,6 +188,29 @@ class JobDispatcher:
             await self._fail(job, JobStatus.FAILED, ModelMoraError(ErrorCode.INTERNAL_ERROR, str(exc)))
         finally:
             self._done(job)
+
+    async def _loaded_then_run(
+        self, job: JobRecord, on_event: Callable[[str, dict[str, Any]], None]
+    ) -> dict[str, Any]:
+        manager, request = self.inference.manager, job.request
+        self._waiting[job.job_id] = (job.model, time.monotonic())
+        # Held (a reference) until the job is queued, so the model cannot go in between.
+        deadline = manager.clock() + self.settings.lifecycle.load_timeout_seconds
+        slot = await manager.acquire(job.model, deadline=deadline, reason="job")
+        try:
+            self._waiting.pop(job.job_id, None)
+            return await self.inference.infer(
+                job.model,
+                request.get("input_data") or {},
+                request.get("parameters"),
+                priority=request.get("priority"),
+                timeout_seconds=request.get("timeout_seconds"),
+                keep_alive=request.get("keep_alive"),
+                trace_id=job.trace_id,
+                on_event=on_event,
+            )
+        finally:
+            manager.release(slot)
 
     async def _failed_run(self, job: JobRecord, exc: ModelMoraError) -> None:
         if exc.code is ErrorCode.QUEUE_FULL:
@@ -197,7 +249,7 @@ class JobDispatcher:
         return True
 
     async def _housekeeping_loop(self) -> None:
-        """Leases, cancels asked on other replicas, expiry."""
+        """Leases, cancels asked on other replicas, idle replicas, expiry."""
         cfg = self.settings.jobs
         last_expiry = 0.0
         while True:
@@ -207,6 +259,8 @@ class JobDispatcher:
                 await self.store.heartbeat(ids, self.clock())
                 for job_id in await self.store.cancel_requested(ids):
                     self.cancel_running(job_id)
+                if isinstance(self.store, Presence):
+                    await self._share_work(self.store)
                 now = self.clock()
                 if now - last_expiry >= cfg.expiry_interval_seconds:
                     last_expiry = now
@@ -217,6 +271,44 @@ class JobDispatcher:
                     await self.results.sweep()
             except Exception:
                 log.exception("job housekeeping failed")
+
+    async def _share_work(self, presence: Presence) -> None:
+        """Say whether this replica is idle (and with which models loaded); give back the jobs
+        stuck behind a load here when an idle replica can do better; keep (or take) the
+        reporting of the cluster-wide figures."""
+        cfg = self.settings.jobs
+        now = self.clock()
+        slots = self.inference.manager.slots
+        loading = any(slot.load_task is not None for slot in slots.values())
+        idle = self._claiming and not self.running and not loading
+        await presence.set_idle(idle, now, [n for n, slot in slots.items() if slot.is_ready()])
+        self.reports_cluster = await presence.elect_reporter(max(1.0, 4 * cfg.poll_seconds))
+        started = time.monotonic()
+        stuck = [
+            j for j, (_m, since) in self._waiting.items() if started - since >= cfg.release_after_seconds
+        ]
+        within = 3 * cfg.poll_seconds
+        given = 0
+        for job_id in stuck:
+            model, _since = self._waiting[job_id]
+            slot = slots.get(model)
+            # Better elsewhere: an idle replica has the model loaded, or this one cannot even
+            # start loading it (waiting for memory held by busy models) and another is idle.
+            waits_for_memory = slot is not None and slot.memory_plan is not None
+            if not await presence.idle_elsewhere(now, within, model) and not (
+                waits_for_memory and await presence.idle_elsewhere(now, within, None)
+            ):
+                continue
+            del self._waiting[job_id]
+            # Not straight back here: the idle replica polls first.
+            self._backoff_until[model] = now + cfg.release_after_seconds
+            task = self.running.get(job_id)
+            if task is not None:
+                self._yielded.add(job_id)
+                task.cancel()
+                given += 1
+        if given:
+            log.info("jobs given back for an idle replica", extra={"jobs": given})
 
     def stop_claiming(self) -> None:
         """A draining replica takes no new jobs (others, or the next start, will)."""

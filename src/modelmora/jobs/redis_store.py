@@ -22,6 +22,7 @@ made with auth off and read as the anonymous caller's.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import uuid
@@ -168,6 +169,15 @@ return st
 """
 
 
+# KEYS: reporter key. ARGV: this consumer, ttl ms. Keep the role, or take it when free.
+_ELECT = """
+local current = redis.call('GET', KEYS[1])
+if current == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+if not current then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
+return 0
+"""
+
+
 def _s(value: bytes | None) -> str | None:
     return value.decode() if value else None
 
@@ -216,6 +226,8 @@ class RedisJobStore:
         self._cancel = self._redis.register_script(_CANCEL)
         self._progress = self._redis.register_script(_PROGRESS)
         self._forget_consumers = self._redis.register_script(_FORGET_CONSUMERS)
+        self._elect = self._redis.register_script(_ELECT)
+        self._advertised: set[str] = set()  # models this replica said it has loaded while idle
         self._entries: dict[str, tuple[str, str]] = {}  # running job -> (stream, entry id)
         self._ready_models: set[str] = set()
         self._turn = 0  # rotates the model a claim reads first
@@ -252,6 +264,11 @@ class RedisJobStore:
 
     async def close(self) -> None:
         # Leave this consumer's pending entries: whatever it did not finish is taken over.
+        # Give up the idle mark and the reporter role at once (others would wait out the ttl).
+        with contextlib.suppress(Exception):
+            await self.set_idle(False, 0.0, [])
+            if await self._redis.get(f"{self.prefix}reporter") == self.consumer.encode():
+                await self._redis.delete(f"{self.prefix}reporter")
         await self._redis.aclose()
 
     async def create(self, job: JobRecord, max_pending: int) -> tuple[JobRecord, bool]:
@@ -401,6 +418,33 @@ class RedisJobStore:
                         claimed.append(job)
                         left[model] -= 1
         return claimed
+
+    # -- presence (fair claiming, one reporter of the cluster-wide figures) ----------------------
+
+    async def set_idle(self, idle: bool, now: float, loaded: list[str]) -> None:
+        """Idle replicas are members of `idle`, and of `idle:<model>` for each model they have
+        loaded, scored by when they last said so."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for model in self._advertised - set(loaded if idle else []):
+                pipe.zrem(f"{self.prefix}idle:{model}", self.consumer)
+            if idle:
+                pipe.zadd(f"{self.prefix}idle", {self.consumer: now})
+                for model in loaded:
+                    pipe.zadd(f"{self.prefix}idle:{model}", {self.consumer: now})
+            else:
+                pipe.zrem(f"{self.prefix}idle", self.consumer)
+            await pipe.execute()
+        self._advertised = set(loaded) if idle else set()
+
+    async def idle_elsewhere(self, now: float, within: float, model: str | None) -> int:
+        key = f"{self.prefix}idle" if model is None else f"{self.prefix}idle:{model}"
+        await self._redis.zremrangebyscore(key, "-inf", now - 10 * within)  # replicas long gone
+        members = await self._redis.zrangebyscore(key, now - within, "+inf")
+        return sum(1 for m in members if m.decode() != self.consumer)
+
+    async def elect_reporter(self, ttl: float) -> bool:
+        taken = await self._elect(keys=[f"{self.prefix}reporter"], args=[self.consumer, int(ttl * 1000)])
+        return bool(taken)
 
     async def heartbeat(self, job_ids: list[str], now: float) -> None:
         by_stream: dict[str, list[str]] = {}

@@ -24,7 +24,8 @@ from modelmora.contracts.channel import Event, LoadFailure, LoadSpec
 from modelmora.contracts.runner import Runner, RunnerFactory
 from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.inference.batcher import BatchLimits
-from modelmora.inference.scheduler import Admission, ModelScheduler
+from modelmora.inference.continuous import open_scheduler
+from modelmora.inference.scheduler import Admission
 from modelmora.lifecycle.eviction import Need, plan_load
 from modelmora.lifecycle.memory import fork_measurements
 from modelmora.lifecycle.residency import Residency
@@ -42,7 +43,7 @@ from modelmora.lifecycle.state import (
 )
 from modelmora.lifecycle.verify import CACHE_FILE, WeightsVerifier, fingerprint
 from modelmora.observability.metrics import Metrics
-from modelmora.registry.catalog import ModelState
+from modelmora.registry.catalog import ModelRecord, ModelState
 from modelmora.registry.store import RegistryStore
 
 log = logging.getLogger("modelmora.lifecycle")
@@ -52,6 +53,9 @@ CRASH_LOOP_SECONDS = 60.0
 
 # Frees memory for a load: evict(name, reason) unloads that model (or gives up the spare).
 Evict = Callable[[str, str], Awaitable[None]]
+# Makes this node hold the active version's files before its worker starts (the model store's
+# `Materialiser`, set by the app when `registry.model_store` is; None: the files are local).
+FetchFiles = Callable[[ModelRecord], Awaitable[None]]
 
 
 class Loader:
@@ -78,6 +82,7 @@ class Loader:
         self.admission = admission
         self.counters = counters
         self.evict = evict
+        self.fetch_files: FetchFiles | None = None
         self.lock = asyncio.Lock()
         self.idle = asyncio.Event()  # set whenever a model may have become evictable
         self.closing = False
@@ -185,6 +190,9 @@ class Loader:
         # Re-read: `use`, `update` or a reinstall may have changed the record since.
         slot.record = await asyncio.to_thread(self.store.get, slot.name)
         transition(slot, ModelState.LOADING, reason)
+        if self.fetch_files is not None:
+            # Outside the load lock: a download must not hold up other models' loads.
+            await self.fetch_files(slot.record)
         report = await asyncio.to_thread(self.verifier.verify, slot.name, slot.record.version())
         log.info(
             "weights verified",
@@ -276,20 +284,28 @@ class Loader:
                 self.spares.fill()
             raise
         sched = self.settings.scheduler
+        try:  # static or continuous batching (config.batching; inference/continuous.py)
+            scheduler = await open_scheduler(
+                name=name,
+                runner=runner,
+                task=record.task_type,
+                batching=config.get("batching"),
+                limits=BatchLimits(
+                    int(config.get("max_batch_size") or sched.max_batch_size),
+                    float(config.get("max_wait_ms", sched.max_wait_ms)),
+                ),
+                admission=self.admission,
+                queue_size=sched.queue_size_per_model,
+                aging_seconds=sched.aging_seconds,
+                clock=self.clock,
+                metrics=self.metrics,
+                timeout=self.settings.lifecycle.load_timeout_seconds,
+            )
+        except BaseException:
+            await runner.close(grace=0)
+            raise
         slot.runner, slot.loaded, slot.version = runner, loaded, version.version
-        slot.scheduler = ModelScheduler(
-            name=name,
-            runner=runner,
-            limits=BatchLimits(
-                int(config.get("max_batch_size") or sched.max_batch_size),
-                float(config.get("max_wait_ms", sched.max_wait_ms)),
-            ),
-            admission=self.admission,
-            queue_size=sched.queue_size_per_model,
-            aging_seconds=sched.aging_seconds,
-            clock=self.clock,
-            metrics=self.metrics,
-        )
+        slot.scheduler = scheduler
         slot.scheduler.start()
         slot.error, slot.failure, slot.failures, slot.loaded_at = None, None, 0, self.clock()
         slot.last_used = slot.loaded_at

@@ -52,6 +52,7 @@ class ModelManager:
         self.probe = probe or SystemProbe()
         self.spares: WorkerSource = spares or SparePool(enabled=False)
         self.slots: dict[str, ModelSlot] = {}
+        self._draining: set[asyncio.Task[None]] = set()  # workers replaced, finishing their work
         self.admission = Admission(settings.scheduler.queue_size, settings.scheduler.critical_reserve)
         self.counters = {"loads": 0, "load_failures": 0, "unloads": 0, "evictions": 0, "crashes": 0}
         self.residency = Residency(settings, self.slots, self.probe, self.spares)
@@ -172,6 +173,44 @@ class ModelManager:
         self.loader.idle.set()
         return True
 
+    async def retire(self, name: str, reason: str) -> bool:
+        """The catalog changed under a loaded model (another version made active, a setting
+        the worker was started with): the next request loads it anew, while the old worker
+        drains what it was given (bounded by `server.drain_seconds`) and then stops. Its
+        memory is not counted for the new load meanwhile. False: nothing was loaded."""
+        slot = self.slots.get(name)
+        if slot is None or slot.runner is None:
+            return False
+        if not slot.busy:
+            return await self.unload(name, reason, kind=UnloadKind.REPLACED)
+        runner, scheduler = slot.runner, slot.scheduler
+        slot.runner, slot.scheduler, slot.loaded, slot.stats = None, None, None, None
+        transition(slot, ModelState.UNLOADED, f"{reason} (the old worker drains)")
+        self.counters["unloads"] += 1
+        self.metrics.unloads.labels(name, UnloadKind.REPLACED.value).inc()
+
+        async def drain() -> None:
+            deadline = self.clock() + self.settings.server.drain_seconds
+            while (  # noqa: ASYNC110 - the scheduler has no event for "idle"; polled briefly
+                scheduler is not None
+                and scheduler.busy
+                and self.clock() < deadline
+                and not self.loader.closing
+            ):
+                await asyncio.sleep(0.05)
+            if scheduler is not None:
+                await scheduler.stop(
+                    ModelMoraError(ErrorCode.CANCELLED, f"model {name!r} was replaced: {reason}")
+                )
+            await runner.close(self.settings.lifecycle.unload_grace_seconds)
+            log.info("replaced worker drained", extra={"model": name, "reason": reason})
+            self.loader.idle.set()
+
+        task = asyncio.create_task(drain(), name=f"drain-{name}")
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
+        return True
+
     async def _evict(self, name: str, reason: str) -> None:
         if name == SPARE:
             freed = await self.spares.discard()
@@ -191,6 +230,7 @@ class ModelManager:
             task.cancel()
         await asyncio.gather(*loads, return_exceptions=True)
         await self.reaper.stop()
+        await asyncio.gather(*self._draining, return_exceptions=True)
         for name in list(self.slots):
             with contextlib.suppress(Exception):
                 await self.unload(

@@ -15,9 +15,12 @@ import contextlib
 import itertools
 import logging
 import os
+import queue
 import signal
 import socket
 import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -28,6 +31,7 @@ from modelmora.contracts.channel import (
     BatchDone,
     Cancel,
     Close,
+    Credit,
     Event,
     Health,
     Healthy,
@@ -40,15 +44,19 @@ from modelmora.contracts.channel import (
     Prepare,
     Prepared,
     Stats,
+    Stepping,
     WorkerStats,
     WorkItem,
 )
 from modelmora.contracts.runner import EventHandler, ExitHandler, Runner
 from modelmora.errors import ErrorCode, ModelMoraError
+from modelmora.lifecycle import stepping
 from modelmora.lifecycle.state import LoadError
 from modelmora.lifecycle.worker import WorkerCore
 
 log = logging.getLogger("modelmora.runner")
+
+CreditHandler = Callable[[Credit], None]
 
 
 def _died(reason: str) -> ModelMoraError:
@@ -64,6 +72,8 @@ class _Pending:
         self.stats: dict[int, asyncio.Future[WorkerStats]] = {}
         self.load: asyncio.Future[Loaded | LoadFailed] | None = None
         self.prepare: asyncio.Future[Prepared] | None = None
+        self.stepping: asyncio.Future[Credit] | None = None  # the answer to `Stepping`
+        self.on_credit: CreditHandler | None = None  # every later `Credit`
         self.ids = itertools.count(1)
 
     def fail_all(self, error: Exception) -> None:
@@ -72,7 +82,7 @@ class _Pending:
             *self.health.values(),  # type: ignore[list-item]
             *self.stats.values(),  # type: ignore[list-item]
         ]
-        for single in (self.load, self.prepare):
+        for single in (self.load, self.prepare, self.stepping):
             if single is not None:
                 futures.append(single)  # type: ignore[arg-type]
         for fut in futures:
@@ -82,7 +92,7 @@ class _Pending:
         self.batches.clear()
         self.health.clear()
         self.stats.clear()
-        self.load = self.prepare = None
+        self.load = self.prepare = self.stepping = None
 
     def resolve(self, message: object) -> None:
         fut: asyncio.Future[Any] | None
@@ -96,6 +106,12 @@ class _Pending:
             fut, self.load = self.load, None
         elif isinstance(message, Prepared):
             fut, self.prepare = self.prepare, None
+        elif isinstance(message, Credit):
+            if self.stepping is None:
+                if self.on_credit is not None:
+                    self.on_credit(message)
+                return
+            fut, self.stepping = self.stepping, None
         else:
             return
         reply: Any = message  # the future's type was matched by the branch above
@@ -287,6 +303,13 @@ class ProcessRunner:
         with contextlib.suppress(ModelMoraError):
             self._send(Cancel(request_ids))
 
+    async def start_stepping(self, slots: int, on_credit: CreditHandler, timeout: float) -> Credit:
+        """Switch the worker to continuous batching; its first `Credit` (or its refusal)."""
+        fut: asyncio.Future[Credit] = asyncio.get_running_loop().create_future()
+        self._pending.stepping, self._pending.on_credit = fut, on_credit
+        self._send(Stepping(slots))
+        return await asyncio.wait_for(fut, timeout)
+
     async def health(self, timeout: float = 5.0) -> Healthy:
         nonce = next(self._pending.ids)
         fut: asyncio.Future[Healthy] = asyncio.get_running_loop().create_future()
@@ -382,8 +405,15 @@ class InProcessRunner:
             self._loop.call_soon_threadsafe(on_event, event)
 
         self._core = WorkerCore(emit=emit)
+        self._on_event = on_event
         self._alive = False
         self._lock = asyncio.Lock()  # one batch at a time, as in a worker process
+        # Continuous batching: the worker's step loop in its own thread, fed through an inbox.
+        self._inbox: queue.Queue[object] | None = None
+        self._stepping_thread: threading.Thread | None = None
+        self._on_credit: CreditHandler | None = None
+        self._batches: dict[int, asyncio.Future[BatchDone]] = {}
+        self._ids = itertools.count(1)
 
     @property
     def alive(self) -> bool:
@@ -402,8 +432,58 @@ class InProcessRunner:
     async def infer(self, items: list[WorkItem], priority: int = 3) -> BatchDone:
         if not self._alive:
             raise _died("not running")
+        if self._inbox is not None:
+            batch_id = next(self._ids)
+            fut: asyncio.Future[BatchDone] = self._loop.create_future()
+            self._batches[batch_id] = fut
+            self._inbox.put(Infer(batch_id, items, priority))
+            return await fut
         async with self._lock:
             return await asyncio.to_thread(self._core.infer, Infer(0, items))
+
+    async def start_stepping(self, slots: int, on_credit: CreditHandler, timeout: float) -> Credit:
+        """As the worker process does: the step loop (lifecycle/stepping.py) in a thread."""
+        replies: list[object] = []
+        stepper = await asyncio.to_thread(stepping.open_stepper, self._core, Stepping(slots), replies.append)
+        first = replies[0]
+        assert isinstance(first, Credit)
+        if stepper is None:
+            return first
+        self._on_credit, self._inbox = on_credit, queue.Queue()
+        inbox = self._inbox
+        loop = stepping.Loop(self._core, stepper, self._from_worker)
+        self._stepping_thread = threading.Thread(
+            target=loop.run, args=(inbox.get,), name=f"stepping-{self.name}", daemon=True
+        )
+        self._stepping_thread.start()
+        return first
+
+    def _from_worker(self, message: object) -> None:
+        """Called in the step loop's thread: hand the message to the event loop."""
+        self._loop.call_soon_threadsafe(self._deliver, message)
+
+    def _deliver(self, message: object) -> None:
+        if isinstance(message, BatchDone):
+            fut = self._batches.pop(message.batch_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(message)
+        elif isinstance(message, Credit):
+            if self._on_credit is not None:
+                self._on_credit(message)
+        elif isinstance(message, Event):
+            self._on_event(message)
+
+    def _stop_stepping(self, error: ModelMoraError) -> threading.Thread | None:
+        thread, inbox = self._stepping_thread, self._inbox
+        if inbox is not None:
+            inbox.put(Close())
+        self._inbox = self._stepping_thread = None
+        for fut in self._batches.values():
+            if not fut.done():
+                fut.set_exception(error)
+                fut.exception()
+        self._batches.clear()
+        return thread
 
     async def cancel(self, request_ids: list[str]) -> None:
         self._core.cancelled.update(request_ids)
@@ -420,6 +500,9 @@ class InProcessRunner:
 
     async def close(self, grace: float) -> None:
         was_alive, self._alive = self._alive, False
+        thread = self._stop_stepping(_died("unloaded"))
+        if thread is not None:
+            await asyncio.to_thread(thread.join, max(grace, 5.0))  # it stops after its step
         if was_alive:
             self._core.close()
 
@@ -431,6 +514,7 @@ class InProcessRunner:
         """Simulate a crash: what a dead worker process looks like to the server."""
         if self._alive:
             self._alive = False
+            self._stop_stepping(_died(reason))
             self._on_exit(reason)
 
 

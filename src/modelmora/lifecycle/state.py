@@ -37,6 +37,7 @@ class UnloadKind(StrEnum):
     SHUTDOWN = "shutdown"
     UNINSTALL = "uninstall"
     MEMORY = "memory"  # the idle worker stayed above its RSS high-water mark: restarted on demand
+    REPLACED = "replaced"  # the catalog changed under it (use, update): the next load is anew
 
 
 class LoadError(ModelMoraError):

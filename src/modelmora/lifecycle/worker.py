@@ -47,11 +47,13 @@ from modelmora.contracts.channel import (
     Prepare,
     Prepared,
     Stats,
+    Stepping,
     WorkerStats,
     WorkItem,
 )
 from modelmora.contracts.tasks import TaskType
-from modelmora.tasks.base import Emitter, TaskAdapter
+from modelmora.lifecycle import stepping
+from modelmora.tasks.base import Emitter, RequestRejected, TaskAdapter
 from modelmora.tasks.specs import spec_for
 
 log = logging.getLogger("modelmora.worker")
@@ -266,11 +268,17 @@ class WorkerCore:
             if begun is not None:
                 begun.forward_s, begun.post_s = t1 - t0, time.perf_counter() - t1
         except Exception as exc:
-            # The trace ids tie this stack trace to the requests (and their server-side logs).
-            log.exception("batch failed", extra={"trace_ids": _trace_ids(items), "batch_size": len(items)})
+            rejected = isinstance(exc, RequestRejected)  # the request's fault, not the model's
+            if not rejected:
+                # The trace ids tie this stack trace to the requests (and their server-side logs).
+                log.exception(
+                    "batch failed", extra={"trace_ids": _trace_ids(items), "batch_size": len(items)}
+                )
             if len(items) > 1:
                 # One poisoned input must not fail its neighbours: retry each alone.
                 return [self._run([item])[0] for item in items]
+            if isinstance(exc, RequestRejected):
+                return [ItemError(exc.code, str(exc))]
             failed = ItemError(
                 "INFERENCE_FAILED", f"{type(exc).__name__}: {exc}", {"exception": type(exc).__name__}
             )
@@ -379,6 +387,15 @@ def _serve(sock: socket.socket) -> None:
             send(core.prepare(message))
         elif isinstance(message, Infer):
             send(core.infer(message))
+        elif isinstance(message, Stepping):
+            # Continuous batching: the step loop serves every batch from now on, until Close.
+            stepper = stepping.open_stepper(core, message, send)
+            if stepper is not None:
+                if model is not None:
+                    model.stop()
+                stepping.Loop(core, stepper, send).run(lambda block: inbox.get(block)[2])
+                core.close()
+                return
         elif isinstance(message, Close):
             if model is not None:
                 model.stop()

@@ -28,6 +28,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from modelmora.observability.stats import RequestStats
+
 __all__ = ["CONTENT_TYPE_LATEST", "Live", "LiveCollector", "Metrics", "ModelLive", "current_protocol"]
 
 # Request latencies: from a millisecond (the null model) to minutes (an image generation).
@@ -72,7 +74,9 @@ class Live:
     system_available_bytes: int = 0
     spare_rss_bytes: int = 0
     gpus: list[dict[str, float | str]] = field(default_factory=list)  # device, total/used bytes, util
+    # Cluster-wide (the job store's counts): empty on all replicas but the one reporting them.
     jobs: dict[str, int] = field(default_factory=dict)
+    jobs_running: int = 0  # this replica's own share: the jobs it runs now
     jobs_processed: dict[str, int] = field(default_factory=dict)
     result_store_bytes: int | None = None
     ready: bool = False
@@ -173,10 +177,17 @@ class LiveCollector(Collector):
                 gpu_util.add_metric([name], float(dev["utilization"]))
         yield from (gpu_budget, gpu_total, gpu_used, gpu_util)
 
-        jobs = g("modelmora_jobs", "Async jobs in the job store, by status", labels=["status"])
+        jobs = g(
+            "modelmora_jobs",
+            "Async jobs in the job store, by status (cluster-wide: one replica exports it)",
+            labels=["status"],
+        )
         for status, count in sorted(live.jobs.items()):
             jobs.add_metric([status], count)
         yield jobs
+        running = g("modelmora_jobs_running", "Async jobs this replica runs now (sums over replicas)")
+        running.add_metric([], live.jobs_running)
+        yield running
         processed = g(
             "modelmora_jobs_processed",
             "Async jobs this server finished or requeued since it started, by outcome",
@@ -315,6 +326,9 @@ class Metrics:
             registry=r,
         )
 
+        # The last minutes per model, in the server (the console's charts, GET /api/v1/stats).
+        self.stats = RequestStats()
+
         # Children cached by label values: `labels()` takes a lock and hashes every time.
         self._req: dict[tuple[str, str, str], tuple[Counter, Histogram, Histogram, Histogram]] = {}
         self._http: dict[tuple[str, int], Counter] = {}
@@ -323,7 +337,14 @@ class Metrics:
     # -- recording ------------------------------------------------------------------------
 
     def record_success(
-        self, model: str, task: str, protocol: str, queue_s: float, inference_s: float, total_s: float
+        self,
+        model: str,
+        task: str,
+        protocol: str,
+        queue_s: float,
+        inference_s: float,
+        total_s: float,
+        batch_size: int = 0,
     ) -> None:
         key = (model, task, protocol)
         children = self._req.get(key)
@@ -339,9 +360,12 @@ class Metrics:
         children[1].observe(queue_s)
         children[2].observe(inference_s)
         children[3].observe(total_s)
+        self.stats.record_ok(model, total_s, batch_size)
 
     def record_error(self, model: str, task: str, protocol: str, code: str) -> None:
         self.requests.labels(model, task, protocol, "error", code).inc()
+        if model:  # "" (a model that does not exist) has no series
+            self.stats.record_error(model)
 
     def record_http(self, handler: str, code: int) -> None:
         key = (handler, code)

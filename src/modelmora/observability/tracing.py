@@ -7,6 +7,7 @@ import logging
 import random
 import re
 import time
+from collections.abc import Sequence
 from contextvars import ContextVar
 from typing import Any
 
@@ -129,6 +130,28 @@ class SpanRecorder:
             )
             b.end(end_time=end)
         span.end(end_time=end)
+
+    def interval(
+        self,
+        name: str,
+        start_ns: int,
+        end_ns: int,
+        attributes: dict[str, Any],
+        *,
+        events: Sequence[tuple[str, int, dict[str, Any]]] = (),
+        error_code: str | None = None,
+    ) -> None:
+        """One span of work outside a request (a model's files fetched for its load), in a
+        trace of its own; `events`: (name, time ns, attributes) along the way."""
+        from opentelemetry.trace import Status, StatusCode
+
+        span = self.tracer.start_span(name, start_time=start_ns, attributes=attributes)
+        for event_name, at, attrs in events:
+            span.add_event(event_name, attrs, timestamp=at)
+        if error_code is not None:
+            span.set_attribute("modelmora.error_code", error_code)
+            span.set_status(Status(StatusCode.ERROR, error_code))
+        span.end(end_time=end_ns)
 
     def shutdown(self) -> None:
         with contextlib.suppress(Exception):

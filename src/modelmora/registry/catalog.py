@@ -243,4 +243,9 @@ CONFIG_KEYS: dict[str, type] = {
     "adapter": str,
     "options": dict,  # passed to the adapter's load (e.g. the fake adapter's dim)
     "parameters": dict,  # default task parameters (e.g. {"normalize": true})
+    "batching": str,  # continuous batching: "continuous" | "static" (inference/continuous.py)
+    # OpenAI-compatible routes: Matryoshka sizes `/v1/embeddings` may cut vectors to
+    # (`dimensions`), and the `WxH` sizes a txt2img model accepts on `/v1/images/generations`.
+    "matryoshka_dimensions": list,
+    "image_sizes": list,
 }

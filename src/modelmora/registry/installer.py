@@ -27,6 +27,7 @@ from modelmora.registry.catalog import (
     validate_version,
 )
 from modelmora.registry.lockfile import LockEntry
+from modelmora.registry.model_store import ModelStore, fetch, is_complete, open_model_store, upload
 from modelmora.registry.policy import InstallPolicy
 from modelmora.registry.store import RegistryStore
 
@@ -69,6 +70,8 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
             out[key] = expected(value)
         except (TypeError, ValueError) as exc:
             raise _bad(f"config.{key}", f"must be {expected.__name__}") from exc
+        if key == "batching" and out[key] not in ("continuous", "static"):
+            raise _bad("config.batching", "must be continuous or static")
     return out
 
 
@@ -125,6 +128,8 @@ def install(
     kind = sources.classify_source(req.model_id if req.source is None else None, req.source)
     owned = kind != "hub"  # hub files live in the shared HF cache; the rest we copied
     final: Path | None = None
+    model_store = open_model_store(settings)
+    uploaded = False
     try:
         detected = task or detect_task(req.model_id or name, fetched.metadata)
         if detected is None:
@@ -154,6 +159,9 @@ def install(
             size_bytes=fetched.size_bytes,
             installed_at=datetime.now(UTC),
         )
+        if model_store is not None:
+            # Before the row: a version another replica can see is already in the store.
+            uploaded = _upload(model_store, name, model_version, progress)
         return store.add_version(
             name=name,
             model_id=req.model_id or name,
@@ -166,6 +174,9 @@ def install(
             resource_requirements=req.resource_requirements,
         )
     except BaseException:
+        if uploaded and model_store is not None:
+            with contextlib.suppress(Exception):
+                model_store.delete(name, version)
         if owned:
             for leftover in (fetched.path, final):
                 if leftover is not None and leftover.exists():
@@ -173,6 +184,45 @@ def install(
             with contextlib.suppress(OSError):
                 (settings.models_dir / name).rmdir()
         raise
+
+
+def _upload(model_store: ModelStore, name: str, version: ModelVersion, progress: bool) -> bool:
+    from modelmora.registry.sources.common import ByteProgress
+
+    with ByteProgress(progress, f"uploading to {model_store.location}", version.size_bytes) as bar:
+        return upload(model_store, name, version, bar.advance)
+
+
+def _check_present(settings: Settings, entry: LockEntry, v: ModelVersion, progress: bool) -> str:
+    """A lock entry the registry has: the registry's checksums and then the files on this
+    disk must be the lock's. With a model store, a node without the files fetches them
+    first, and a version installed before the store was set is uploaded."""
+    from modelmora.registry.lockfile import diff_files
+    from modelmora.registry.sources import hash_folder
+    from modelmora.registry.sources.common import ByteProgress
+
+    def check(what: str, files: dict[str, str]) -> None:
+        diff = diff_files(entry.files, files)
+        if any(diff.values()):
+            raise ModelMoraError(
+                ErrorCode.CHECKSUM_MISMATCH,
+                f"{entry.name}@{entry.version}: the files on {what} differ from the lock",
+                {"model": entry.name, "version": entry.version, **diff},
+            )
+
+    check("registry", v.files)
+    model_store = open_model_store(settings)
+    outcome = "present"
+    if model_store is not None and not is_complete(v):
+        lock_dir = settings.server.data_dir / "locks"
+        with ByteProgress(progress, f"fetching {entry.name}@{entry.version}", v.size_bytes) as bar:
+            if fetch(model_store, entry.name, v, lock_dir, bar.advance):
+                outcome = "fetched"
+    path = Path(v.path)
+    check("disk", hash_folder(path, progress=progress) if path.is_dir() else {})
+    if model_store is not None and outcome == "present":
+        _upload(model_store, entry.name, v, progress)
+    return outcome
 
 
 def lock_entries(records: list[ModelRecord]) -> list[LockEntry]:
@@ -201,24 +251,13 @@ def install_from_lock_entry(
     progress: bool,
     policy: InstallPolicy | None = None,
 ) -> str:
-    """Install one lock entry, verifying every checksum. Returns 'installed' or 'present'."""
+    """Install one lock entry, verifying every checksum. Returns 'installed', 'present', or
+    'fetched' (registered already, by another node sharing the registry: its files came
+    from the model store)."""
     existing = store.find(entry.name)
-    if existing is not None:
-        for v in existing.versions:
-            if v.version == entry.version:
-                from modelmora.registry.lockfile import diff_files
-                from modelmora.registry.sources import hash_folder
-
-                on_disk = hash_folder(Path(v.path), progress=progress) if Path(v.path).is_dir() else {}
-                for what, files in (("registry", v.files), ("disk", on_disk)):
-                    diff = diff_files(entry.files, files)
-                    if any(diff.values()):
-                        raise ModelMoraError(
-                            ErrorCode.CHECKSUM_MISMATCH,
-                            f"{entry.name}@{entry.version}: the files on {what} differ from the lock",
-                            {"model": entry.name, "version": entry.version, **diff},
-                        )
-                return "present"
+    for v in existing.versions if existing is not None else []:
+        if v.version == entry.version:
+            return _check_present(settings, entry, v, progress)
     source = None if entry.source_kind == "hub" else entry.origin
     install(
         settings,

@@ -5,12 +5,25 @@ in WAL mode with a busy timeout, and every change is one short transaction.
 
 The schema is Alembic's (modelmora/migrations/registry): a change to the tables below is a new
 revision there (`modelmora db revision`), which a test compares with these definitions.
+
+Replicas share this database (issue 15). Two rules make that work:
+
+- Version paths are stored relative to this node's roots (`registry/paths.py`), and turned
+  back into this node's absolute paths when read: `ModelVersion.path` is always local.
+- Every catalog write (install, update, use, uninstall) bumps the catalog version and
+  records what changed in `catalog_changes`, in the write's own transaction, so a write made
+  by the CLI counts like one made by a server. On PostgreSQL the transaction also sends a
+  NOTIFY on `CATALOG_CHANNEL`, delivered at commit; replicas listen, and poll the version as
+  the safety net (`services/catalog_sync.py`). Writers take the version from a one-row
+  counter, so versions become visible in order: a reader that has seen version n has seen
+  every version before it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,14 +34,17 @@ from sqlalchemy import (
     DateTime,
     Engine,
     ForeignKey,
+    Integer,
     String,
     Text,
     UniqueConstraint,
     create_engine,
+    delete,
     event,
     func,
     select,
     text,
+    update,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
@@ -37,6 +53,12 @@ from modelmora import migrations
 from modelmora.contracts.tasks import TaskType
 from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.registry.catalog import ModelRecord, ModelVersion
+from modelmora.registry.paths import PathRoots, to_local, to_stored
+
+# PostgreSQL NOTIFY channel of catalog changes (the payload is the new catalog version).
+CATALOG_CHANNEL = "modelmora_catalog"
+# Changes kept in `catalog_changes`; a replica further behind than this reconciles everything.
+CHANGES_KEPT = 1000
 
 
 class _Base(DeclarativeBase):
@@ -99,6 +121,39 @@ class ApiKeyRow(_Base):
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class _CatalogState(_Base):
+    """One row (id 1): the catalog version, bumped by every catalog write."""
+
+    __tablename__ = "catalog_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    version: Mapped[int] = mapped_column(BigInteger)
+
+
+class _CatalogChange(_Base):
+    """What each catalog version changed (the last CHANGES_KEPT of them)."""
+
+    __tablename__ = "catalog_changes"
+
+    version: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    kind: Mapped[str] = mapped_column(String(16))  # installed | updated | activated | uninstalled
+    model: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str | None] = mapped_column(String(128))
+    # uninstalled: {"versions": [{"version", "source_kind", "path" (as stored)}]}, so that each
+    # replica can remove its own copies once the rows are gone.
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+@dataclass(frozen=True)
+class CatalogChangeRow:
+    version: int
+    kind: str
+    model: str
+    model_version: str | None
+    details: dict[str, Any]
+
+
 # The tables as the code expects them; migrations/registry must produce the same.
 METADATA = _Base.metadata
 
@@ -110,7 +165,7 @@ def _aware(value: datetime | None) -> datetime | None:
     return value
 
 
-def _to_record(row: _Model) -> ModelRecord:
+def _to_record(row: _Model, roots: PathRoots | None = None) -> ModelRecord:
     return ModelRecord(
         name=row.name,
         model_id=row.model_id,
@@ -122,7 +177,7 @@ def _to_record(row: _Model) -> ModelRecord:
                 revision=v.revision,
                 origin=v.origin,
                 source_kind=v.source_kind,
-                path=v.path,
+                path=to_local(roots, v.source_kind, v.path),
                 files=dict(v.files),
                 size_bytes=v.size_bytes,
                 installed_at=_aware(v.installed_at) or _now(),
@@ -146,8 +201,11 @@ def _not_found(name: str) -> ModelMoraError:
 class RegistryStore:
     """CRUD over the catalog; returns plain `ModelRecord`s, never ORM objects."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, roots: PathRoots | None = None) -> None:
+        """`roots`: this node's model and Hub cache folders (paths are stored relative to
+        them); None keeps paths as given (tests that build a store of their own)."""
         self.url = url
+        self.roots = roots
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.engine: Engine = create_engine(url, pool_pre_ping=not url.startswith("sqlite"))
@@ -169,6 +227,70 @@ class RegistryStore:
     def close(self) -> None:
         self.engine.dispose()
 
+    def _record(self, row: _Model) -> ModelRecord:
+        return _to_record(row, self.roots)
+
+    # -- the catalog version (see the module docstring) ----------------------------------------
+
+    def _bump(
+        self,
+        s: Session,
+        kind: str,
+        model: str,
+        model_version: str | None,
+        details: dict[str, Any] | None = None,
+    ) -> int:
+        """Next catalog version and its change row, in the caller's transaction. The counter
+        row's lock is held to the commit, so concurrent writers get versions in commit order."""
+        s.flush()
+        version = s.scalar(
+            update(_CatalogState)
+            .where(_CatalogState.id == 1)
+            .values(version=_CatalogState.version + 1)
+            .returning(_CatalogState.version)
+        )
+        if version is None:  # the migration adds the row; a database without it starts now
+            version = 1
+            s.add(_CatalogState(id=1, version=version))
+        s.add(
+            _CatalogChange(
+                version=version, kind=kind, model=model, model_version=model_version, details=details or {}
+            )
+        )
+        s.execute(delete(_CatalogChange).where(_CatalogChange.version <= version - CHANGES_KEPT))
+        if self.engine.dialect.name == "postgresql":
+            s.execute(
+                text("SELECT pg_notify(:channel, :payload)"),
+                {"channel": CATALOG_CHANNEL, "payload": str(version)},
+            )
+        return int(version)
+
+    def catalog_version(self) -> int:
+        """The version of the last committed catalog write (0: none yet)."""
+        with self._session() as s:
+            return int(s.scalar(select(_CatalogState.version).where(_CatalogState.id == 1)) or 0)
+
+    def changes_since(self, version: int) -> tuple[list[CatalogChangeRow], int] | None:
+        """The changes after `version`, oldest first, and the catalog version they lead to;
+        None when some of them are no longer kept (the caller reconciles everything)."""
+        with self._session() as s:
+            current = int(s.scalar(select(_CatalogState.version).where(_CatalogState.id == 1)) or 0)
+            if current <= version:
+                return [], max(current, version)
+            rows = list(
+                s.scalars(
+                    select(_CatalogChange)
+                    .where(_CatalogChange.version > version, _CatalogChange.version <= current)
+                    .order_by(_CatalogChange.version)
+                )
+            )
+            if len(rows) != current - version:
+                return None
+            return [
+                CatalogChangeRow(r.version, r.kind, r.model, r.model_version, dict(r.details or {}))
+                for r in rows
+            ], current
+
     @contextmanager
     def _session(self) -> Iterator[Session]:
         with self._sessions.begin() as session:
@@ -183,7 +305,7 @@ class RegistryStore:
     def find(self, name: str) -> ModelRecord | None:
         with self._session() as s:
             row = s.get(_Model, name)
-            return _to_record(row) if row is not None else None
+            return self._record(row) if row is not None else None
 
     def get(self, name: str) -> ModelRecord:
         record = self.find(name)
@@ -202,7 +324,7 @@ class RegistryStore:
                 count = count.where(_Model.task_type == task_type)
             total = int(s.scalar(count) or 0)
             rows = s.scalars(query.order_by(_Model.name).offset((page - 1) * page_size).limit(page_size))
-            return [_to_record(r) for r in rows], total
+            return [self._record(r) for r in rows], total
 
     def add_version(
         self,
@@ -252,7 +374,7 @@ class RegistryStore:
                         revision=version.revision,
                         origin=version.origin,
                         source_kind=version.source_kind,
-                        path=version.path,
+                        path=to_stored(self.roots, version.source_kind, version.path),
                         files=version.files,
                         size_bytes=version.size_bytes,
                         installed_at=version.installed_at,
@@ -262,7 +384,8 @@ class RegistryStore:
                     row.active_version = version.version
                 row.updated_at = _now()
                 s.flush()
-                return _to_record(row)
+                self._bump(s, "installed", name, version.version)
+                return self._record(row)
         except IntegrityError as exc:  # a concurrent install of the same name won the race
             raise ModelMoraError(
                 ErrorCode.MODEL_EXISTS, f"model {name!r} was registered concurrently", {"model": name}
@@ -286,7 +409,8 @@ class RegistryStore:
             row.config = config
             row.updated_at = _now()
             s.flush()
-            return _to_record(row)
+            self._bump(s, "updated", name, None)
+            return self._record(row)
 
     def set_active(self, name: str, version: str) -> ModelRecord:
         with self._session() as s:
@@ -300,7 +424,8 @@ class RegistryStore:
             row.active_version = version
             row.updated_at = _now()
             s.flush()
-            return _to_record(row)
+            self._bump(s, "activated", name, version)
+            return self._record(row)
 
     def set_memory(self, name: str, memory: dict[str, Any]) -> None:
         with self._session() as s:
@@ -313,8 +438,9 @@ class RegistryStore:
         remove the files."""
         with self._session() as s:
             row = self._load(s, name)
-            before = _to_record(row)
+            before = self._record(row)
             if version is None:
+                self._bump(s, "uninstalled", name, None, _gone(row.versions))
                 s.delete(row)
                 return before
             match = [v for v in row.versions if v.version == version]
@@ -322,6 +448,7 @@ class RegistryStore:
                 raise ModelMoraError(
                     ErrorCode.MODEL_NOT_FOUND, f"model {name!r} has no version {version!r}", {"model": name}
                 )
+            self._bump(s, "uninstalled", name, version, _gone(match))
             row.versions.remove(match[0])
             if not row.versions:
                 s.delete(row)
@@ -329,6 +456,12 @@ class RegistryStore:
                 row.active_version = row.versions[-1].version
             before.versions = [v for v in before.versions if v.version == version]
             return before
+
+
+def _gone(versions: list[_Version]) -> dict[str, Any]:
+    return {
+        "versions": [{"version": v.version, "source_kind": v.source_kind, "path": v.path} for v in versions]
+    }
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from modelmora.config import Settings
+from modelmora.config import ConfigurationError, Settings
 from modelmora.errors import ErrorCode, ModelMoraError
 
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}(\.[A-Za-z0-9]{1,8})?$")
@@ -170,6 +170,19 @@ class FileResultStore:
 
     async def close(self) -> None:
         return None
+
+
+def require_shared(settings: Settings) -> None:
+    """Several replicas (Redis jobs) must all read what any of them stored: a job's result is
+    fetched from whichever replica the client reaches. Files are shared only when the
+    operator says so (`results.shared`: the directory is one volume); S3 always is."""
+    if settings.jobs.backend == "redis" and not settings.results.is_shared:
+        raise ConfigurationError(
+            "jobs.backend is redis (several replicas) but results are not shared: a result "
+            f"stored in {settings.server.data_dir / 'results'} by one replica would be 404 on "
+            "the others. Use results.backend: s3, or put data_dir/results on a volume every "
+            "replica mounts and set results.shared: true"
+        )
 
 
 def build_result_store(settings: Settings) -> ResultStore:

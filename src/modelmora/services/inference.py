@@ -264,7 +264,9 @@ class InferenceService:
         timing = response["timing"]
         queue_s, inference_s = timing["queue_time_ms"] / 1000, timing["inference_time_ms"] / 1000
         total_s = timing["total_time_ms"] / 1000
-        self.metrics.record_success(call.name, task, protocol, queue_s, inference_s, total_s)
+        self.metrics.record_success(
+            call.name, task, protocol, queue_s, inference_s, total_s, response["metadata"]["batch_size"]
+        )
         if total_s >= self.slow_seconds:
             self.metrics.slow.labels(call.name).inc()
             log.warning(
@@ -360,16 +362,19 @@ class InferenceService:
             self.manager.release(slot, keep_alive)
         result = await call.spec.shape(done.value, call.parsed, self._sink)
         total_ms = (self.manager.clock() - call.received) * 1000
+        metadata = {
+            "model": name,
+            "version": slot.version,
+            "task_type": record.task_type.value,
+            "device": loaded.device if loaded else None,
+            "batch_size": done.batch_size,
+            "truncated": int(done.meta.get("truncated", 0)),  # type: ignore[call-overload]
+        }
+        if "prompt_tokens" in done.meta:  # counted by the worker's tokenizer (embedding tasks)
+            metadata["prompt_tokens"] = int(done.meta["prompt_tokens"])  # type: ignore[call-overload]
         return {
             "result": result,
-            "metadata": {
-                "model": name,
-                "version": slot.version,
-                "task_type": record.task_type.value,
-                "device": loaded.device if loaded else None,
-                "batch_size": done.batch_size,
-                "truncated": int(done.meta.get("truncated", 0)),  # type: ignore[call-overload]
-            },
+            "metadata": metadata,
             "timing": {
                 "queue_time_ms": round(done.queue_ms, 3),
                 "inference_time_ms": round(done.inference_ms, 3),

@@ -1,4 +1,4 @@
-"""Management of the running server's models: load, unload, warm up, status, health.
+"""Management of the running server's models: load, unload, warm up, status, health, stats.
 
 One method per management operation of the API contract, called by REST and gRPC (the CLI's
 `load`, `unload`, `status` and `health` reach these through a running server). Unlike the
@@ -13,7 +13,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from modelmora.auth.audit import audited
+from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.lifecycle.manager import ModelManager
+from modelmora.observability.metrics import current_protocol
+from modelmora.observability.stats import DEFAULT_WINDOW
 from modelmora.registry.catalog import validate_name
 from modelmora.services.inference import InferenceService
 
@@ -48,8 +51,31 @@ class ManagementService:
             return await self.inference.warmup(name)
 
     async def status(self) -> dict[str, Any]:
-        """Version, uptime, readiness, models, memory, queues, workers, GPUs, jobs."""
-        return await self._status()
+        """Version, uptime, readiness, models, memory, queues, workers, GPUs, jobs.
+
+        `in_flight` leaves out the status request itself: a door (the REST edge, the gRPC
+        door) counts every call it serves, this one included, and an idle server should read
+        0 in flight, not 1."""
+        body = await self._status()
+        if current_protocol.get() in ("rest", "grpc") and body.get("in_flight"):
+            body["in_flight"] -= 1
+        return body
+
+    def stats(self, window: int | None = None) -> dict[str, Any]:
+        """Each model's recent figures, one point per few seconds over the last `window`
+        seconds (observability/stats.py): request and error rates, p50/p90/p99 latency, the
+        mean batch size requests rode in. VALIDATION_ERROR for a window the server does not
+        keep."""
+        stats = self.manager.metrics.stats
+        window = DEFAULT_WINDOW if window is None else window
+        try:
+            return stats.series(window)
+        except ValueError as exc:
+            raise ModelMoraError(
+                ErrorCode.VALIDATION_ERROR,
+                str(exc),
+                {"errors": [{"field": "window", "message": str(exc)}]},
+            ) from None
 
     def health(self) -> dict[str, Any]:
         """Each known model's state, worker, queue and memory."""

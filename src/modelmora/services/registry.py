@@ -288,7 +288,23 @@ class RegistryService:
 
 
 def remove_files(settings: Settings, deleted: ModelRecord) -> None:
-    """Delete the files we own (copies under models_dir); the Hub cache is shared and kept."""
+    """Delete the files we own (copies under models_dir, and the model store's copy); the
+    Hub cache is shared with other tools and kept. Other replicas remove their own copies
+    when they hear of the change (services/catalog_sync.py)."""
+    from modelmora.registry.model_store import open_model_store
+
+    model_store = open_model_store(settings)
+    if model_store is not None:
+        for v in deleted.versions:
+            try:
+                model_store.delete(deleted.name, v.version)
+            except Exception:
+                where = model_store.location
+                log.warning(
+                    "could not delete from the model store",
+                    extra={"model": deleted.name, "version": v.version, "store": where},
+                    exc_info=True,
+                )
     root = settings.models_dir.resolve()
     for v in deleted.versions:
         path = Path(v.path).resolve()

@@ -54,6 +54,16 @@ class Emitter:
         return deadline is not None and time.monotonic() >= deadline
 
 
+class RequestRejected(Exception):
+    """Raised by an adapter for a request the model cannot serve as asked (a chat sent to a
+    model without a chat template): the worker answers that request alone with `code`, an
+    error code of modelmora.errors (VALIDATION_ERROR: the client's to fix), not as a failure."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 # The request id of the health check run after a load (the fake adapter fails it on demand).
 HEALTH_CHECK_ID = "health-check"
 

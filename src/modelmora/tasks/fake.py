@@ -2,7 +2,8 @@
 
 Installed like any model from a folder whose `modelmora.json` says
 `{"task_type": "txt2embed", "adapter": "fake", "dim": 8}`. Options (from that file or the
-model config): `dim`, `delay_ms` per batch, `per_item_ms`. Inputs steer it in tests: a text
+model config): `dim`, `delay_ms` per batch, `per_item_ms`, `ndarray` (float32 numpy rows, as
+the real adapter sends them, in place of lists). Inputs steer it in tests: a text
 starting with `fail:` fails that item, `crash:` fails the whole batch, `exit:` ends the worker
 process abruptly (a crash), `sleep:<ms>` sleeps before the batch. Options simulate loads:
 `ballast_mb` (real memory held, for budget tests), `fail_load`, `load_ms`, and `fail_health`
@@ -30,6 +31,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from modelmora.contracts.channel import ItemError, ItemOk, Outcome, WorkItem
 from modelmora.tasks.base import HEALTH_CHECK_ID, EmitFn
 
@@ -46,6 +49,7 @@ class FakeEmbedder:
 
     def __init__(self) -> None:
         self.dim = 8
+        self.ndarray = False
         self.steps = 0
         self.step_s = 0.0
         self.delay_s = 0.0
@@ -61,6 +65,7 @@ class FakeEmbedder:
 
     def load(self, path: Path, device: str, dtype: str, options: dict[str, Any]) -> None:
         self.dim = int(options.get("dim", 8))
+        self.ndarray = bool(options.get("ndarray", False))
         self.delay_s = float(options.get("delay_ms", 0)) / 1000
         self.per_item_s = float(options.get("per_item_ms", 0)) / 1000
         self.steps = int(options.get("steps", 0))
@@ -143,13 +148,31 @@ class FakeEmbedder:
             if bad:
                 outcomes.append(ItemError("INFERENCE_FAILED", f"fake failure on {bad[0]!r}"))
                 continue
+            tokens = sum(len(t.split()) for t in item.inputs)  # a word is a token here
+            if self.ndarray:
+                outcomes.append(ItemOk(self._matrix(item), {"truncated": 0, "prompt_tokens": tokens}))
+                continue
             vectors = [fake_vector(t, self.dim) for t in item.inputs]
             if self.nan:
                 vectors = [[math.nan] * self.dim for _ in item.inputs]
             if item.params.get("normalize"):
                 vectors = [_unit(v) for v in vectors]
-            outcomes.append(ItemOk(vectors, {"truncated": 0}))
+            outcomes.append(ItemOk(vectors, {"truncated": 0, "prompt_tokens": tokens}))
         return outcomes
+
+    def _matrix(self, item: WorkItem) -> Any:
+        """float32 rows as the real adapter sends them (a numpy array, not lists), drawn from a
+        generator seeded by each text: the null model of the benchmarks at any `dim`."""
+        rows = [
+            np.random.default_rng(int.from_bytes(hashlib.sha256(t.encode()).digest()[:8], "little")).random(
+                self.dim, dtype=np.float32
+            )
+            for t in item.inputs
+        ]
+        matrix = np.stack(rows) - np.float32(0.5)
+        if item.params.get("normalize"):
+            matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+        return matrix
 
     def info(self) -> dict[str, Any]:
         # rss_bytes: what the in-process runner reports for this "worker" (its ballast).

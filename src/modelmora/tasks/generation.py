@@ -98,21 +98,35 @@ class RowSampler(LogitsProcessor):
             row = self.rows[i]
             if row.finish is not None:
                 continue
-            logits = scores[i] / row.temperature
-            if 0 < row.top_k < logits.shape[-1]:
-                kth = torch.topk(logits, row.top_k).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = torch.softmax(logits, dim=-1)
-            if row.top_p < 1.0:
-                sorted_probs, order = torch.sort(probs, descending=True)
-                cumulative = torch.cumsum(sorted_probs, dim=-1)
-                drop = cumulative - sorted_probs > row.top_p  # keep the smallest set reaching top_p
-                sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-                probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-            token = torch.multinomial(probs, 1, generator=row.generator)
+            token = draw(row, scores[i])
             out[i] = float("-inf")
             out[i, token] = 0.0  # the only choice left: greedy decoding takes it
         return out  # type: ignore[return-value]
+
+
+def draw(row: Row, scores: torch.Tensor) -> int:
+    """One sampled token for a row from its (penalized) scores: its temperature, top-k,
+    top-p, and its own generator. Shared by the static path and the step loop, so a seed
+    gives the same draw in either."""
+    logits = scores / row.temperature
+    if 0 < row.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, row.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if row.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        drop = cumulative - sorted_probs > row.top_p  # keep the smallest set reaching top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=row.generator))
+
+
+def penalize(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' repetition penalty for one row (1-D scores, the token ids it has seen)."""
+    picked = scores.gather(0, seen)
+    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return scores.scatter(0, seen, picked)
 
 
 class RowStopper(StoppingCriteria):
@@ -132,34 +146,39 @@ class RowStopper(StoppingCriteria):
         return torch.tensor(done, device=input_ids.device)  # type: ignore[return-value]
 
     def _advance(self, row: Row, token: int) -> None:
-        if self.emit.cancelled(row.item.request_id):
-            row.finish = "cancelled"
-            return
-        if token in self.eos_ids:
-            row.finish = "stop"
-        else:
-            row.tokens.append(token)
-            if row.stream or row.stops:
-                row.text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
-                cut = _first_stop(row.text, row.stops)
-                if cut is not None:
-                    row.text, row.finish = row.text[:cut], "stop"
-            if row.finish is None and len(row.tokens) >= row.max_tokens:
-                row.finish = "length"
-        if row.stream:
-            self._send(row)
+        advance(row, token, self.tokenizer, self.eos_ids, self.emit)
 
-    def _send(self, row: Row) -> None:
-        end = len(row.text)
-        if row.finish is None:
-            if row.text.endswith("\ufffd"):
-                return  # half of a multi-byte character: wait for the rest
-            end -= _stop_prefix(row.text, row.stops)  # could become a stop string: hold it
-        if end > row.streamed:
-            self.emit(
-                row.item.request_id, "token", {"text": row.text[row.streamed : end], "index": row.events}
-            )
-            row.streamed, row.events = end, row.events + 1
+
+def advance(row: Row, token: int, tokenizer: Any, eos_ids: set[int], emit: EmitFn) -> None:
+    """Take a row's next token: cancellation, end of sequence, stop strings, `max_tokens`,
+    and its streamed text (shared by the static path and the step loop)."""
+    if emit.cancelled(row.item.request_id):
+        row.finish = "cancelled"
+        return
+    if token in eos_ids:
+        row.finish = "stop"
+    else:
+        row.tokens.append(token)
+        if row.stream or row.stops:
+            row.text = tokenizer.decode(row.tokens, skip_special_tokens=True)
+            cut = _first_stop(row.text, row.stops)
+            if cut is not None:
+                row.text, row.finish = row.text[:cut], "stop"
+        if row.finish is None and len(row.tokens) >= row.max_tokens:
+            row.finish = "length"
+    if row.stream:
+        _send(row, emit)
+
+
+def _send(row: Row, emit: EmitFn) -> None:
+    end = len(row.text)
+    if row.finish is None:
+        if row.text.endswith("\ufffd"):
+            return  # half of a multi-byte character: wait for the rest
+        end -= _stop_prefix(row.text, row.stops)  # could become a stop string: hold it
+    if end > row.streamed:
+        emit(row.item.request_id, "token", {"text": row.text[row.streamed : end], "index": row.events})
+        row.streamed, row.events = end, row.events + 1
 
 
 def _first_stop(text: str, stops: list[str]) -> int | None:

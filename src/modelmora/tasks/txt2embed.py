@@ -33,7 +33,7 @@ from modelmora.tasks.torch_utils import resolve_device, resolve_dtype
 class Prepared:
     texts: list[str]
     pieces: Pieces
-    first: tuple[dict[str, Any], list[bool]] | None  # the first piece, tokenized ahead
+    first: tuple[dict[str, Any], list[bool], list[int]] | None  # the first piece, tokenized ahead
 
 
 @dataclass
@@ -41,6 +41,16 @@ class Output:
     embeddings: Any  # (texts, dim) float32; rows of dropped requests are left at zero
     truncated: list[bool]
     dropped: set[str]
+    tokens: list[int]  # per text, as the tokenizer made them (the request's usage)
+
+
+def token_counts(features: dict[str, Any], count: int) -> list[int]:
+    """Tokens per text as the model sees them (special tokens included, after truncation):
+    the attention mask's row sums; zeros for inputs without one (images)."""
+    mask = features.get("attention_mask")
+    if mask is None:
+        return [0] * count
+    return [int(n) for n in mask.sum(dim=1).tolist()]
 
 
 class SentenceEmbedder:
@@ -83,9 +93,10 @@ class SentenceEmbedder:
                 flags[i] = len(seq) > limit
         return flags
 
-    def _tokenize(self, texts: list[str]) -> tuple[dict[str, Any], list[bool]]:
+    def _tokenize(self, texts: list[str]) -> tuple[dict[str, Any], list[bool], list[int]]:
         features = self._preprocess(texts)
-        return batch_to_device(features, torch.device(self.device)), self._truncated(texts)
+        tokens = token_counts(features, len(texts))
+        return batch_to_device(features, torch.device(self.device)), self._truncated(texts), tokens
 
     def preprocess(self, items: list[WorkItem]) -> Prepared:
         texts = [t for item in items for t in item.inputs]
@@ -97,15 +108,16 @@ class SentenceEmbedder:
         assert self.model is not None
         embeddings: Any = None
         truncated = [False] * len(prepared.texts)
+        tokens = [0] * len(prepared.texts)
         for k, piece in enumerate(prepared.pieces.rows):
             live = prepared.pieces.live(piece, emit)
             first, prepared.first = prepared.first, None  # freed once used
             if not live:
                 continue
             if k == 0 and first is not None and len(live) == len(piece):
-                features, flags = first
+                features, flags, counts = first
             else:
-                features, flags = self._tokenize([prepared.texts[r.index] for r in live])
+                features, flags, counts = self._tokenize([prepared.texts[r.index] for r in live])
             with torch.inference_mode():
                 out = self.model.forward(features)["sentence_embedding"].float().cpu().numpy()
             del features
@@ -113,9 +125,9 @@ class SentenceEmbedder:
                 embeddings = np.zeros((len(prepared.texts), out.shape[1]), dtype=np.float32)
             index = [r.index for r in live]
             embeddings[index] = out
-            for i, flag in zip(index, flags, strict=True):
-                truncated[i] = flag
-        return Output(embeddings, truncated, prepared.pieces.dropped)
+            for i, flag, count in zip(index, flags, counts, strict=True):
+                truncated[i], tokens[i] = flag, count
+        return Output(embeddings, truncated, prepared.pieces.dropped, tokens)
 
     def postprocess(self, output: Output, items: list[WorkItem]) -> list[Outcome]:
         outcomes: list[Outcome] = []
@@ -130,7 +142,11 @@ class SentenceEmbedder:
             if item.params.get("normalize"):
                 norms = np.linalg.norm(block, axis=1, keepdims=True)
                 block = block / np.maximum(norms, 1e-12)
-            outcomes.append(ItemOk(block, {"truncated": int(sum(output.truncated[start:end]))}))
+            meta = {
+                "truncated": int(sum(output.truncated[start:end])),
+                "prompt_tokens": sum(output.tokens[start:end]),
+            }
+            outcomes.append(ItemOk(block, meta))
             start = end
         return outcomes
 

@@ -16,8 +16,20 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modelmora.contracts.channel import Outcome, WorkItem
 from modelmora.tasks import generation
-from modelmora.tasks.base import EmitFn
+from modelmora.tasks.base import EmitFn, RequestRejected
 from modelmora.tasks.torch_utils import resolve_device, resolve_dtype
+
+
+def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """A chat rendered by the tokenizer's chat template (the `messages` input, and so the
+    OpenAI-compatible chat route); a model without a template refuses the request alone
+    (VALIDATION_ERROR, a 400 on `/v1`), never its batch."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise RequestRejected(
+            "VALIDATION_ERROR", "this model's tokenizer has no chat template: send text, not messages"
+        )
+    text: str = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return text
 
 
 class TextGenerator:
@@ -28,9 +40,11 @@ class TextGenerator:
         self.dtype = "float32"
         self.context = 1024
         self.eos_ids: set[int] = set()
+        self.options: dict[str, Any] = {}
 
     def load(self, path: Path, device: str, dtype: str, options: dict[str, Any]) -> None:
         self.device = resolve_device(device)
+        self.options = dict(options)
         torch_dtype = resolve_dtype(dtype, self.device)
         self.dtype = str(torch_dtype).removeprefix("torch.")
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
@@ -49,18 +63,13 @@ class TextGenerator:
         )
         self.eos_ids = generation.eos_ids_of(model, tokenizer)
 
-    def _prompt(self, prompt: Any) -> str:
+    def prompt(self, prompt: Any) -> str:
         if isinstance(prompt, str):
             return prompt
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("this model's tokenizer has no chat template: send text, not messages")
-        text: str = self.tokenizer.apply_chat_template(
-            prompt["messages"], add_generation_prompt=True, tokenize=False
-        )
-        return text
+        return chat_prompt(self.tokenizer, prompt["messages"])
 
     def preprocess(self, items: list[WorkItem]) -> dict[str, Any]:
-        prompts = [self._prompt(p) for item in items for p in item.inputs]
+        prompts = [self.prompt(p) for item in items for p in item.inputs]
         longest = max(int(i.params.get("max_tokens", 64)) for i in items)
         room = max(1, self.context - longest)
         encoded = self.tokenizer(prompts, padding=True, truncation=True, max_length=room, return_tensors="pt")
@@ -92,3 +101,13 @@ class TextGenerator:
 
     def info(self) -> dict[str, Any]:
         return {"context": self.context, "vocab_size": int(self.model.config.vocab_size)}
+
+    def stepper(self, slots: int) -> Any:
+        """The step loop of continuous batching (tasks/continuous.py) over this model, for
+        at most `slots` rows and `max_batch_tokens` KV tokens (default: a full context per
+        slot, i.e. only the slots bound it). Raises `continuous.Unsupported` for a model
+        whose cache cannot be stepped."""
+        from modelmora.tasks.continuous import Stepper
+
+        tokens = int(self.options.get("max_batch_tokens") or slots * self.context)
+        return Stepper(self, slots, tokens)

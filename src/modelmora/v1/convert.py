@@ -309,3 +309,46 @@ def error_body_to_proto(body: dict[str, Any]) -> pb.Error:
         details=dict_to_struct(body.get("details") or {}),
         trace_id=str(body.get("trace_id") or ""),
     )
+
+
+# -- recent figures (GetStats) ------------------------------------------------------------------
+
+# Series whose points may be absent (no successful request in that slot): None in the dict,
+# NaN in the message, since a repeated double has no null.
+_GAPPED = ("p50_ms", "p90_ms", "p99_ms", "batch_size")
+_SERIES = ("requests_per_second", "errors_per_second", *_GAPPED)
+
+
+def stats_to_proto(body: dict[str, Any]) -> pb.Stats:
+    nan = float("nan")
+    models = []
+    for m in body["models"]:
+        series = {k: [nan if v is None else v for v in m[k]] for k in _SERIES}
+        totals = pb.StatsTotals(**{k: v for k, v in m["totals"].items() if v is not None})
+        models.append(pb.ModelStats(name=m["name"], totals=totals, **series))
+    return pb.Stats(
+        window_seconds=body["window_seconds"],
+        step_seconds=body["step_seconds"],
+        now=body["now"],
+        timestamps=body["timestamps"],
+        models=models,
+    )
+
+
+def stats_to_dict(message: pb.Stats) -> dict[str, Any]:
+    """REST's JSON shape of `GET /api/v1/stats`."""
+    models = []
+    for m in message.models:
+        entry: dict[str, Any] = {"name": m.name}
+        for key in _SERIES:
+            values = getattr(m, key)
+            entry[key] = [None if v != v else v for v in values] if key in _GAPPED else list(values)
+        entry["totals"] = message_to_dict(m.totals)
+        models.append(entry)
+    return {
+        "window_seconds": message.window_seconds,
+        "step_seconds": message.step_seconds,
+        "now": message.now,
+        "timestamps": list(message.timestamps),
+        "models": models,
+    }

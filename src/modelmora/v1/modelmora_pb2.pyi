@@ -1681,3 +1681,154 @@ class ModelHealth(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelHealth: _TypeAlias = ModelHealth  # noqa: Y015
+
+@_typing.final
+class GetStatsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WINDOW_SECONDS_FIELD_NUMBER: _builtins.int
+    window_seconds: _builtins.int
+    """0: the default, 300; else 10 up to what the server keeps (900)"""
+    def __init__(
+        self,
+        *,
+        window_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["window_seconds", b"window_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatsRequest: _TypeAlias = GetStatsRequest  # noqa: Y015
+
+@_typing.final
+class ModelStats(_message.Message):
+    """One model's series, one point per `Stats.timestamps` entry. A latency or batch size is NaN
+    for a point without a successful request (null over REST).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REQUESTS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    ERRORS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    P50_MS_FIELD_NUMBER: _builtins.int
+    P90_MS_FIELD_NUMBER: _builtins.int
+    P99_MS_FIELD_NUMBER: _builtins.int
+    BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    TOTALS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    @_builtins.property
+    def requests_per_second(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def errors_per_second(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def p50_ms(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def p90_ms(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def p99_ms(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def batch_size(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """the mean size of the batches requests rode in"""
+
+    @_builtins.property
+    def totals(self) -> Global___StatsTotals: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        requests_per_second: _abc.Iterable[_builtins.float] | None = ...,
+        errors_per_second: _abc.Iterable[_builtins.float] | None = ...,
+        p50_ms: _abc.Iterable[_builtins.float] | None = ...,
+        p90_ms: _abc.Iterable[_builtins.float] | None = ...,
+        p99_ms: _abc.Iterable[_builtins.float] | None = ...,
+        batch_size: _abc.Iterable[_builtins.float] | None = ...,
+        totals: Global___StatsTotals | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["totals", b"totals"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "errors_per_second", b"errors_per_second", "name", b"name", "p50_ms", b"p50_ms", "p90_ms", b"p90_ms", "p99_ms", b"p99_ms", "requests_per_second", b"requests_per_second", "totals", b"totals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelStats: _TypeAlias = ModelStats  # noqa: Y015
+
+@_typing.final
+class StatsTotals(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    P50_MS_FIELD_NUMBER: _builtins.int
+    P99_MS_FIELD_NUMBER: _builtins.int
+    BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    requests: _builtins.int
+    errors: _builtins.int
+    p50_ms: _builtins.float
+    p99_ms: _builtins.float
+    batch_size: _builtins.float
+    def __init__(
+        self,
+        *,
+        requests: _builtins.int = ...,
+        errors: _builtins.int = ...,
+        p50_ms: _builtins.float | None = ...,
+        p99_ms: _builtins.float | None = ...,
+        batch_size: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_p50_ms", b"_p50_ms", "_p99_ms", b"_p99_ms", "batch_size", b"batch_size", "p50_ms", b"p50_ms", "p99_ms", b"p99_ms"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_p50_ms", b"_p50_ms", "_p99_ms", b"_p99_ms", "batch_size", b"batch_size", "errors", b"errors", "p50_ms", b"p50_ms", "p99_ms", b"p99_ms", "requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__batch_size: _TypeAlias = _typing.Literal["batch_size"]  # noqa: Y015
+    _WhichOneofArgType__batch_size: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size"]  # noqa: Y015
+    _WhichOneofReturnType__p50_ms: _TypeAlias = _typing.Literal["p50_ms"]  # noqa: Y015
+    _WhichOneofArgType__p50_ms: _TypeAlias = _typing.Literal["_p50_ms", b"_p50_ms"]  # noqa: Y015
+    _WhichOneofReturnType__p99_ms: _TypeAlias = _typing.Literal["p99_ms"]  # noqa: Y015
+    _WhichOneofArgType__p99_ms: _TypeAlias = _typing.Literal["_p99_ms", b"_p99_ms"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__batch_size) -> _WhichOneofReturnType__batch_size | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__p50_ms) -> _WhichOneofReturnType__p50_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__p99_ms) -> _WhichOneofReturnType__p99_ms | None: ...
+
+Global___StatsTotals: _TypeAlias = StatsTotals  # noqa: Y015
+
+@_typing.final
+class Stats(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WINDOW_SECONDS_FIELD_NUMBER: _builtins.int
+    STEP_SECONDS_FIELD_NUMBER: _builtins.int
+    NOW_FIELD_NUMBER: _builtins.int
+    TIMESTAMPS_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
+    window_seconds: _builtins.int
+    step_seconds: _builtins.int
+    now: _builtins.float
+    """epoch seconds"""
+    @_builtins.property
+    def timestamps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """each point's start, epoch seconds; the last is in progress"""
+
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelStats]: ...
+    def __init__(
+        self,
+        *,
+        window_seconds: _builtins.int = ...,
+        step_seconds: _builtins.int = ...,
+        now: _builtins.float = ...,
+        timestamps: _abc.Iterable[_builtins.int] | None = ...,
+        models: _abc.Iterable[Global___ModelStats] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models", "now", b"now", "step_seconds", b"step_seconds", "timestamps", b"timestamps", "window_seconds", b"window_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Stats: _TypeAlias = Stats  # noqa: Y015

@@ -827,6 +827,11 @@ class ManagementServiceStub:
                 request_serializer=modelmora_dot_v1_dot_modelmora__pb2.GetModelHealthRequest.SerializeToString,
                 response_deserializer=modelmora_dot_v1_dot_modelmora__pb2.ModelHealth.FromString,
                 _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/modelmora.v1.ManagementService/GetStats',
+                request_serializer=modelmora_dot_v1_dot_modelmora__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=modelmora_dot_v1_dot_modelmora__pb2.Stats.FromString,
+                _registered_method=True)
 
 
 class ManagementServiceServicer:
@@ -864,6 +869,13 @@ class ManagementServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStats(self, request, context):
+        """Recent figures per model (REST: GET /api/v1/stats?window=300), from the server's ring.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ManagementServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -891,6 +903,11 @@ def add_ManagementServiceServicer_to_server(servicer, server):
                     servicer.GetModelHealth,
                     request_deserializer=modelmora_dot_v1_dot_modelmora__pb2.GetModelHealthRequest.FromString,
                     response_serializer=modelmora_dot_v1_dot_modelmora__pb2.ModelHealth.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=modelmora_dot_v1_dot_modelmora__pb2.GetStatsRequest.FromString,
+                    response_serializer=modelmora_dot_v1_dot_modelmora__pb2.Stats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1030,6 +1047,33 @@ class ManagementService:
             '/modelmora.v1.ManagementService/GetModelHealth',
             modelmora_dot_v1_dot_modelmora__pb2.GetModelHealthRequest.SerializeToString,
             modelmora_dot_v1_dot_modelmora__pb2.ModelHealth.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelmora.v1.ManagementService/GetStats',
+            modelmora_dot_v1_dot_modelmora__pb2.GetStatsRequest.SerializeToString,
+            modelmora_dot_v1_dot_modelmora__pb2.Stats.FromString,
             options,
             channel_credentials,
             insecure,

@@ -256,6 +256,8 @@ class ManagementServiceStub:
     WarmupModel: _grpc.UnaryUnaryMultiCallable[_modelmora_pb2.ModelRef, _modelmora_pb2.WarmupResponse]
     GetSystemStatus: _grpc.UnaryUnaryMultiCallable[_modelmora_pb2.GetSystemStatusRequest, _modelmora_pb2.SystemStatus]
     GetModelHealth: _grpc.UnaryUnaryMultiCallable[_modelmora_pb2.GetModelHealthRequest, _modelmora_pb2.ModelHealth]
+    GetStats: _grpc.UnaryUnaryMultiCallable[_modelmora_pb2.GetStatsRequest, _modelmora_pb2.Stats]
+    """Recent figures per model (REST: GET /api/v1/stats?window=300), from the server's ring."""
 
 @_typing.type_check_only
 class ManagementServiceAsyncStub(ManagementServiceStub):
@@ -267,6 +269,8 @@ class ManagementServiceAsyncStub(ManagementServiceStub):
     WarmupModel: _aio.UnaryUnaryMultiCallable[_modelmora_pb2.ModelRef, _modelmora_pb2.WarmupResponse]  # type: ignore[assignment]
     GetSystemStatus: _aio.UnaryUnaryMultiCallable[_modelmora_pb2.GetSystemStatusRequest, _modelmora_pb2.SystemStatus]  # type: ignore[assignment]
     GetModelHealth: _aio.UnaryUnaryMultiCallable[_modelmora_pb2.GetModelHealthRequest, _modelmora_pb2.ModelHealth]  # type: ignore[assignment]
+    GetStats: _aio.UnaryUnaryMultiCallable[_modelmora_pb2.GetStatsRequest, _modelmora_pb2.Stats]  # type: ignore[assignment]
+    """Recent figures per model (REST: GET /api/v1/stats?window=300), from the server's ring."""
 
 class ManagementServiceServicer(metaclass=_abc_1.ABCMeta):
     """-- management -----------------------------------------------------------------------------"""
@@ -305,5 +309,13 @@ class ManagementServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _modelmora_pb2.GetModelHealthRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_modelmora_pb2.ModelHealth, _abc.Awaitable[_modelmora_pb2.ModelHealth]]: ...
+
+    @_abc_1.abstractmethod
+    def GetStats(
+        self,
+        request: _modelmora_pb2.GetStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_modelmora_pb2.Stats, _abc.Awaitable[_modelmora_pb2.Stats]]:
+        """Recent figures per model (REST: GET /api/v1/stats?window=300), from the server's ring."""
 
 def add_ManagementServiceServicer_to_server(servicer: ManagementServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,71 @@
+{{/* Names and labels. */}}
+{{- define "modelmora.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "modelmora.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "modelmora.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "modelmora.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "modelmora.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "modelmora.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "modelmora.secretName" -}}
+{{- default (include "modelmora.fullname" .) .Values.secrets.existingSecret }}
+{{- end }}
+
+{{/* How many pods can run at once: several need shared state. */}}
+{{- define "modelmora.multiPod" -}}
+{{- if or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1) }}true{{- end }}
+{{- end }}
+
+{{/* /data is a claim: persistence on and no model store. */}}
+{{- define "modelmora.dataClaim" -}}
+{{- if and .Values.persistence.enabled (not .Values.modelStore.url) }}true{{- end }}
+{{- end }}
+
+{{/* resources.max_memory_mb: the share of the container's memory limit the server budgets. */}}
+{{- define "modelmora.memoryBudgetMb" -}}
+{{- div (mul (int .Values.memory.limitMb) (int .Values.memory.serverBudgetPercent)) 100 }}
+{{- end }}
+
+{{/* The whole grace period: the preStop sleep, the drain, uvicorn's own wait for requests still open
+after a drain that timed out (up to drain_seconds again), then the workers' exit (the margin). */}}
+{{- define "modelmora.terminationGraceSeconds" -}}
+{{- $drain := int (ceil .Values.server.drainSeconds) }}
+{{- add (int .Values.server.preStopSleepSeconds) $drain $drain (int .Values.server.terminationMarginSeconds) }}
+{{- end }}
+
+{{/* modelmora.yaml: the user's `config` with the keys the chart owns on top. */}}
+{{- define "modelmora.config" -}}
+{{- $cfg := deepCopy (.Values.config | default dict) }}
+{{- $server := dict "host" "0.0.0.0" "port" (int .Values.server.port) "grpc_port" (int .Values.server.grpcPort) "drain_seconds" .Values.server.drainSeconds "data_dir" "/data" }}
+{{- $_ := set $cfg "server" (merge $server (get $cfg "server" | default dict)) }}
+{{- $resources := dict "max_memory_mb" (int (include "modelmora.memoryBudgetMb" .)) }}
+{{- $_ := set $cfg "resources" (merge $resources (get $cfg "resources" | default dict)) }}
+{{- if .Values.secrets.redisUrl }}
+{{- $_ := set $cfg "jobs" (merge (get $cfg "jobs" | default dict) (dict "backend" "redis")) }}
+{{- end }}
+{{- if .Values.modelStore.url }}
+{{- $_ := set $cfg "registry" (merge (dict "model_store" .Values.modelStore.url) (get $cfg "registry" | default dict)) }}
+{{- end }}
+{{- toYaml $cfg }}
+{{- end }}
