@@ -6,10 +6,12 @@ would flag the documented 502/503/504 too):
 - `documented_server_errors`: a 5xx is a failure unless it is 502, 503 or 504 and carries an
   error code that the error table (modelmora.errors) maps to that status;
 - `one_error_shape`: every 4xx/5xx body is the one JSON shape
-  `{"error_code", "message", "details", "trace_id"}` with a known code of that status.
+  `{"error_code", "message", "details", "trace_id"}` with a known code of that status; on the
+  OpenAI-compatible routes (`/v1/...`), the one declared exception, OpenAI's shape
+  `{"error": {"message", "type", "param", "code"}}` with a known code (api/openai_errors.py).
 
 Two generation hooks steer part of the cases at the models the test installed (a random model
-name would only ever meet 404) and give part of the inference bodies a real `input_data.text`
+name would only ever meet 404) and give part of the inference bodies a real text input
 (random objects would only ever meet 422), so the workers are reached too.
 """
 
@@ -22,13 +24,15 @@ from typing import Any
 import schemathesis
 from hypothesis import strategies as st
 
-from modelmora.errors import ErrorCode
+from modelmora.api.openai_errors import is_v1, status_of
+from modelmora.errors import ErrorCode, ModelMoraError
 
 # Names of the models installed for the run (test_schemathesis.py sets it); never `DELETE`d
 # on purpose: the other operations need them.
 MODELS: list[str] = [m for m in os.environ.get("MODELMORA_FUZZ_MODELS", "").split(",") if m]
 ALLOWED_5XX = {502, 503, 504}
 ERROR_KEYS = {"error_code", "message", "details", "trace_id"}
+OPENAI_KEYS = {"message", "type", "param", "code"}
 # The fake adapter's test switches (tasks/fake.py): a text starting with one of these fails,
 # crashes or sleeps on purpose, which says nothing about the server.
 FAKE_SWITCHES = ("fail:", "crash:", "exit:", "sleep:")
@@ -46,8 +50,8 @@ def documented_server_errors(
     status = response.status_code
     if status < 500:
         return None
-    code = _error_code(response)
-    if status in ALLOWED_5XX and code is not None and ErrorCode(code).http_status == status:
+    code = _error_code(response, case)
+    if status in ALLOWED_5XX and code is not None and _status(code, case) == status:
         return True
     raise AssertionError(f"server error {status} ({code or 'no error code'}): {response.text[:500]}")
 
@@ -64,27 +68,45 @@ def one_error_shape(
         body = json.loads(response.content)
     except ValueError:
         raise AssertionError(f"{status} with a body that is no JSON: {response.text[:300]!r}") from None
-    if not isinstance(body, dict) or set(body) != ERROR_KEYS:
-        raise AssertionError(f"{status} error body not in the one shape: {response.text[:300]}")
-    if not (
-        isinstance(body["message"], str)
-        and isinstance(body["details"], dict)
-        and (body["trace_id"] is None or isinstance(body["trace_id"], str))
-    ):
-        raise AssertionError(f"{status} error body with fields of the wrong types: {response.text[:300]}")
-    code = body["error_code"]
+    if is_v1(case.path):
+        error = body.get("error") if isinstance(body, dict) and set(body) == {"error"} else None
+        if not isinstance(error, dict) or set(error) != OPENAI_KEYS:
+            raise AssertionError(f"{status} error body not in OpenAI's shape: {response.text[:300]}")
+        if not (isinstance(error["message"], str) and isinstance(error["type"], str)):
+            raise AssertionError(f"{status} error body with fields of the wrong types: {response.text[:300]}")
+        code = error["code"]
+    else:
+        if not isinstance(body, dict) or set(body) != ERROR_KEYS:
+            raise AssertionError(f"{status} error body not in the one shape: {response.text[:300]}")
+        if not (
+            isinstance(body["message"], str)
+            and isinstance(body["details"], dict)
+            and (body["trace_id"] is None or isinstance(body["trace_id"], str))
+        ):
+            raise AssertionError(f"{status} error body with fields of the wrong types: {response.text[:300]}")
+        code = body["error_code"]
     if code not in ErrorCode.__members__:
         raise AssertionError(f"{status} with an unknown error code {code!r}")
-    if ErrorCode(code).http_status != status:
-        raise AssertionError(f"{code} answered with {status}, the table says {ErrorCode(code).http_status}")
+    if _status(code, case) != status:
+        raise AssertionError(f"{code} answered with {status}, the table says {_status(code, case)}")
     return True
 
 
-def _error_code(response: schemathesis.Response) -> str | None:
+def _status(code: str, case: schemathesis.Case) -> int:
+    """The status a code is answered with: the error table's, or on `/v1` OpenAI's (400 for
+    a refused request)."""
+    if is_v1(case.path):
+        return status_of(ModelMoraError(ErrorCode(code), ""))
+    return ErrorCode(code).http_status
+
+
+def _error_code(response: schemathesis.Response, case: schemathesis.Case) -> str | None:
     try:
         body = json.loads(response.content)
     except ValueError:
         return None
+    if is_v1(case.path) and isinstance(body, dict) and isinstance(body.get("error"), dict):
+        body = {"error_code": body["error"].get("code")}
     code = body.get("error_code") if isinstance(body, dict) else None
     return code if isinstance(code, str) and code in ErrorCode.__members__ else None
 
@@ -122,11 +144,23 @@ _TEXT = st.text(max_size=64).filter(lambda t: not t.startswith(FAKE_SWITCHES))
 
 @schemathesis.hook
 def flatmap_body(context: Any, body: Any) -> Any:
-    """Half of the inference bodies carry a text or a list of texts the models take."""
+    """Half of the inference bodies carry a text or a list of texts the models take (and, on
+    the OpenAI-compatible routes, an installed model's name)."""
     operation = context.operation
-    if operation is None or "infer" not in operation.path or not isinstance(body, dict):
+    if operation is None or not isinstance(body, dict):
         return st.just(body)
+    path = operation.path
     texts = st.one_of(_TEXT, st.lists(_TEXT, min_size=1, max_size=8))
-    if operation.path.startswith("/infer/"):  # the short form: the input at the top level
+    if path.startswith("/v1/") and MODELS:
+        field = {"/v1/embeddings": "input", "/v1/completions": "prompt", "/v1/images/generations": "prompt"}
+        name = st.sampled_from(MODELS)
+        if path in field:
+            steered = st.tuples(name, texts).map(lambda nt: {**body, "model": nt[0], field[path]: nt[1]})
+        else:
+            steered = name.map(lambda n: {**body, "model": n})
+        return st.one_of(st.just(body), steered)
+    if "infer" not in path:
+        return st.just(body)
+    if path.startswith("/infer/"):  # the short form: the input at the top level
         return st.one_of(st.just(body), texts.map(lambda t: {**body, "text": t}))
     return st.one_of(st.just(body), texts.map(lambda t: {**body, "input_data": {"text": t}}))

@@ -122,6 +122,10 @@ def _refused_without_a_key(srv: Server) -> None:
             seen += 1
             assert response.status_code == 401, (method, path, response.text)
             error = response.json()
+            if path.startswith("/v1/"):  # OpenAI's error shape (api/openai_errors.py)
+                assert set(error["error"]) == {"message", "type", "param", "code"}, error
+                assert error["error"]["code"] == "UNAUTHORIZED", error
+                continue
             assert set(error) == {"error_code", "message", "details", "trace_id"}, error
             assert error["error_code"] == "UNAUTHORIZED", error
     assert seen > 10  # the document lists the guarded operations
