@@ -51,7 +51,8 @@ async def mm(request: pytest.FixtureRequest, settings: Settings, tmp_path: Path)
     settings = settings.model_copy(update={"jobs": settings.jobs.model_copy(update=overrides)})
     if request.param == "redis":
         # One replica: its results directory is trivially every replica's (results.shared).
-        settings = settings.model_copy(update={"results": settings.results.model_copy(update={"shared": True})})
+        shared = settings.results.model_copy(update={"shared": True})
+        settings = settings.model_copy(update={"results": shared})
     server = ModelMora(settings, in_process_runner_factory)
     await server.start()
     await server.registry.install(InstallRequest(source=str(make_fake_model(tmp_path / "fake")), name="fake"))
