@@ -17,6 +17,7 @@ import yaml
 from modelmora.app import create_app
 from modelmora.config import Settings, load_settings
 from modelmora.lifecycle.runners import in_process_runner_factory
+from modelmora.results.store import require_shared
 from tests.deploy.chart import CHART, ROOT, render
 
 REPLICATED_GPU = yaml.safe_load((CHART / "ci" / "replicated-gpu-values.yaml").read_text(encoding="utf-8"))
@@ -126,6 +127,7 @@ def test_replicated_gpu_release(tmp_path: Path) -> None:
     objects = render(REPLICATED_GPU)
     settings = rendered_settings(objects, tmp_path)
     assert settings.jobs.backend == "redis"  # a Redis URL in the secrets switches the job store
+    require_shared(settings)  # file results on the ReadWriteMany claim: what the server checks at start
     assert settings.resources.max_memory_mb == 32768 * 80 // 100
     c = container(objects)
     env = {e["name"]: e for e in c["env"]}
@@ -153,10 +155,15 @@ def test_replicated_gpu_release(tmp_path: Path) -> None:
     assert monitor["spec"]["selector"]["matchLabels"] == objects["Service"]["spec"]["selector"]
 
 
-def test_model_store_gives_each_pod_an_empty_dir() -> None:
+def test_model_store_gives_each_pod_an_empty_dir(tmp_path: Path) -> None:
     values = {**REPLICATED_GPU, "modelStore": {"url": "s3://models/modelmora"}}
     values["persistence"] = {"accessModes": ["ReadWriteOnce"]}
+    # Redis jobs with file results in each pod's emptyDir: one pod's result would be 404 on another
+    with pytest.raises(helm_python.HelmError, match="job results must be shared"):
+        render(values)
+    values["config"] = {**REPLICATED_GPU["config"], "results": {"backend": "s3"}}
     objects = render(values)
+    require_shared(rendered_settings(objects, tmp_path))
     assert "PersistentVolumeClaim" not in objects
     volumes = {v["name"]: v for v in objects["Deployment"]["spec"]["template"]["spec"]["volumes"]}
     assert "emptyDir" in volumes["data"]
@@ -187,3 +194,8 @@ def test_image_and_compose_agree_with_the_server() -> None:
                 grace = float(spec["stop_grace_period"].removesuffix("s"))
                 drain, unload = defaults.server.drain_seconds, defaults.lifecycle.unload_grace_seconds
                 assert grace > 2 * drain + unload, (name, service)
+                # the settings the service's environment gives must pass the server's start checks
+                with pytest.MonkeyPatch.context() as env:
+                    for key, value in spec.get("environment", {}).items():
+                        env.setenv(key, str(value))
+                    require_shared(Settings())

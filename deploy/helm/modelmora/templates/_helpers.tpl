@@ -63,6 +63,16 @@ after a drain that timed out (up to drain_seconds again), then the workers' exit
 {{- $_ := set $cfg "resources" (merge $resources (get $cfg "resources" | default dict)) }}
 {{- if .Values.secrets.redisUrl }}
 {{- $_ := set $cfg "jobs" (merge (get $cfg "jobs" | default dict) (dict "backend" "redis")) }}
+{{- /* Redis jobs: a result is read through whichever pod the client reaches. The claim is the
+one volume every pod mounts (several pods need ReadWriteMany), so file results on it are shared;
+an emptyDir is not, and results must then go to S3. */}}
+{{- $results := get $cfg "results" | default dict }}
+{{- if ne (get $results "backend" | default "files") "s3" }}
+{{- if not (include "modelmora.dataClaim" .) }}
+{{- fail "secrets.redisUrl with /data in an emptyDir (modelStore.url or persistence.enabled false): job results must be shared, set config.results.backend: s3" }}
+{{- end }}
+{{- $_ := set $cfg "results" (merge $results (dict "shared" true)) }}
+{{- end }}
 {{- end }}
 {{- if .Values.modelStore.url }}
 {{- $_ := set $cfg "registry" (merge (dict "model_store" .Values.modelStore.url) (get $cfg "registry" | default dict)) }}
