@@ -22,6 +22,9 @@ from modelmora.auth.authenticator import Authenticator
 from modelmora.auth.limiter import KeyLimiter, build_limiter
 from modelmora.auth.mode import UnsafeBindError, auth_enabled
 from modelmora.auth.store import KeyStore
+from modelmora.cluster.forwarder import Forwarder
+from modelmora.cluster.membership import Membership, check_cluster_settings, new_replica_id
+from modelmora.cluster.view import ModelPresence, ReplicaInfo
 from modelmora.config import Settings
 from modelmora.contracts.runner import RunnerFactory
 from modelmora.jobs.dispatcher import JobDispatcher
@@ -57,6 +60,7 @@ class ModelMora:
         # (UnsafeBindError; `serve` exits 2 with its message).
         auth_on = auth_enabled(settings)
         require_shared(settings)  # several replicas must read each other's results
+        check_cluster_settings(settings, auth_on)  # routing: Redis membership, a hop credential
         # Paths in the registry are relative to this node's roots (replicas share the database).
         self.store = RegistryStore(settings.database_url, roots_of(settings))
         self.keys = KeyStore(self.store.engine)
@@ -93,7 +97,15 @@ class ModelMora:
         )
         # Catalog writes made anywhere (other replicas, the CLI) reach this replica's models.
         self.catalog_sync = CatalogSync(settings, self.store, self.manager, self.registry)
-        self.management = ManagementService(self.manager, self.inference, self.full_status)
+        # Cluster routing (issue 17): this replica's record in Redis, and the forwarding of
+        # requests for models another replica holds. Off without cluster.advertise_url.
+        self.replica_id = settings.cluster.replica_id or new_replica_id()
+        self.membership = Membership(settings, self.replica_id, self.replica_info)
+        if settings.cluster.enabled:
+            self.inference.forwarder = Forwarder(settings, self.membership, self.presence, self.metrics)
+        self.management = ManagementService(
+            self.manager, self.inference, self.full_status, self.membership.view
+        )
         self.job_store = build_job_store(settings)
         self.dispatcher = JobDispatcher(settings, self.job_store, self.inference, self.results)
         self.jobs = JobService(settings, self.job_store, self.dispatcher, self.results)
@@ -133,6 +145,7 @@ class ModelMora:
             except Exception:
                 log.exception("preload failed", extra={"model": name})
         self.ready = True
+        await self.membership.start()  # after ready: a replica is published once it serves
         log.info(
             "modelmora ready",
             extra={
@@ -173,6 +186,9 @@ class ModelMora:
 
     async def stop(self) -> None:
         self.ready = False
+        await self.membership.stop()  # the others stop forwarding here at once
+        if self.inference.forwarder is not None:
+            await self.inference.forwarder.close()
         # Jobs first: a job still running goes back to the queue instead of failing with
         # SHUTTING_DOWN when the workers stop.
         await self.dispatcher.stop()
@@ -244,6 +260,57 @@ class ModelMora:
             result_store_bytes=self._result_bytes,
             ready=self.ready and not self.draining,
             uptime_seconds=time.time() - self.started_at,
+        )
+
+    def presence(self, name: str) -> ModelPresence | None:
+        """This replica's hold on one model, as routing reads it (per request: no copies)."""
+        slot = self.manager.slots.get(name)
+        if slot is None:
+            return None
+        scheduler = slot.scheduler
+        return ModelPresence(
+            name=name,
+            state=slot.state.value,
+            # Waiting for the model: in its queue, or for its load to end (all its refs then).
+            queue_depth=scheduler.queued if scheduler is not None else slot.refs,
+            in_flight=slot.refs,
+        )
+
+    def replica_info(self) -> ReplicaInfo:
+        """This replica's record in the cluster view (heartbeated into Redis)."""
+        models = []
+        for slot in list(self.manager.slots.values()):
+            scheduler = slot.scheduler
+            models.append(
+                ModelPresence(
+                    name=slot.name,
+                    state=slot.state.value,
+                    version=slot.version or slot.record.active_version,
+                    queue_depth=scheduler.queued if scheduler is not None else slot.refs,
+                    in_flight=slot.refs,
+                    device=slot.loaded.device if slot.loaded else None,
+                )
+            )
+        memory = self.manager.memory_status()
+        budget, used = memory["budget_ram_bytes"], memory["used_ram_bytes"]
+        cluster = self.settings.cluster
+        return ReplicaInfo(
+            id=self.replica_id,
+            advertise_url=cluster.advertise_url,
+            grpc_url=cluster.grpc_advertise_url,
+            heartbeat_at=time.time(),
+            version=__version__,
+            started_at=self.started_at,
+            ready=self.ready and not self.draining,
+            draining=self.draining,
+            in_flight=self.inflight,
+            queued=self.manager.admission.queued,
+            memory={
+                "budget_ram_bytes": int(budget or 0),
+                "used_ram_bytes": int(used or 0),
+                "free_ram_bytes": max(0, int(budget or 0) - int(used or 0)),
+            },
+            models=tuple(models),
         )
 
     async def full_status(self) -> dict[str, Any]:

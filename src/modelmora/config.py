@@ -357,6 +357,60 @@ class AuthSettings(_Section):
         return value
 
 
+class ClusterSettings(_Section):
+    """Model-affinity routing between replicas (issue 17; docs/operations.md "Routing"). On when
+    `advertise_url` is set (with jobs.backend redis: membership lives in the jobs' Redis)."""
+
+    # The URL other replicas reach this one's REST door at (http(s)://pod-ip:8000); None: off.
+    advertise_url: str | None = None
+    # This replica's gRPC address as clients should see it (host:port), shown in the cluster
+    # view only (forwarded requests always take the REST door).
+    grpc_advertise_url: str | None = None
+    heartbeat_seconds: float = Field(1.0, gt=0, le=60)
+    # A replica silent this long disappears from every view (and gets no more forwards).
+    ttl_seconds: float = Field(5.0, gt=0, le=600)
+    # Forward synchronous requests to the replica that holds the model; false: publish only.
+    forward: bool = True
+    # A holder with this many requests waiting for the model counts as full: the receiving
+    # replica serves locally instead, loading its own copy (copies grow with demand).
+    saturation_queue_depth: int = Field(16, ge=1)
+    # The credential of the hop between replicas (the same on every replica, >= 32
+    # characters); required with authentication on.
+    secret: SecretStr | None = None
+    # PEM CAs to verify the peers' certificates with when they serve TLS; None: the server's
+    # own server.tls.ca_certs, else the system's.
+    ca_certs: Path | None = None
+    connect_timeout_seconds: float = Field(1.0, gt=0, le=60)
+    # This replica's name in the view; None: hostname-pid-random.
+    replica_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
+
+    @property
+    def enabled(self) -> bool:
+        return self.advertise_url is not None
+
+    @field_validator("advertise_url", mode="after")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None:
+            if not value.startswith(("http://", "https://")) or "/" in value.split("://", 1)[1].rstrip("/"):
+                raise ValueError("cluster.advertise_url must be http(s)://host:port, without a path")
+            value = value.rstrip("/")
+        return value
+
+    @field_validator("secret", mode="after")
+    @classmethod
+    def _secret_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("cluster.secret must be at least 32 characters")
+        return value
+
+    @model_validator(mode="after")
+    def _ttl_over_heartbeats(self) -> ClusterSettings:
+        if self.ttl_seconds < 2 * self.heartbeat_seconds:
+            raise ValueError("cluster.ttl_seconds must be at least twice cluster.heartbeat_seconds")
+        return self
+
+
 class TelemetrySettings(_Section):
     # OTLP/HTTP collector base URL (e.g. http://127.0.0.1:4318); None: no traces exported.
     otlp_endpoint: str | None = None
@@ -392,6 +446,7 @@ class Settings(BaseSettings):
     limits: LimitsSettings = Field(default_factory=LimitsSettings)  # type: ignore[arg-type]
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)  # type: ignore[arg-type]
     auth: AuthSettings = Field(default_factory=AuthSettings)  # type: ignore[arg-type]
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)  # type: ignore[arg-type]
     testing: TestingSettings = Field(default_factory=TestingSettings)  # type: ignore[arg-type]
 
     @model_validator(mode="before")

@@ -24,6 +24,7 @@ LAYERS: list[set[str]] = [
     {"api"},
     {"jobs"},
     {"services", "status_view"},
+    {"cluster"},  # routing between replicas: below the services that forward, above auth
     {"auth"},
     {"lifecycle"},
     {"inference"},

@@ -29,6 +29,7 @@ from modelmora.auth.keys import Principal, current_client, current_principal
 from modelmora.auth.keys import Scope as AuthScope
 from modelmora.auth.limiter import KeyLimiter, Release
 from modelmora.auth.policy import rest_scope
+from modelmora.cluster import hop
 from modelmora.errors import ErrorCode, ModelMoraError
 from modelmora.observability import tracing
 from modelmora.observability.metrics import Metrics, current_protocol
@@ -101,8 +102,11 @@ class EdgeMiddleware:
         metrics_public: bool = True,
         limiter: KeyLimiter | None = None,
         sessions: ConsoleSessions | None = None,
+        cluster_secret: str | None = None,
     ) -> None:
         self.app = app
+        # The credential of requests forwarded by another replica (cluster/hop.py).
+        self.cluster_secret = cluster_secret
         # The web console's signed session cookie, accepted instead of a key (console_auth.py).
         self.sessions = sessions
         # None: auth off, nothing checked, every request acts as ANONYMOUS.
@@ -148,6 +152,7 @@ class EdgeMiddleware:
         peer = scope.get("client")
         client = current_client.set(f"{peer[0]}:{peer[1]}" if peer else "unknown")
         principal: Token[Principal] | None = None
+        forwarded: Token[str | None] | None = None
         release: Release | None = None  # the caller's concurrency slot (auth/limiter.py)
 
         async def reject(error: ModelMoraError) -> None:
@@ -169,7 +174,20 @@ class EdgeMiddleware:
                     ModelMoraError(ErrorCode.SHUTTING_DOWN, "the server is shutting down", retry_after=5)
                 )
                 return
-            if self.auth is not None:
+            if hop.HOP in headers:
+                # Forwarded by another replica: its credential, the caller it checked (and
+                # counted against the caller's limits: not counted again), never forwarded on.
+                try:
+                    carried = hop.verify_hop(headers, self.cluster_secret, self.auth is not None)
+                    needed = rest_scope(scope["method"], path, self.metrics_public)
+                    if carried is not None and needed is not None:
+                        require(carried, needed)
+                        principal = current_principal.set(carried)
+                except ModelMoraError as exc:
+                    await reject(exc)
+                    return
+                forwarded = hop.forwarded_from.set(headers[hop.HOP].decode("latin-1"))
+            elif self.auth is not None:
                 needed = rest_scope(scope["method"], path, self.metrics_public)
                 if needed is not None:
                     try:
@@ -223,6 +241,8 @@ class EdgeMiddleware:
             current_client.reset(client)
             if principal is not None:
                 current_principal.reset(principal)
+            if forwarded is not None:
+                hop.forwarded_from.reset(forwarded)
             if release is not None:
                 release()  # the response has been sent, streamed ones included
             if self.metrics is not None and status:

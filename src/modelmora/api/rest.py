@@ -382,4 +382,5 @@ def asgi_app(mm: ModelMora) -> EdgeMiddleware:
         limiter=mm.limiter,
         metrics_public=mm.settings.auth.metrics_public,
         sessions=sessions,
+        cluster_secret=secret.get_secret_value() if (secret := mm.settings.cluster.secret) else None,
     )

@@ -255,6 +255,14 @@ class Metrics:
             ["model", "stage"],
             registry=r,
         )
+        self.forwarded = Counter(
+            "modelmora_forwarded_requests",
+            "Synchronous requests for a model another replica holds (cluster routing): "
+            "outcome=forwarded (answered there), fallback (the holder was full or unreachable: "
+            "served here), error (the holder's error passed on)",
+            ["model", "outcome"],
+            registry=r,
+        )
         self.slow = Counter(
             "modelmora_requests_slow",
             "Requests slower than telemetry.slow_request_seconds (each also logged as a warning)",

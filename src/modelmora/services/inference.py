@@ -16,6 +16,8 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from modelmora.cluster.forwarder import Forwarder, PeerUnavailable
+from modelmora.cluster.view import ReplicaInfo
 from modelmora.config import Settings
 from modelmora.contracts.channel import WorkItem
 from modelmora.errors import ErrorCode, ModelMoraError
@@ -90,6 +92,27 @@ class InferenceService:
         # Where large results (images) go; the response then carries a URL.
         self.results = results or build_result_store(settings)
         self._sink = _StoreSink(self)
+        # Set by the composition root when cluster routing is on: a request for a model that
+        # another replica holds with room goes there (cluster/forwarder.py).
+        self.forwarder: Forwarder | None = None
+        # The longest a request may wait when it sets no timeout (bounds a forwarded wait; the
+        # holder applies the model's own default).
+        self._max_default_timeout = max(default_timeout(settings.scheduler, t) for t in SPECS)
+
+    def routes_elsewhere(self, name: str) -> bool:
+        """Whether a request for `name` made now would be forwarded to another replica."""
+        return self.forwarder is not None and self.forwarder.route(name) is not None
+
+    def _peer_for(
+        self, name: str, timeout_seconds: float | None, keep_alive: float | None
+    ) -> ReplicaInfo | None:
+        if self.forwarder is None:
+            return None
+        peer = self.forwarder.route(name)
+        if peer is not None:  # the checks a local call makes first, with the same errors
+            validate_name(name)
+            check_timing(timeout_seconds, keep_alive)
+        return peer
 
     async def infer(
         self,
@@ -108,7 +131,17 @@ class InferenceService:
         arrays: the REST layer serialises them without a copy through orjson).
 
         `on_event(kind, data)` is called on the event loop for each event the worker emits
-        for this request (`token`, `progress`), in order, all before this call returns."""
+        for this request (`token`, `progress`), in order, all before this call returns.
+        A request for a model that another replica holds with room is answered there (the
+        events of a forwarded request are not relayed: `on_event` sees none)."""
+        peer = self._peer_for(name, timeout_seconds, keep_alive)
+        if peer is not None and self.forwarder is not None:
+            body = _hop_body(input_data, parameters, priority, timeout_seconds, keep_alive)
+            timeout = timeout_seconds or self._max_default_timeout
+            try:
+                return await self.forwarder.infer(peer, name, body, timeout, trace_id, disconnected)
+            except PeerUnavailable:
+                pass  # served here
         call = await self.prepare(
             name, input_data, parameters, priority, timeout_seconds, trace_id, keep_alive=keep_alive
         )
@@ -131,6 +164,25 @@ class InferenceService:
         <error body>}`. An error before the first event (unknown model, bad input, queue full,
         load failure) is raised as ModelMoraError instead, so a door can still answer it with
         a plain status. Closing the iterator early cancels the request, in the worker too."""
+        peer = self._peer_for(name, timeout_seconds, keep_alive)
+        if peer is not None and self.forwarder is not None:
+            body = _hop_body(input_data, parameters, priority, timeout_seconds, keep_alive)
+            timeout = timeout_seconds or self._max_default_timeout
+            remote = self.forwarder.stream(peer, name, body, timeout, trace_id, disconnected)
+            try:
+                first = await anext(remote)
+            except PeerUnavailable:
+                pass  # served here, below
+            except StopAsyncIteration:
+                return
+            else:
+                try:
+                    yield first
+                    async for forwarded in remote:
+                        yield forwarded
+                finally:
+                    await remote.aclose()
+                return
         call = await self.prepare(
             name, input_data, parameters, priority, timeout_seconds, trace_id, keep_alive=keep_alive
         )
@@ -393,6 +445,24 @@ class InferenceService:
             return {"name": name, "warmed": False}
         response = await self.infer(name, dict(request.input_data), dict(request.parameters))
         return {"name": name, "warmed": True, "timing": response["timing"]}
+
+
+def _hop_body(
+    input_data: dict[str, Any],
+    parameters: dict[str, Any] | None,
+    priority: str | int | None,
+    timeout_seconds: float | None,
+    keep_alive: float | None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"input_data": input_data, "parameters": parameters or {}}
+    for key, value in (
+        ("priority", priority),
+        ("timeout_seconds", timeout_seconds),
+        ("keep_alive", keep_alive),
+    ):
+        if value is not None:
+            body[key] = value
+    return body
 
 
 class _StoreSink:

@@ -21,15 +21,23 @@ from modelmora.registry.catalog import validate_name
 from modelmora.services.inference import InferenceService
 
 StatusSource = Callable[[], Awaitable[dict[str, Any]]]
+ClusterSource = Callable[[], Awaitable[dict[str, Any]]]
 
 
 class ManagementService:
-    def __init__(self, manager: ModelManager, inference: InferenceService, status: StatusSource) -> None:
+    def __init__(
+        self,
+        manager: ModelManager,
+        inference: InferenceService,
+        status: StatusSource,
+        cluster: ClusterSource | None = None,
+    ) -> None:
         self.manager = manager
         self.inference = inference
         # The status document reads what only the composition root holds (readiness, drain,
         # requests in flight at the edge, job counts), so the root passes its builder in.
         self._status = status
+        self._cluster = cluster  # the replicas' view (cluster/membership.py), from the root too
 
     async def load(self, name: str) -> dict[str, Any]:
         """Load the model now (bounded like a request: INSUFFICIENT_MEMORY past its deadline)."""
@@ -60,6 +68,14 @@ class ManagementService:
         if current_protocol.get() in ("rest", "grpc") and body.get("in_flight"):
             body["in_flight"] -= 1
         return body
+
+    async def cluster(self) -> dict[str, Any]:
+        """The replicas behind this address: each one's models (state, queue, requests in
+        flight) and memory, from their heartbeats (docs/api.md, "Cluster"). Routing off: this
+        replica alone, `enabled` false."""
+        if self._cluster is None:
+            raise ModelMoraError(ErrorCode.INTERNAL_ERROR, "no cluster view in this server")
+        return await self._cluster()
 
     def stats(self, window: int | None = None) -> dict[str, Any]:
         """Each model's recent figures, one point per few seconds over the last `window`
