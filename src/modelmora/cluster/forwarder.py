@@ -168,6 +168,12 @@ class Forwarder:
             raise ModelMoraError(
                 ErrorCode.INFERENCE_TIMEOUT, f"no answer from replica {peer.id} within {timeout:g} s"
             ) from None
+        except ModelMoraError:
+            raise
+        except Exception:  # a bug here must not fail the caller: serve it locally, loudly
+            log.exception("forwarding failed unexpectedly", extra={"model": name, "peer": peer.id})
+            self.metrics.forwarded.labels(name, "fallback").inc()
+            raise PeerUnavailable from None
         if status != 200:
             raise self._refused(peer, name, status, data, rheaders)
         self.membership.mark_up(peer.id)

@@ -14,6 +14,7 @@ import contextlib
 import ssl
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import httptools
@@ -38,7 +39,8 @@ class HopError(ConnectionError):
 class _Connection(asyncio.Protocol):
     def __init__(self, key: tuple[str, str, int]) -> None:
         self.key = key
-        self.transport: asyncio.Transport | None = None
+        # asyncio's or uvloop's transport (uvloop's is no asyncio.Transport subclass)
+        self.transport: Any = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.idle_since = 0.0
@@ -56,7 +58,6 @@ class _Connection(asyncio.Protocol):
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
