@@ -5,11 +5,17 @@ that is down or breaks off mid-answer, a caller that gives up."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
+import trustme
 
+from modelmora.cluster.forwarder import peer_ssl_context
 from modelmora.cluster.hop_client import HopClient, HopError
+from modelmora.config import Settings
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 
@@ -173,4 +179,56 @@ async def test_a_caller_that_gives_up_closes_the_connection(
     # the peer sees its client leave: how a holder learns to cancel the forwarded work
     async with asyncio.timeout(5):
         await peer.closed.wait()
+    await client.close()
+
+
+async def test_the_hop_over_tls_checks_the_peer_and_shows_its_own_certificate(tmp_path: Path) -> None:
+    """A replica with server.tls verifies its peer against the CA and presents its own
+    certificate to a peer that requires clients' (mTLS); a peer signed by another CA is not
+    reached."""
+    ca, other = trustme.CA(), trustme.CA()
+    files = {}
+    for name, (issuer, host) in {
+        "a": (ca, "127.0.0.1"),
+        "b": (ca, "127.0.0.1"),
+        "x": (other, "127.0.0.1"),
+    }.items():
+        cert = issuer.issue_cert(host)
+        files[name] = (tmp_path / f"{name}.pem", tmp_path / f"{name}.key")
+        for blob in cert.cert_chain_pems:
+            blob.write_to_path(str(files[name][0]), append=True)
+        cert.private_key_pem.write_to_path(str(files[name][1]))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    seen: list[Any] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(writer.get_extra_info("peercert"))
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"POST")
+        writer.write(ok(b"tls"))
+        await writer.drain()
+        writer.close()
+
+    async def tls_peer(name: str) -> tuple[asyncio.Server, str]:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tmp_path / "ca.pem"))
+        context.load_cert_chain(str(files[name][0]), str(files[name][1]))
+        context.verify_mode = ssl.CERT_REQUIRED  # mTLS: the hop must show a certificate
+        server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=context)
+        return server, f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+    settings = Settings(
+        server={"tls": {"certfile": files["a"][0], "keyfile": files["a"][1], "ca_certs": tmp_path / "ca.pem"}}  # type: ignore[arg-type]
+    )
+    client = HopClient(peer_ssl_context(settings), 2.0)
+    server, url = await tls_peer("b")
+    async with client.request(url, "/x", [], b"{}") as r:
+        assert await r.read() == b"tls"
+    assert seen and seen[0] is not None  # the peer saw this replica's certificate
+    server.close()
+    server, url = await tls_peer("x")  # signed by a CA this replica does not trust
+    with pytest.raises(HopError) as refused:
+        async with client.request(url, "/x", [], b"{}"):
+            pass
+    assert not refused.value.responded
+    server.close()
     await client.close()

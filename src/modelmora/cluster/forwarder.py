@@ -51,7 +51,7 @@ class PeerUnavailable(Exception):
     """Serve the request here instead."""
 
 
-def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
+def peer_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     """Verifies the peers' certificates (cluster.ca_certs, else server.tls.ca_certs, else the
     system's) and presents this replica's own certificate, for peers that require clients'."""
     tls = settings.server.tls
@@ -117,7 +117,7 @@ class Forwarder:
             (hop.HOP, membership.id.encode()),
             *([(hop.CLUSTER_KEY, secret.get_secret_value().encode())] if secret is not None else []),
         ]
-        self.client = HopClient(_ssl_context(settings), self.cfg.connect_timeout_seconds)
+        self.client = HopClient(peer_ssl_context(settings), self.cfg.connect_timeout_seconds)
 
     def route(self, name: str) -> ReplicaInfo | None:
         """The peer to send `name`'s request to; None: serve here (routing off, a request that
