@@ -24,7 +24,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import orjson
@@ -193,13 +193,9 @@ class JobDispatcher:
         self, job: JobRecord, on_event: Callable[[str, dict[str, Any]], None]
     ) -> dict[str, Any]:
         manager, request = self.inference.manager, job.request
-        self._waiting[job.job_id] = (job.model, time.monotonic())
-        # Held (a reference) until the job is queued, so the model cannot go in between.
-        deadline = manager.clock() + self.settings.lifecycle.load_timeout_seconds
-        slot = await manager.acquire(job.model, deadline=deadline, reason="job")
-        try:
-            self._waiting.pop(job.job_id, None)
-            return await self.inference.infer(
+
+        def run() -> Awaitable[dict[str, Any]]:
+            return self.inference.infer(
                 job.model,
                 request.get("input_data") or {},
                 request.get("parameters"),
@@ -209,6 +205,18 @@ class JobDispatcher:
                 trace_id=job.trace_id,
                 on_event=on_event,
             )
+
+        if self.inference.routes_elsewhere(job.model):
+            # Another replica holds the model with room (cluster routing): the job runs there,
+            # without a copy loaded here for it.
+            return await run()
+        self._waiting[job.job_id] = (job.model, time.monotonic())
+        # Held (a reference) until the job is queued, so the model cannot go in between.
+        deadline = manager.clock() + self.settings.lifecycle.load_timeout_seconds
+        slot = await manager.acquire(job.model, deadline=deadline, reason="job")
+        try:
+            self._waiting.pop(job.job_id, None)
+            return await run()
         finally:
             manager.release(slot)
 
