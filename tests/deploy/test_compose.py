@@ -1,7 +1,9 @@
 """The replicated compose stack with its host-network override: two replicas of the built image
 on this machine's PostgreSQL and Redis, sharing one volume, behind nginx. Both answer, through
-the load balancer too, and a job submitted to one is readable, result included, from the other.
-Runs when MODELMORA_IMAGE is set (.ci/run; MODELMORA_LB_IMAGE names a local nginx image)."""
+the load balancer too, a job submitted to one is readable, result included, from the other, each
+lists both in its cluster view, and a request for a model loaded on one is answered through the
+other by forwarding. Runs when MODELMORA_IMAGE is set (.ci/run; MODELMORA_LB_IMAGE names a local
+nginx image)."""
 
 from __future__ import annotations
 
@@ -10,9 +12,11 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from modelmora.client import GrpcClient
 from tests.conftest import make_fake_model
@@ -22,7 +26,11 @@ pytestmark = [pytest.mark.container, pytest.mark.postgres]
 COMPOSE_DIR = Path(__file__).resolve().parents[2] / "deploy" / "compose"
 # the ports replicated.host.yml and nginx.host.conf give the replicas and the load balancer
 REPLICAS = ("http://127.0.0.1:18001", "http://127.0.0.1:18002")
+REPLICAS_GRPC = dict(zip(REPLICAS, ("127.0.0.1:18051", "127.0.0.1:18052"), strict=True))
 LB_REST, LB_GRPC = "http://127.0.0.1:18000", "127.0.0.1:18050"
+CLUSTER_SECRET = "deploy-check-cluster-secret-0123456789abcdef"
+# installed for the routing test alone: no replica has loaded it before that test
+ROUTED = "fake-routed"
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +38,10 @@ def stack(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     tmp = tmp_path_factory.mktemp("compose")
     env_file = tmp / "modelmora.env"
     # inline_max_bytes 0: every job result goes to the shared files, not into Redis
+    # the cluster secret: the credential of the requests one replica forwards to the other
     env_file.write_text(
-        f"MODELMORA_AUTH__BOOTSTRAP_KEY={BOOTSTRAP_KEY}\nMODELMORA_RESULTS__INLINE_MAX_BYTES=0\n",
+        f"MODELMORA_AUTH__BOOTSTRAP_KEY={BOOTSTRAP_KEY}\nMODELMORA_RESULTS__INLINE_MAX_BYTES=0\n"
+        f"MODELMORA_CLUSTER__SECRET={CLUSTER_SECRET}\n",
         encoding="utf-8",
     )
     project = f"mmcheck{uuid.uuid4().hex[:8]}"
@@ -63,10 +73,10 @@ def stack(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             )
         # a model on the shared volume, installed through replica 1 (catalog in PostgreSQL)
         container_1 = compose("ps", "-q", "modelmora-1").stdout.strip()
-        model = make_fake_model(tmp / "fake-embed")
         docker("exec", container_1, "mkdir", "-p", "/data/sources")
-        docker("cp", str(model), f"{container_1}:/data/sources/")
-        docker("exec", container_1, "modelmora", "install", "/data/sources/fake-embed")
+        for name in ("fake-embed", ROUTED):
+            docker("cp", str(make_fake_model(tmp / name)), f"{container_1}:/data/sources/")
+            docker("exec", container_1, "modelmora", "install", f"/data/sources/{name}")
         yield [DOCKER, project]
     finally:
         logs = subprocess.run([*base, "logs", "--tail", "30"], cwd=COMPOSE_DIR, env=env,
@@ -117,3 +127,60 @@ def test_a_job_submitted_to_one_replica_is_read_from_the_other(stack: list[str])
     body = httpx.get(f"{second}{stored['url']}", headers=auth_headers(), timeout=30)
     assert body.status_code == 200, body.text
     assert len(body.json()["embeddings"]) == 3, body.text[:300]
+
+
+def cluster_view(url: str) -> dict[str, Any]:
+    response = httpx.get(f"{url}/api/v1/cluster", headers=auth_headers(), timeout=10)
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def test_each_replica_lists_both_in_the_cluster_view(stack: list[str]) -> None:
+    for url in REPLICAS:
+
+        def both(url: str = url) -> dict[str, Any] | None:
+            view = cluster_view(url)
+            return view if {r["advertise_url"] for r in view["replicas"]} == set(REPLICAS) else None
+
+        # each replica reads the other's record within a heartbeat or two
+        view = until(both, timeout=30, what=f"{url} lists both replicas")
+        assert view["enabled"] is True
+        (me,) = (r for r in view["replicas"] if r["self"])
+        assert me["advertise_url"] == url and me["id"] == view["self"]
+        assert me["grpc_url"] == REPLICAS_GRPC[url]
+
+
+def forwarded(url: str, model: str) -> float:
+    """modelmora_forwarded_requests{outcome="forwarded"} of one replica for one model."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            wanted = sample.name == "modelmora_forwarded_requests_total"
+            if wanted and sample.labels == {"model": model, "outcome": "forwarded"}:
+                return float(sample.value)
+    return 0.0
+
+
+def test_a_model_loaded_on_one_replica_is_served_through_the_other(stack: list[str]) -> None:
+    first, second = REPLICAS
+    body = {"text": "where is the model?"}
+    # nobody holds the model yet: replica 1 serves it itself, loading it
+    direct = httpx.post(f"{first}/infer/{ROUTED}", json=body, headers=auth_headers(), timeout=60)
+    assert direct.status_code == 200, direct.text
+
+    def holders() -> set[str]:
+        return {
+            replica["advertise_url"]
+            for replica in cluster_view(second)["replicas"]
+            for model in replica["models"]
+            if model["name"] == ROUTED and model["state"] == "ready"
+        }
+
+    until(lambda: holders() == {first}, timeout=30, what="replica 2 sees the model ready on replica 1")
+    before = forwarded(second, ROUTED)
+    routed = httpx.post(f"{second}/infer/{ROUTED}", json=body, headers=auth_headers(), timeout=60)
+    assert routed.status_code == 200, routed.text
+    assert routed.json()["result"]["embeddings"] == direct.json()["result"]["embeddings"]
+    # replica 2 forwarded it to replica 1 and loaded no copy of its own
+    assert forwarded(second, ROUTED) == before + 1
+    assert holders() == {first}

@@ -4,6 +4,7 @@ grace period, memory budget) checked against the server's own configuration."""
 
 from __future__ import annotations
 
+import base64
 import re
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,9 @@ import pytest
 import yaml
 
 from modelmora.app import create_app
-from modelmora.config import Settings, load_settings
+from modelmora.auth.mode import auth_enabled
+from modelmora.cluster.membership import check_cluster_settings
+from modelmora.config import ConfigurationError, Settings, load_settings
 from modelmora.lifecycle.runners import in_process_runner_factory
 from modelmora.results.store import require_shared
 from tests.deploy.chart import CHART, ROOT, render
@@ -37,6 +40,39 @@ def rendered_settings(objects: dict[str, Any], tmp_path: Path) -> Settings:
     path = tmp_path / "modelmora.yaml"
     path.write_text(objects["ConfigMap"]["data"]["modelmora.yaml"], encoding="utf-8")
     return load_settings(path)
+
+
+def secret_data(objects: dict[str, Any]) -> dict[str, str]:
+    return {k: base64.b64decode(v).decode() for k, v in objects["Secret"]["data"].items()}
+
+
+def pod_environment(objects: dict[str, Any], pod_ip: str) -> dict[str, str]:
+    """The container's environment as the kubelet gives it: the downward API's pod IP, keys of
+    the rendered Secret, and $(VAR) expanded from the variables defined before it."""
+    secret = secret_data(objects)
+    env: dict[str, str] = {}
+    for var in container(objects)["env"]:
+        if "value" in var:
+            env[var["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), var["value"])
+        elif "fieldRef" in var["valueFrom"]:
+            assert var["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP", var
+            env[var["name"]] = pod_ip
+        else:
+            ref = var["valueFrom"]["secretKeyRef"]
+            assert ref["name"] == objects["Secret"]["metadata"]["name"], var
+            if ref["key"] in secret:
+                env[var["name"]] = secret[ref["key"]]
+            else:  # a key the pod would not start without fails here too
+                assert ref.get("optional") is True, f"{var['name']}: no key {ref['key']} in the Secret"
+    return env
+
+
+def pod_settings(objects: dict[str, Any], tmp_path: Path, env: dict[str, str]) -> Settings:
+    """What `serve --config` reads in the pod: the rendered modelmora.yaml and its environment."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        return rendered_settings(objects, tmp_path)
 
 
 @pytest.fixture
@@ -84,6 +120,10 @@ def test_default_release_is_one_pod_with_a_claim(tmp_path: Path) -> None:
     assert settings.registry.database_url is None
     # the bootstrap key is generated, long enough for auth.bootstrap_key
     assert len(objects["Secret"]["data"]["bootstrap-key"]) >= 44  # base64 of >= 32 characters
+    # one pod: nobody to route to, so no advertised URL and no cluster secret
+    assert not any(e["name"].startswith("MODELMORA_CLUSTER__") for e in container(objects)["env"])
+    assert "cluster-secret" not in objects["Secret"]["data"]
+    assert not pod_settings(objects, tmp_path, pod_environment(objects, "10.42.0.7")).cluster.enabled
 
 
 def test_probes_ports_and_grace_agree_with_the_server(tmp_path: Path, app_paths: set[str]) -> None:
@@ -155,6 +195,81 @@ def test_replicated_gpu_release(tmp_path: Path) -> None:
     assert monitor["spec"]["selector"]["matchLabels"] == objects["Service"]["spec"]["selector"]
 
 
+def test_replicated_release_routes_between_pods(tmp_path: Path) -> None:
+    """cluster.advertisePodIP auto: several pods with Redis jobs advertise their IP, with a
+    generated cluster secret, and the server's start checks for routing pass in such a pod."""
+    objects = render(REPLICATED_GPU)
+    env = {e["name"]: e for e in container(objects)["env"]}
+    assert env["MODELMORA_CLUSTER__SECRET"]["valueFrom"]["secretKeyRef"]["key"] == "cluster-secret"
+    assert "optional" not in env["MODELMORA_CLUSTER__SECRET"]["valueFrom"]["secretKeyRef"]
+    secret = secret_data(objects)
+    assert len(secret["cluster-secret"]) >= 32 and secret["cluster-secret"] != secret["bootstrap-key"]
+
+    pod_env = pod_environment(objects, "10.42.0.7")
+    settings = pod_settings(objects, tmp_path, pod_env)
+    assert settings.cluster.enabled
+    assert settings.cluster.advertise_url == f"http://10.42.0.7:{settings.server.port}"
+    assert settings.cluster.grpc_advertise_url == f"10.42.0.7:{settings.server.grpc_port}"
+    assert settings.cluster.secret is not None
+    assert settings.cluster.secret.get_secret_value() == secret["cluster-secret"]
+    assert settings.jobs.redis_url == REPLICATED_GPU["secrets"]["redisUrl"]
+    assert auth_enabled(settings)  # the pod binds every interface
+    check_cluster_settings(settings, auth_on=True)
+    # the secret is what the check needs: a pod without it would refuse to start
+    pod_env.pop("MODELMORA_CLUSTER__SECRET")
+    with pytest.raises(ConfigurationError, match=r"but cluster\.secret is not"):
+        check_cluster_settings(pod_settings(objects, tmp_path, pod_env), auth_on=True)
+
+    # a given secret is used as it is, and must be long enough for cluster.secret
+    given = "routing-secret-0123456789abcdefghijklmnop"
+    objects = render({**REPLICATED_GPU, "secrets": {**REPLICATED_GPU["secrets"], "clusterSecret": given}})
+    assert secret_data(objects)["cluster-secret"] == given
+    with pytest.raises(helm_python.HelmError, match="clusterSecret must be at least 32"):
+        render({**REPLICATED_GPU, "secrets": {**REPLICATED_GPU["secrets"], "clusterSecret": "short"}})
+
+
+def routing_env(values: dict[str, Any]) -> dict[str, Any]:
+    return {
+        e["name"]: e for e in container(render(values))["env"] if e["name"].startswith("MODELMORA_CLUSTER__")
+    }
+
+
+def test_when_pods_advertise_themselves() -> None:
+    replicated = {**REPLICATED_GPU, "cluster": {"advertisePodIP": "auto"}}
+    assert routing_env(replicated)
+    assert not routing_env({**replicated, "cluster": {"advertisePodIP": False}})
+    # auto: one pod has nobody to route to
+    one = {k: v for k, v in REPLICATED_GPU.items() if k != "autoscaling"} | {"replicaCount": 1}
+    assert not routing_env(one)
+    assert routing_env({**one, "cluster": {"advertisePodIP": True}})
+    # auto: an existing Secret may lack cluster-secret; true takes it from there
+    external = {**replicated, "secrets": {"existingSecret": "mm-secrets"}}
+    external["config"] = {**REPLICATED_GPU["config"], "jobs": {"backend": "redis"}}
+    assert not routing_env(external)
+    forced = routing_env({**external, "cluster": {"advertisePodIP": True}})
+    assert forced["MODELMORA_CLUSTER__SECRET"]["valueFrom"]["secretKeyRef"] == {
+        "name": "mm-secrets",
+        "key": "cluster-secret",
+    }
+    # auto: with TLS a peer's certificate would have to name the pod's IP; true says it does
+    tls = {"certfile": "/etc/modelmora-tls/tls.crt", "keyfile": "/etc/modelmora-tls/tls.key"}
+    with_tls = {**replicated, "config": {**REPLICATED_GPU["config"], "server": {"tls": tls}}}
+    assert not routing_env(with_tls)
+    forced = routing_env({**with_tls, "cluster": {"advertisePodIP": True}})
+    assert forced["MODELMORA_CLUSTER__ADVERTISE_URL"]["value"] == "https://$(POD_IP):8000"
+
+
+def test_advertising_without_redis_refuses_to_render() -> None:
+    with pytest.raises(helm_python.HelmError, match="advertisePodIP needs Redis jobs"):
+        render({"cluster": {"advertisePodIP": True}})
+    values = {**REPLICATED_GPU, "cluster": {"advertisePodIP": True}}
+    values["secrets"] = {k: v for k, v in REPLICATED_GPU["secrets"].items() if k != "redisUrl"}
+    with pytest.raises(helm_python.HelmError, match="advertisePodIP needs Redis jobs"):
+        render(values)
+    with pytest.raises(helm_python.HelmError, match="must be auto, true or false"):
+        render({"cluster": {"advertisePodIP": "yes"}})
+
+
 def test_model_store_gives_each_pod_an_empty_dir(tmp_path: Path) -> None:
     values = {**REPLICATED_GPU, "modelStore": {"url": "s3://models/modelmora"}}
     values["persistence"] = {"accessModes": ["ReadWriteOnce"]}
@@ -180,6 +295,42 @@ def test_several_replicas_without_shared_files_refuse_to_render() -> None:
         render(values)
 
 
+COMPOSE = ROOT / "deploy" / "compose"
+
+
+def env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines, as compose's env_file reads them."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return dict(line.split("=", 1) for line in lines if line.strip() and not line.startswith("#"))
+
+
+def interpolated(value: object, given: dict[str, str]) -> str:
+    """compose's ${VAR:-default} and ${VAR:?error} with `given` as the shell's environment."""
+
+    def one(match: re.Match[str]) -> str:
+        name, op, rest = match[1], match[2], match[3]
+        if name in given:
+            return given[name]
+        assert op != ":?", f"{name} must be set: {rest}"
+        return rest or ""
+
+    return re.sub(r"\$\{(\w+)(?:(:-|:\?)([^}]*))?\}", one, str(value))
+
+
+def compose_environments(*files: str, given: dict[str, str]) -> dict[str, dict[str, str]]:
+    """Each ModelMora service's environment in these compose files (later files override keys),
+    on top of modelmora.env.example as its env_file (what an operator copies)."""
+    base = env_file(COMPOSE / "modelmora.env.example")
+    envs: dict[str, dict[str, str]] = {}
+    for name in files:
+        compose = yaml.safe_load((COMPOSE / name).read_text(encoding="utf-8"))
+        for service, spec in compose["services"].items():
+            if service.startswith("modelmora"):
+                env = envs.setdefault(service, dict(base))
+                env.update({k: interpolated(v, given) for k, v in spec.get("environment", {}).items()})
+    return envs
+
+
 def test_image_and_compose_agree_with_the_server() -> None:
     defaults = Settings()
     dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
@@ -188,14 +339,41 @@ def test_image_and_compose_agree_with_the_server() -> None:
     assert "/health/ready" in dockerfile.split("HEALTHCHECK", 1)[1].split("\n\n", 1)[0]
     assert 'ENTRYPOINT ["modelmora"]' in dockerfile and 'CMD ["serve"]' in dockerfile
     for name in ("single.yml", "replicated.yml"):
-        compose = yaml.safe_load((ROOT / "deploy" / "compose" / name).read_text(encoding="utf-8"))
+        compose = yaml.safe_load((COMPOSE / name).read_text(encoding="utf-8"))
         for service, spec in compose["services"].items():
             if service.startswith("modelmora"):
                 grace = float(spec["stop_grace_period"].removesuffix("s"))
                 drain, unload = defaults.server.drain_seconds, defaults.lifecycle.unload_grace_seconds
                 assert grace > 2 * drain + unload, (name, service)
-                # the settings the service's environment gives must pass the server's start checks
-                with pytest.MonkeyPatch.context() as env:
-                    for key, value in spec.get("environment", {}).items():
-                        env.setenv(key, str(value))
-                    require_shared(Settings())
+
+    # the settings each service's environment gives must pass the server's start checks (the
+    # image binds every interface: API keys on), and each replica advertises its own address
+    host = {"MODELMORA_DATABASE_URL": "postgresql+psycopg://postgres@127.0.0.1:5432/modelmora"}
+    variants = {
+        ("single.yml",): {"modelmora": None},
+        ("replicated.yml",): {"modelmora-1": "modelmora-1", "modelmora-2": "modelmora-2"},
+        ("replicated.yml", "replicated.host.yml"): {"modelmora-1": "127.0.0.1", "modelmora-2": "127.0.0.1"},
+    }
+    for files, advertised in variants.items():
+        envs = compose_environments(*files, given=host)
+        assert set(envs) == set(advertised), files
+        urls = set()
+        for service, env in envs.items():
+            with pytest.MonkeyPatch.context() as patch:
+                for key, value in env.items():
+                    patch.setenv(key, value)
+                settings = Settings()
+            require_shared(settings)
+            check_cluster_settings(settings, auth_on=True)
+            if advertised[service] is None:
+                assert not settings.cluster.enabled, (files, service)
+                continue
+            server = settings.server
+            assert settings.cluster.advertise_url == f"http://{advertised[service]}:{server.port}", (
+                files,
+                service,
+            )
+            assert settings.cluster.grpc_advertise_url == f"{advertised[service]}:{server.grpc_port}"
+            urls.add(settings.cluster.advertise_url)
+        # no two replicas advertise the same URL
+        assert len(urls) == len([h for h in advertised.values() if h is not None]), files

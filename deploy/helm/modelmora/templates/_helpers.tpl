@@ -37,6 +37,40 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1) }}true{{- end }}
 {{- end }}
 
+{{/* The job store is Redis: a Redis URL in the secrets, or config.jobs.backend. Routing needs it
+(the replicas find each other in the jobs' Redis). */}}
+{{- define "modelmora.redisJobs" -}}
+{{- if or .Values.secrets.redisUrl (eq (dig "jobs" "backend" "" (.Values.config | default dict)) "redis") }}true{{- end }}
+{{- end }}
+
+{{/* The server serves TLS: a certificate in config.server.tls (or its environment variable). */}}
+{{- define "modelmora.tls" -}}
+{{- if or (dig "server" "tls" "certfile" "" (.Values.config | default dict)) (get (.Values.extraEnv | default dict) "MODELMORA_SERVER__TLS__CERTFILE") }}true{{- end }}
+{{- end }}
+
+{{/* Routing between replicas (cluster.advertisePodIP, values.yaml): "true" when each pod
+advertises its IP. auto: several pods with Redis jobs, the chart's own Secret (it generates the
+cluster secret) and no TLS (a peer's certificate would have to name the pod's IP). */}}
+{{- define "modelmora.routing" -}}
+{{- $mode := toString .Values.cluster.advertisePodIP }}
+{{- if eq $mode "auto" }}
+{{- if and (include "modelmora.multiPod" .) (include "modelmora.redisJobs" .) (not .Values.secrets.existingSecret) (not (include "modelmora.tls" .)) }}true{{- end }}
+{{- else if eq $mode "true" }}
+{{- if not (include "modelmora.redisJobs" .) }}
+{{- fail "cluster.advertisePodIP needs Redis jobs: the replicas find each other in the jobs' Redis (set secrets.redisUrl, or config.jobs.backend: redis with redis-url in secrets.existingSecret)" }}
+{{- end }}
+{{- print "true" }}
+{{- else if ne $mode "false" }}
+{{- fail (printf "cluster.advertisePodIP must be auto, true or false, not %q" $mode) }}
+{{- end }}
+{{- end }}
+
+{{/* The URL other replicas reach a pod at (cluster.advertise_url); $(POD_IP) is expanded by the
+kubelet from the variable defined before it. */}}
+{{- define "modelmora.advertiseUrl" -}}
+{{- printf "%s://$(POD_IP):%d" (ternary "https" "http" (eq (include "modelmora.tls" .) "true")) (int .Values.server.port) }}
+{{- end }}
+
 {{/* /data is a claim: persistence on and no model store. */}}
 {{- define "modelmora.dataClaim" -}}
 {{- if and .Values.persistence.enabled (not .Values.modelStore.url) }}true{{- end }}
