@@ -8,11 +8,14 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
@@ -82,13 +85,22 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, pg_url: str) -> Iterator[d
         "MODELMORA_AUTH__BOOTSTRAP_KEY": KEY,
         "MODELMORA_CLUSTER__SECRET": SECRET,
         "MODELMORA_CLUSTER__TTL_SECONDS": "3",
+        "MODELMORA_CLUSTER__SATURATION_QUEUE_DEPTH": "2",
     }
     installer = clean_env(tmp / "installer", **shared)
     suffix = uuid.uuid4().hex[:6]
-    names = {"emb": f"emb-{suffix}", "gen": f"gen-{suffix}", "other": f"other-{suffix}"}
+    names = {
+        "emb": f"emb-{suffix}",
+        "gen": f"gen-{suffix}",
+        "other": f"other-{suffix}",
+        "slow": f"slow-{suffix}",
+    }
     cli(installer, "install", str(make_fake_model(tmp / "emb", ndarray=True)), "--name", names["emb"])
     cli(installer, "install", str(make_fake_model(tmp / "gen", task_type="txt2txt")), "--name", names["gen"])
     cli(installer, "install", str(make_fake_model(tmp / "other", ndarray=True)), "--name", names["other"])
+    slow = make_fake_model(tmp / "slow", ndarray=True, delay_ms=150)
+    cli(installer, "install", str(slow), "--name", names["slow"])
+    cli(installer, "update", names["slow"], "--set", "max_batch_size=1")
     servers: dict[str, Server] = {}
 
     def start(rid: str) -> Server:
@@ -215,6 +227,32 @@ def test_a_caller_without_a_valid_key_is_refused_before_forwarding(cluster: dict
         headers={"authorization": f"Bearer {infer_key}"},
     )
     assert ok.status_code == 200 and forwarded(b, emb) == before_b + 1
+
+
+def test_copies_grow_with_demand(cluster: dict[str, Any]) -> None:
+    """The holder's queue for the model reaches cluster.saturation_queue_depth (2 here): the
+    replica receiving the traffic stops forwarding and loads a copy of its own."""
+    a, b = cluster["servers"]["a"], cluster["servers"]["b"]
+    slow = cluster["names"]["slow"]
+    assert a.client.post(f"/api/v1/models/{slow}/load", headers=AUTH).status_code == 200
+    b.wait_until(lambda: sees(b, "a", slow), "b sees a holding the model")
+    statuses: list[int] = []
+    stop = time.monotonic() + 60
+
+    def send() -> None:
+        with httpx.Client(base_url=b.url, timeout=60) as client:
+            while time.monotonic() < stop and not loaded_here(b, slow):
+                answer = client.post(
+                    f"/api/v1/infer/{slow}", json={"input_data": {"text": "x"}}, headers=AUTH
+                )
+                statuses.append(answer.status_code)
+
+    with ThreadPoolExecutor(6) as pool:  # one batch of one every 150 ms at a: a queue forms
+        for _ in pool.map(lambda _: send(), range(6)):
+            pass
+    assert loaded_here(b, slow), "b never loaded its own copy"
+    assert forwarded(b, slow) >= 1  # it forwarded first, while a had room
+    assert set(statuses) == {200}
 
 
 def test_an_unreachable_holder_is_worked_around(cluster: dict[str, Any]) -> None:
