@@ -41,6 +41,7 @@ log = logging.getLogger("modelmora.cluster")
 _FALLBACK = frozenset(
     {ErrorCode.QUEUE_FULL, ErrorCode.SHUTTING_DOWN, ErrorCode.INSUFFICIENT_MEMORY, ErrorCode.WORKER_DIED}
 )
+_MISCONFIGURED = frozenset({ErrorCode.UNAUTHORIZED, ErrorCode.FORBIDDEN})
 # Past the request's own deadline (which the holder enforces and answers 504 for), the most
 # the hop waits for a response before giving up on the holder.
 _GRACE_SECONDS = 5.0
@@ -238,6 +239,16 @@ class Forwarder:
         self, peer: ReplicaInfo, name: str, status: int, body: bytes, headers: dict[bytes, bytes]
     ) -> Exception:
         error = _error(status, body, headers)
+        if error.code in _MISCONFIGURED:
+            # This replica already checked the caller for this route: a holder refusing the
+            # hop has another cluster.secret (or none). Serve here, and say so.
+            log.warning(
+                "a replica refused the hop: check that every replica has the same cluster.secret",
+                extra={"peer": peer.id, "error_code": error.code.value},
+            )
+            self.membership.mark_down(peer.id)
+            self.metrics.forwarded.labels(name, "fallback").inc()
+            return PeerUnavailable()
         if error.code in _FALLBACK:
             if error.code is ErrorCode.SHUTTING_DOWN:
                 self.membership.mark_down(peer.id)
