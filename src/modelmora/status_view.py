@@ -1,5 +1,6 @@
-"""`modelmora status` and `ps` as rich tables, from the `GET /api/v1/status` document, and
-the rule every CLI table follows to stay readable on a narrow terminal (`fitted_table`)."""
+"""`modelmora status` and `ps` as rich tables, from the `GET /api/v1/status` document (and
+`status --cluster` from `GET /api/v1/cluster`), and the rule every CLI table follows to stay
+readable on a narrow terminal (`fitted_table`)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def fitted_table(title: str, columns: Sequence[Column], rows: Sequence[Sequence[
     shown = list(range(len(columns)))
 
     def needed(indices: list[int]) -> int:
-        cells = [max([len(columns[i].header), *(len(r[i]) for r in rows)]) for i in indices]
+        cells = [max([len(columns[i].header), *(_longest_line(r[i]) for r in rows)]) for i in indices]
         return sum(cells) + 3 * len(indices) + 1  # rich's borders and padding
 
     for index in sorted(range(1, len(columns)), key=lambda i: columns[i].keep):
@@ -49,6 +50,12 @@ def fitted_table(title: str, columns: Sequence[Column], rows: Sequence[Sequence[
         dropped = ", ".join(columns[i].header for i in range(len(columns)) if i not in shown)
         table.caption = f"(narrow terminal: {dropped} left out)"
     return table
+
+
+def _longest_line(cell: str) -> int:
+    """A cell's width: a cell of several lines (the cluster table's models) is as wide as its
+    longest line."""
+    return max(len(line) for line in cell.split("\n"))
 
 
 def _mb(value: Any) -> str:
@@ -184,3 +191,50 @@ def render_status(body: dict[str, Any], width: int = 120) -> list[Any]:
     parts.append("jobs: " + (", ".join(f"{k} {v}" for k, v in sorted(jobs.items())) or "none"))
     parts.append("lifecycle: " + ", ".join(f"{k} {v}" for k, v in counters.items()))
     return parts
+
+
+def cluster_table(body: dict[str, Any], width: int) -> Table:
+    """`modelmora status --cluster`: one row per replica, its models one per line."""
+    columns = [
+        Column("replica"),  # `*`: the one that answered
+        Column("models", keep=9),
+        Column("state", keep=8),
+        Column("url", keep=6),
+        Column("queued", keep=5, justify="right"),
+        Column("in flight", keep=4, justify="right"),
+        Column("free memory", keep=7, justify="right"),  # what routing weighs with the queues
+        Column("age", keep=3, justify="right"),  # of its heartbeat record
+    ]
+    rows = []
+    for r in body.get("replicas", []):
+        state = "draining" if r.get("draining") else ("ready" if r.get("ready") else "not ready")
+        memory = r.get("memory") or {}
+        free = _mb(memory.get("free_ram_bytes")) if memory.get("budget_ram_bytes") else "no budget"
+        rows.append(
+            [
+                r["id"] + (" *" if r.get("self") else ""), _models_cell(r.get("models") or []), state,
+                r.get("advertise_url") or "-", str(r.get("queued", 0)), str(r.get("in_flight", 0)),
+                free, f"{r.get('age_seconds', 0.0):.1f} s",
+            ]
+        )  # fmt: skip
+    return fitted_table("replicas", columns, rows, width)
+
+
+def _models_cell(models: list[dict[str, Any]]) -> str:
+    lines = []
+    for m in models:
+        line = f"{m['name']}: {m['state']}, queue {m.get('queue_depth', 0)}"
+        if m.get("in_flight"):
+            line += f", {m['in_flight']} in flight"
+        lines.append(line)
+    return "\n".join(lines) or "-"
+
+
+def render_cluster(body: dict[str, Any], width: int = 120) -> list[Any]:
+    """A summary line, then the replicas' table."""
+    count = len(body.get("replicas", []))
+    if body.get("enabled"):
+        summary = f"cluster: routing on, {count} replica(s); * = {body.get('self', '?')}, which answered"
+    else:
+        summary = "cluster: routing off (cluster.advertise_url not set), this replica alone"
+    return [summary, cluster_table(body, width)]

@@ -284,6 +284,7 @@ _HANDLERS = (
     ("/api/v1/models", "models"),
     ("/api/v1/status", "status"),
     ("/api/v1/stats", "status"),
+    ("/api/v1/cluster", "status"),
     ("/ui", "console"),
     ("/api/v1/lock", "models"),
     ("/api/v1/metrics", "metrics"),

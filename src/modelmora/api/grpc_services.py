@@ -26,6 +26,7 @@ from modelmora.registry.installer import InstallRequest
 from modelmora.v1 import modelmora_pb2 as pb
 from modelmora.v1 import modelmora_pb2_grpc as pb_grpc
 from modelmora.v1.convert import (
+    cluster_to_proto,
     encode_result_chunk,
     error_body_to_proto,
     error_to_proto,
@@ -476,4 +477,9 @@ class ManagementServicer(pb_grpc.ManagementServiceServicer):
     async def GetStats(self, request: pb.GetStatsRequest, context: Ctx) -> pb.Stats:
         async with self.door.call(context, "GetStats"):
             return stats_to_proto(self.management.stats(request.window_seconds or None))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def GetCluster(self, request: pb.GetClusterRequest, context: Ctx) -> pb.ClusterView:
+        async with self.door.call(context, "GetCluster"):
+            return cluster_to_proto(await self.management.cluster())
         raise AssertionError("unreachable")  # pragma: no cover

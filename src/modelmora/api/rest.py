@@ -23,6 +23,7 @@ from modelmora.api.edge import EdgeLimits, EdgeMiddleware, error_response_parts
 from modelmora.api.jobs import build_jobs_router
 from modelmora.api.openai_routes import build_openai_router
 from modelmora.api.schemas import (
+    ClusterView,
     ErrorBody,
     InferRequest,
     InferResponse,
@@ -207,6 +208,13 @@ def build_router() -> APIRouter:
     @r.get("/api/v1/status", tags=["management"])
     async def status(request: Request) -> Response:
         return JSON(await _mm(request).management.status())
+
+    @r.get("/api/v1/cluster", tags=["management"], response_model=ClusterView, responses=_ERRORS)
+    async def cluster(request: Request) -> Response:
+        """The replicas behind this address, each with its models (state, queue, requests in
+        flight) and free memory, from their heartbeats in Redis. Routing off
+        (`cluster.advertise_url` unset): this replica alone, `enabled` false."""
+        return JSON(await _mm(request).management.cluster())
 
     @r.get("/api/v1/stats", tags=["management"], responses=_ERRORS)
     async def stats(request: Request, window: int = 300) -> Response:

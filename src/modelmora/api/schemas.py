@@ -148,3 +148,49 @@ class ListMeta(BaseModel):
 class JobList(BaseModel):
     data: list[JobStatusBody]
     meta: ListMeta
+
+
+# -- the cluster view (`GET /api/v1/cluster`) ---------------------------------------------------
+# Documentation of the shape for OpenAPI: the route returns the service's dict as is.
+
+
+class ClusterModel(BaseModel):
+    name: str
+    state: str = Field(description="the model status's state on that replica: ready, loading, ...")
+    version: str | None
+    queue_depth: int = Field(description="requests waiting for the model there")
+    in_flight: int = Field(description="requests holding the model there (queued or running)")
+    device: str | None
+
+
+class ClusterMemory(BaseModel):
+    budget_ram_bytes: int = Field(description="the workers' RAM budget; 0: none set")
+    used_ram_bytes: int
+    free_ram_bytes: int = Field(description="budget minus used, never below 0 (0 without a budget)")
+
+
+class ClusterReplica(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    id: str
+    advertise_url: str | None = Field(description="its REST door for the other replicas")
+    grpc_url: str | None = Field(description="its gRPC address as clients should see it")
+    heartbeat_at: float = Field(description="epoch seconds of its record")
+    version: str = Field(description="its ModelMora version")
+    started_at: float = Field(description="epoch seconds")
+    ready: bool
+    draining: bool
+    in_flight: int = Field(description="its requests in progress, at both doors")
+    queued: int = Field(description="its requests waiting for admission")
+    memory: ClusterMemory
+    models: list[ClusterModel]
+    age_seconds: float = Field(description="how old its record was when this view was read")
+    is_self: bool = Field(alias="self", description="the replica that answered")
+
+
+class ClusterView(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    enabled: bool = Field(description="routing on (cluster.advertise_url set); off: this replica alone")
+    self_id: str = Field(alias="self", description="the id of the replica that answered")
+    replicas: list[ClusterReplica] = Field(description="every live replica, sorted by id")

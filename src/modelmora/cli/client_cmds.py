@@ -15,7 +15,14 @@ import typer
 
 from modelmora.cli.common import app, context, fail, out, raise_for, require_server
 from modelmora.errors import ModelMoraError
-from modelmora.status_view import Column, fitted_table, models_table, ps_table, render_status
+from modelmora.status_view import (
+    Column,
+    fitted_table,
+    models_table,
+    ps_table,
+    render_cluster,
+    render_status,
+)
 
 
 @app.command()
@@ -99,13 +106,17 @@ def jobs(
 def status(
     ctx: typer.Context,
     as_json: Annotated[bool, typer.Option("--json", help="The raw status document, as JSON")] = False,
+    cluster: Annotated[
+        bool, typer.Option("--cluster", help="The replicas behind the address: models, queues, memory")
+    ] = False,
 ) -> None:
-    """The running server's status: version, uptime, models, memory, queues, workers, GPUs, jobs."""
-    body = _status(ctx)
+    """The running server's status: version, uptime, models, memory, queues, workers, GPUs, jobs.
+    With --cluster: every replica's models, queues and free memory (GET /api/v1/cluster)."""
+    body = _status(ctx, "/api/v1/cluster" if cluster else "/api/v1/status")
     if as_json:
         sys.stdout.write(json.dumps(body, indent=2) + "\n")
         return
-    for renderable in render_status(body, out.width):
+    for renderable in (render_cluster if cluster else render_status)(body, out.width):
         out.print(renderable)
 
 
@@ -125,10 +136,10 @@ def ps(
     out.print(ps_table(loaded, out.width))
 
 
-def _status(ctx: typer.Context) -> dict[str, Any]:
+def _status(ctx: typer.Context, path: str = "/api/v1/status") -> dict[str, Any]:
     settings = context(ctx).settings()
     try:
-        body: dict[str, Any] = raise_for(require_server(ctx, settings, "GET", "/api/v1/status", timeout=10))
+        body: dict[str, Any] = raise_for(require_server(ctx, settings, "GET", path, timeout=10))
     except ModelMoraError as exc:  # e.g. UNAUTHORIZED: a server that checks keys, no --api-key
         raise fail(exc) from None
     return body

@@ -105,6 +105,12 @@ class SyncApi:
     def status(self) -> dict[str, Any]:
         return self._d(ops.status())
 
+    def cluster(self) -> dict[str, Any]:
+        """The replicas behind the server's address: `{"enabled", "self", "replicas": [...]}`,
+        each replica with its models, queues and memory (`GET /api/v1/cluster`; the same dict
+        over both transports). Needs an `admin` key, as `status()` does."""
+        return self._d(ops.cluster())
+
     def stats(self, window: int | None = None) -> dict[str, Any]:
         """Each model's recent figures: rates, p50/p90/p99 latency, batch size, one point per
         few seconds over the last `window` seconds (default 300)."""
@@ -207,6 +213,9 @@ class AsyncApi:
 
     async def status(self) -> dict[str, Any]:
         return await self._d(ops.status())
+
+    async def cluster(self) -> dict[str, Any]:
+        return await self._d(ops.cluster())
 
     async def stats(self, window: int | None = None) -> dict[str, Any]:
         return await self._d(ops.stats(window))

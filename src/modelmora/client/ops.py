@@ -15,6 +15,7 @@ from google.protobuf.message import Message
 from modelmora.v1 import modelmora_pb2 as pb
 from modelmora.v1.convert import (
     build_request,
+    cluster_to_dict,
     dict_to_struct,
     message_to_dict,
     response_to_dict,
@@ -228,6 +229,13 @@ def status() -> Op:
     return Op(
         RestCall("GET", "/api/v1/status"),
         GrpcCall("management", "GetSystemStatus", pb.GetSystemStatusRequest()),
+    )
+
+
+def cluster() -> Op:
+    return Op(
+        RestCall("GET", "/api/v1/cluster"),
+        GrpcCall("management", "GetCluster", pb.GetClusterRequest(), cluster_to_dict),
     )
 
 

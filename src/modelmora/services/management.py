@@ -71,11 +71,19 @@ class ManagementService:
 
     async def cluster(self) -> dict[str, Any]:
         """The replicas behind this address: each one's models (state, queue, requests in
-        flight) and memory, from their heartbeats (docs/api.md, "Cluster"). Routing off: this
-        replica alone, `enabled` false."""
+        flight) and memory, from their heartbeats (docs/api.md, "Cluster view"). Routing off: this
+        replica alone, `enabled` false.
+
+        This replica's `in_flight` leaves out the request asking, as in `status()`: its row is
+        built now, while the door counts this call (the other rows come from heartbeats)."""
         if self._cluster is None:
             raise ModelMoraError(ErrorCode.INTERNAL_ERROR, "no cluster view in this server")
-        return await self._cluster()
+        body = await self._cluster()
+        if current_protocol.get() in ("rest", "grpc"):
+            for row in body.get("replicas", ()):
+                if row.get("self") and row.get("in_flight"):
+                    row["in_flight"] -= 1
+        return body
 
     def stats(self, window: int | None = None) -> dict[str, Any]:
         """Each model's recent figures, one point per few seconds over the last `window`

@@ -352,3 +352,29 @@ def stats_to_dict(message: pb.Stats) -> dict[str, Any]:
         "timestamps": list(message.timestamps),
         "models": models,
     }
+
+
+# -- the cluster view ---------------------------------------------------------------------------
+
+# REST's `self` (the answering replica's id, and the flag on its row) is `self_id` and
+# `is_self` in the message: `self` would clash with the generated classes' own `self`.
+
+
+def cluster_to_proto(body: dict[str, Any]) -> pb.ClusterView:
+    replicas = []
+    for row in body["replicas"]:
+        fields = {k: v for k, v in row.items() if k != "self"}
+        replica = from_dict(fields, pb.ClusterReplica())
+        replica.is_self = bool(row.get("self"))
+        replicas.append(replica)
+    return pb.ClusterView(enabled=body["enabled"], self_id=body["self"], replicas=replicas)
+
+
+def cluster_to_dict(message: pb.ClusterView) -> dict[str, Any]:
+    """REST's JSON shape of `GET /api/v1/cluster`."""
+    replicas = []
+    for replica in message.replicas:
+        row = message_to_dict(replica)
+        row["self"] = row.pop("is_self")
+        replicas.append(row)
+    return {"enabled": message.enabled, "self": message.self_id, "replicas": replicas}

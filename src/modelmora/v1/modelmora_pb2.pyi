@@ -1832,3 +1832,200 @@ class Stats(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Stats: _TypeAlias = Stats  # noqa: Y015
+
+@_typing.final
+class GetClusterRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetClusterRequest: _TypeAlias = GetClusterRequest  # noqa: Y015
+
+@_typing.final
+class ClusterModel(_message.Message):
+    """One replica's hold on one model, as that replica last heartbeated it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    QUEUE_DEPTH_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    state: _builtins.str
+    """ready, loading, ... (the model status's states)"""
+    version: _builtins.str
+    queue_depth: _builtins.int
+    """requests waiting for the model there"""
+    in_flight: _builtins.int
+    """requests holding the model there (queued or running)"""
+    device: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        state: _builtins.str = ...,
+        version: _builtins.str | None = ...,
+        queue_depth: _builtins.int = ...,
+        in_flight: _builtins.int = ...,
+        device: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_device", b"_device", "_version", b"_version", "device", b"device", "version", b"version"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_device", b"_device", "_version", b"_version", "device", b"device", "in_flight", b"in_flight", "name", b"name", "queue_depth", b"queue_depth", "state", b"state", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__device: _TypeAlias = _typing.Literal["device"]  # noqa: Y015
+    _WhichOneofArgType__device: _TypeAlias = _typing.Literal["_device", b"_device"]  # noqa: Y015
+    _WhichOneofReturnType__version: _TypeAlias = _typing.Literal["version"]  # noqa: Y015
+    _WhichOneofArgType__version: _TypeAlias = _typing.Literal["_version", b"_version"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__device) -> _WhichOneofReturnType__device | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__version) -> _WhichOneofReturnType__version | None: ...
+
+Global___ClusterModel: _TypeAlias = ClusterModel  # noqa: Y015
+
+@_typing.final
+class ClusterMemory(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUDGET_RAM_BYTES_FIELD_NUMBER: _builtins.int
+    USED_RAM_BYTES_FIELD_NUMBER: _builtins.int
+    FREE_RAM_BYTES_FIELD_NUMBER: _builtins.int
+    budget_ram_bytes: _builtins.int
+    """the workers' RAM budget; 0: none set"""
+    used_ram_bytes: _builtins.int
+    free_ram_bytes: _builtins.int
+    """budget minus used, never below 0 (0 without a budget)"""
+    def __init__(
+        self,
+        *,
+        budget_ram_bytes: _builtins.int = ...,
+        used_ram_bytes: _builtins.int = ...,
+        free_ram_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_ram_bytes", b"budget_ram_bytes", "free_ram_bytes", b"free_ram_bytes", "used_ram_bytes", b"used_ram_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClusterMemory: _TypeAlias = ClusterMemory  # noqa: Y015
+
+@_typing.final
+class ClusterReplica(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ADVERTISE_URL_FIELD_NUMBER: _builtins.int
+    GRPC_URL_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_AT_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    READY_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
+    MEMORY_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
+    AGE_SECONDS_FIELD_NUMBER: _builtins.int
+    IS_SELF_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    advertise_url: _builtins.str
+    """its REST door for the other replicas"""
+    grpc_url: _builtins.str
+    """its gRPC address as clients should see it"""
+    heartbeat_at: _builtins.float
+    """epoch seconds of its record"""
+    version: _builtins.str
+    """its ModelMora version"""
+    started_at: _builtins.float
+    """epoch seconds"""
+    ready: _builtins.bool
+    draining: _builtins.bool
+    in_flight: _builtins.int
+    """its requests in progress, at both doors"""
+    queued: _builtins.int
+    """its requests waiting for admission"""
+    age_seconds: _builtins.float
+    """how old its record was when this view was read"""
+    is_self: _builtins.bool
+    """the replica that answered (REST: `self`)"""
+    @_builtins.property
+    def memory(self) -> Global___ClusterMemory: ...
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClusterModel]: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        advertise_url: _builtins.str | None = ...,
+        grpc_url: _builtins.str | None = ...,
+        heartbeat_at: _builtins.float = ...,
+        version: _builtins.str = ...,
+        started_at: _builtins.float = ...,
+        ready: _builtins.bool = ...,
+        draining: _builtins.bool = ...,
+        in_flight: _builtins.int = ...,
+        queued: _builtins.int = ...,
+        memory: Global___ClusterMemory | None = ...,
+        models: _abc.Iterable[Global___ClusterModel] | None = ...,
+        age_seconds: _builtins.float = ...,
+        is_self: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_advertise_url", b"_advertise_url", "_grpc_url", b"_grpc_url", "advertise_url", b"advertise_url", "grpc_url", b"grpc_url", "memory", b"memory"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_advertise_url", b"_advertise_url", "_grpc_url", b"_grpc_url", "advertise_url", b"advertise_url", "age_seconds", b"age_seconds", "draining", b"draining", "grpc_url", b"grpc_url", "heartbeat_at", b"heartbeat_at", "id", b"id", "in_flight", b"in_flight", "is_self", b"is_self", "memory", b"memory", "models", b"models", "queued", b"queued", "ready", b"ready", "started_at", b"started_at", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__advertise_url: _TypeAlias = _typing.Literal["advertise_url"]  # noqa: Y015
+    _WhichOneofArgType__advertise_url: _TypeAlias = _typing.Literal["_advertise_url", b"_advertise_url"]  # noqa: Y015
+    _WhichOneofReturnType__grpc_url: _TypeAlias = _typing.Literal["grpc_url"]  # noqa: Y015
+    _WhichOneofArgType__grpc_url: _TypeAlias = _typing.Literal["_grpc_url", b"_grpc_url"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__advertise_url) -> _WhichOneofReturnType__advertise_url | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__grpc_url) -> _WhichOneofReturnType__grpc_url | None: ...
+
+Global___ClusterReplica: _TypeAlias = ClusterReplica  # noqa: Y015
+
+@_typing.final
+class ClusterView(_message.Message):
+    """REST's `{"enabled", "self", "replicas"}`: `self` is a keyword-like name in several
+    languages' generated code, so it is `self_id` here and `is_self` on each replica.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLED_FIELD_NUMBER: _builtins.int
+    SELF_ID_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    """routing on (cluster.advertise_url set); off: this replica alone"""
+    self_id: _builtins.str
+    @_builtins.property
+    def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClusterReplica]:
+        """sorted by id"""
+
+    def __init__(
+        self,
+        *,
+        enabled: _builtins.bool = ...,
+        self_id: _builtins.str = ...,
+        replicas: _abc.Iterable[Global___ClusterReplica] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enabled", b"enabled", "replicas", b"replicas", "self_id", b"self_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClusterView: _TypeAlias = ClusterView  # noqa: Y015

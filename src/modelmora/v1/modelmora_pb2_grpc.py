@@ -832,6 +832,11 @@ class ManagementServiceStub:
                 request_serializer=modelmora_dot_v1_dot_modelmora__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=modelmora_dot_v1_dot_modelmora__pb2.Stats.FromString,
                 _registered_method=True)
+        self.GetCluster = channel.unary_unary(
+                '/modelmora.v1.ManagementService/GetCluster',
+                request_serializer=modelmora_dot_v1_dot_modelmora__pb2.GetClusterRequest.SerializeToString,
+                response_deserializer=modelmora_dot_v1_dot_modelmora__pb2.ClusterView.FromString,
+                _registered_method=True)
 
 
 class ManagementServiceServicer:
@@ -876,6 +881,13 @@ class ManagementServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetCluster(self, request, context):
+        """The replicas behind this address, from their heartbeats (REST: GET /api/v1/cluster).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ManagementServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -908,6 +920,11 @@ def add_ManagementServiceServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=modelmora_dot_v1_dot_modelmora__pb2.GetStatsRequest.FromString,
                     response_serializer=modelmora_dot_v1_dot_modelmora__pb2.Stats.SerializeToString,
+            ),
+            'GetCluster': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCluster,
+                    request_deserializer=modelmora_dot_v1_dot_modelmora__pb2.GetClusterRequest.FromString,
+                    response_serializer=modelmora_dot_v1_dot_modelmora__pb2.ClusterView.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1074,6 +1091,33 @@ class ManagementService:
             '/modelmora.v1.ManagementService/GetStats',
             modelmora_dot_v1_dot_modelmora__pb2.GetStatsRequest.SerializeToString,
             modelmora_dot_v1_dot_modelmora__pb2.Stats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCluster(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelmora.v1.ManagementService/GetCluster',
+            modelmora_dot_v1_dot_modelmora__pb2.GetClusterRequest.SerializeToString,
+            modelmora_dot_v1_dot_modelmora__pb2.ClusterView.FromString,
             options,
             channel_credentials,
             insecure,

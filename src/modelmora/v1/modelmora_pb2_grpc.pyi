@@ -258,6 +258,8 @@ class ManagementServiceStub:
     GetModelHealth: _grpc.UnaryUnaryMultiCallable[_modelmora_pb2.GetModelHealthRequest, _modelmora_pb2.ModelHealth]
     GetStats: _grpc.UnaryUnaryMultiCallable[_modelmora_pb2.GetStatsRequest, _modelmora_pb2.Stats]
     """Recent figures per model (REST: GET /api/v1/stats?window=300), from the server's ring."""
+    GetCluster: _grpc.UnaryUnaryMultiCallable[_modelmora_pb2.GetClusterRequest, _modelmora_pb2.ClusterView]
+    """The replicas behind this address, from their heartbeats (REST: GET /api/v1/cluster)."""
 
 @_typing.type_check_only
 class ManagementServiceAsyncStub(ManagementServiceStub):
@@ -271,6 +273,8 @@ class ManagementServiceAsyncStub(ManagementServiceStub):
     GetModelHealth: _aio.UnaryUnaryMultiCallable[_modelmora_pb2.GetModelHealthRequest, _modelmora_pb2.ModelHealth]  # type: ignore[assignment]
     GetStats: _aio.UnaryUnaryMultiCallable[_modelmora_pb2.GetStatsRequest, _modelmora_pb2.Stats]  # type: ignore[assignment]
     """Recent figures per model (REST: GET /api/v1/stats?window=300), from the server's ring."""
+    GetCluster: _aio.UnaryUnaryMultiCallable[_modelmora_pb2.GetClusterRequest, _modelmora_pb2.ClusterView]  # type: ignore[assignment]
+    """The replicas behind this address, from their heartbeats (REST: GET /api/v1/cluster)."""
 
 class ManagementServiceServicer(metaclass=_abc_1.ABCMeta):
     """-- management -----------------------------------------------------------------------------"""
@@ -317,5 +321,13 @@ class ManagementServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_modelmora_pb2.Stats, _abc.Awaitable[_modelmora_pb2.Stats]]:
         """Recent figures per model (REST: GET /api/v1/stats?window=300), from the server's ring."""
+
+    @_abc_1.abstractmethod
+    def GetCluster(
+        self,
+        request: _modelmora_pb2.GetClusterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_modelmora_pb2.ClusterView, _abc.Awaitable[_modelmora_pb2.ClusterView]]:
+        """The replicas behind this address, from their heartbeats (REST: GET /api/v1/cluster)."""
 
 def add_ManagementServiceServicer_to_server(servicer: ManagementServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
