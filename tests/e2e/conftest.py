@@ -102,9 +102,12 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def start_server(data_dir: Path, log: Path, command: list[str] = CLI, **env_extra: str) -> Server:
-    """`command`: how `modelmora` is run (another entry point wrapping the CLI's main)."""
-    port, grpc_port = free_port(), free_port()  # gRPC is on by default: never the shared 50051
+def start_server(
+    data_dir: Path, log: Path, command: list[str] = CLI, *, port: int | None = None, **env_extra: str
+) -> Server:
+    """`command`: how `modelmora` is run (another entry point wrapping the CLI's main); `port`:
+    the REST port, when the caller must know it first (a replica advertising its URL)."""
+    port, grpc_port = port or free_port(), free_port()  # gRPC on by default: never the shared 50051
     env = clean_env(data_dir, **env_extra)
     started = time.monotonic()
     with log.open("wb") as out:

@@ -111,9 +111,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, pg_url: str) -> Iterator[d
             **shared,
             "MODELMORA_CLUSTER__REPLICA_ID": rid,
             "MODELMORA_CLUSTER__ADVERTISE_URL": f"http://127.0.0.1:{port}",
-            "MODELMORA_SERVER__PORT": str(port),
         }
-        server = start_server(tmp / rid, tmp / f"{rid}.log", **env)
+        server = start_server(tmp / rid, tmp / f"{rid}.log", port=port, **env)
         servers[rid] = server
         return server
 
@@ -153,20 +152,18 @@ def test_forwarded_requests_answer_as_direct_ones_at_every_door(cluster: dict[st
             np.asarray(grpc_via_b["result"]["embeddings"]),
             np.asarray(direct.json()["result"]["embeddings"], "<f4"),
         )
-        tokens_a = [
-            e for e in ga.generate_stream(gen, {"text": "once upon"}, {"seed": 3, "max_new_tokens": 12})
-        ]
-        tokens_b = [
-            e for e in gb.generate_stream(gen, {"text": "once upon"}, {"seed": 3, "max_new_tokens": 12})
-        ]
-    strip = lambda events: [  # noqa: E731 - timing differs, the rest must not
-        {k: v for k, v in e.items() if k != "timing"} for e in events
-    ]
+        tokens_a = [e for e in ga.generate_stream(gen, {"text": "once upon"}, {"seed": 3, "max_tokens": 12})]
+        tokens_b = [e for e in gb.generate_stream(gen, {"text": "once upon"}, {"seed": 3, "max_tokens": 12})]
+
+    def strip(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The events without their timing (which differs; the rest must not)."""
+        return [{**e, "data": {k: v for k, v in e["data"].items() if k != "timing"}} for e in events]
+
     assert strip(tokens_b) == strip(tokens_a) and len(tokens_b) > 2
     # REST server-sent events
     sse = {
         "input_data": {"text": "once upon"},
-        "parameters": {"seed": 3, "max_new_tokens": 12},
+        "parameters": {"seed": 3, "max_tokens": 12},
         "stream": True,
     }
     events_a = a.client.post(f"/api/v1/infer/{gen}", json=sse, headers=AUTH).text
@@ -179,7 +176,12 @@ def test_forwarded_requests_answer_as_direct_ones_at_every_door(cluster: dict[st
     assert oa.status_code == 200 and len(oa.json()["data"][0]["embedding"]) == 8
     # and b never loaded either model: the copies stayed one each
     assert not loaded_here(b, emb) and not loaded_here(b, gen)
-    assert forwarded(b, gen) >= 3
+    assert forwarded(b, gen) == 2
+    # the holder's refusal of bad input reaches the caller as it is
+    bad = b.client.post(f"/api/v1/infer/{emb}", json={"input_data": {"text": 5}}, headers=AUTH)
+    assert bad.status_code == 422 and bad.json()["error_code"] == "VALIDATION_ERROR", bad.text
+    assert set(bad.json()) == {"error_code", "message", "details", "trace_id"}
+    assert forwarded(b, emb, "error") == 1
 
 
 def test_a_forwarded_request_is_never_forwarded_again(cluster: dict[str, Any]) -> None:
