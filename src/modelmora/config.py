@@ -358,8 +358,9 @@ class AuthSettings(_Section):
 
 
 class ClusterSettings(_Section):
-    """Model-affinity routing between replicas (issue 17; docs/operations.md "Routing between replicas"). On when
-    `advertise_url` is set (with jobs.backend redis: membership lives in the jobs' Redis)."""
+    """Model-affinity routing between replicas (issue 17; docs/operations.md, "Routing between
+    replicas"). On when `advertise_url` is set (with jobs.backend redis: membership lives in the
+    jobs' Redis)."""
 
     # The URL other replicas reach this one's REST door at (http(s)://pod-ip:8000); None: off.
     advertise_url: str | None = None
