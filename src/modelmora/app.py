@@ -100,7 +100,7 @@ class ModelMora:
         # Cluster routing (issue 17): this replica's record in Redis, and the forwarding of
         # requests for models another replica holds. Off without cluster.advertise_url.
         self.replica_id = settings.cluster.replica_id or new_replica_id()
-        self.membership = Membership(settings, self.replica_id, self.replica_info)
+        self.membership = Membership(settings, self.replica_id, self.replica_info, self.replica_shape)
         if settings.cluster.enabled:
             self.inference.forwarder = Forwarder(settings, self.membership, self.presence, self.metrics)
         self.management = ManagementService(
@@ -276,6 +276,11 @@ class ModelMora:
             in_flight=slot.refs,
         )
 
+    def replica_shape(self) -> tuple[Any, ...]:
+        """What, when it changes, is published at once (checked every 0.1 s: kept cheap)."""
+        models = tuple((slot.name, slot.state.value) for slot in self.manager.slots.values())
+        return (self.ready and not self.draining, self.draining, models)
+
     def replica_info(self) -> ReplicaInfo:
         """This replica's record in the cluster view (heartbeated into Redis)."""
         models = []
@@ -291,8 +296,10 @@ class ModelMora:
                     device=slot.loaded.device if slot.loaded else None,
                 )
             )
-        memory = self.manager.memory_status()
-        budget, used = memory["budget_ram_bytes"], memory["used_ram_bytes"]
+        # Not memory_status(): its process-tree figures read /proc/*/smaps (~12 ms a call).
+        residency = self.manager.residency
+        budget = residency.budget.ram_bytes
+        used = sum(r.ram_bytes for r in residency.residents())
         cluster = self.settings.cluster
         return ReplicaInfo(
             id=self.replica_id,

@@ -34,14 +34,24 @@ _CHECK_SECONDS = 0.1
 _READ_SECONDS = 0.25
 
 Snapshot = Callable[[], ReplicaInfo]
+Shape = Callable[[], tuple[Any, ...]]
+
+
+def _shape_of(info: ReplicaInfo) -> tuple[Any, ...]:
+    return (info.ready, info.draining, tuple((m.name, m.state) for m in info.models))
 
 
 class Membership:
-    def __init__(self, settings: Settings, replica_id: str, snapshot: Snapshot) -> None:
+    def __init__(
+        self, settings: Settings, replica_id: str, snapshot: Snapshot, shape: Shape | None = None
+    ) -> None:
         self.settings = settings
         self.cfg = settings.cluster
         self.id = replica_id
         self.snapshot = snapshot  # this replica's record as of now (built by the composition root)
+        # What is compared every _CHECK_SECONDS to publish a change at once (cheap: readiness
+        # and each model's state); None: derived from a full snapshot.
+        self.shape = shape or (lambda: _shape_of(self.snapshot()))
         prefix = settings.jobs.redis_prefix
         self._key_prefix = f"{prefix}cluster:replica:"
         self._index = f"{prefix}cluster:replicas"
@@ -98,10 +108,9 @@ class Membership:
 
     async def _beat(self, force: bool = False) -> None:
         now = time.monotonic()
-        info = self.snapshot()
-        shape = (info.ready, info.draining, tuple((m.name, m.state) for m in info.models))
+        shape = self.shape()
         if force or shape != self._published or now - self._published_at >= self.cfg.heartbeat_seconds:
-            await self._publish(info)
+            await self._publish(self.snapshot())
             self._published, self._published_at = shape, now
             self._warned = False
         if force or now - self._read_at >= _READ_SECONDS:
