@@ -48,7 +48,8 @@ async def svc(
     store.create_schema()
     for name, source, config in [
         ("cont", gpt2, {"batching": "continuous"}),
-        ("static", gpt2, {}),  # the default
+        ("static", gpt2, {"batching": "static"}),
+        ("default", gpt2, {}),
         ("fakegen", make_fake_model(tmp_path / "fakegen", task_type="txt2txt"), {"batching": "continuous"}),
     ]:
         install(settings, store, InstallRequest(source=str(source), name=name, config=config))
@@ -72,6 +73,9 @@ async def test_the_model_is_stepped_and_greedy_text_equals_the_text_alone(svc: I
     static = [text(await svc.infer("static", {"text": p}, {"max_tokens": 24, **GREEDY})) for p in PROMPTS]
     assert not isinstance(svc.manager.slots["static"].scheduler, ContinuousScheduler)
     assert alone == static
+    # txt2txt without a setting is continuous (inference/continuous.py DEFAULT_BATCHING)
+    await svc.infer("default", {"text": PROMPTS[0]}, {"max_tokens": 4, **GREEDY})
+    assert isinstance(svc.manager.slots["default"].scheduler, ContinuousScheduler)
     # Together, with different lengths: rows join and leave at different steps.
     together = await asyncio.gather(
         *(svc.infer("cont", {"text": p}, {"max_tokens": 24 - 4 * i, **GREEDY}) for i, p in enumerate(PROMPTS))

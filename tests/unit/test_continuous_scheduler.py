@@ -118,7 +118,7 @@ def test_credits_count_what_was_sent_after_the_last_report() -> None:
 def test_token_cost_and_batching_mode() -> None:
     item = WorkItem("r", ["x" * 40, "y"], {"max_tokens": 10})
     assert token_cost(item) == (10 + 10 + 1) + (10 + 0 + 1)
-    assert batching_mode(TaskType.TXT2TXT, None) == "static"  # the default (see DEFAULT_BATCHING)
+    assert batching_mode(TaskType.TXT2TXT, None) == "continuous"  # the default (see DEFAULT_BATCHING)
     assert batching_mode(TaskType.IMG2TXT, None) == "static"
     assert batching_mode(TaskType.TXT2TXT, "Continuous") == "continuous"
     with pytest.raises(ModelMoraError):

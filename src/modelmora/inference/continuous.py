@@ -38,12 +38,11 @@ log = logging.getLogger("modelmora.scheduler")
 
 STATIC, CONTINUOUS = "static", "continuous"
 BATCHING_MODES = (STATIC, CONTINUOUS)
-# The mode of a model whose config sets none (absent: static). txt2txt stays static by
-# default: on the shared 2-CPU development machine continuous batching cut the median time to
-# first token 3-10x at equal tokens/s, but its p99 at 90 % load did not reach the target of
-# half of static's (0.55-0.96 of it; see operations.md, Benchmarks). Listing
-# `TaskType.TXT2TXT: CONTINUOUS` here makes it the default.
-DEFAULT_BATCHING: Mapping[TaskType, str] = {}
+# The mode of a model whose config sets none (absent: static). txt2txt is continuous: on the
+# shared 2-CPU machine it cut the median time to first token 10-15x, its p99 to 0.21-0.81x
+# of static's at 90 % load, at equal or better tokens/s and 13-42 % more capacity
+# (operations.md, Benchmarks). img2txt stays static (its decoder attends to image features).
+DEFAULT_BATCHING: Mapping[TaskType, str] = {TaskType.TXT2TXT: CONTINUOUS}
 
 
 def batching_mode(task: TaskType, configured: object) -> str:

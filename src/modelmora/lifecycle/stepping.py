@@ -35,7 +35,7 @@ from modelmora.contracts.channel import (
     Stepping,
     WorkItem,
 )
-from modelmora.tasks.base import EmitFn
+from modelmora.tasks.base import EmitFn, RequestRejected
 
 log = logging.getLogger("modelmora.worker")
 
@@ -297,6 +297,8 @@ class Loop:
 
 
 def _failed(exc: Exception) -> ItemError:
+    if isinstance(exc, RequestRejected):  # the request's fault (as in the static worker)
+        return ItemError(exc.code, str(exc))
     return ItemError("INFERENCE_FAILED", f"{type(exc).__name__}: {exc}", {"exception": type(exc).__name__})
 
 
