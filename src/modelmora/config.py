@@ -12,6 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -393,9 +394,17 @@ class ClusterSettings(_Section):
     @classmethod
     def _url(cls, value: str | None) -> str | None:
         if value is not None:
-            if not value.startswith(("http://", "https://")) or "/" in value.split("://", 1)[1].rstrip("/"):
-                raise ValueError("cluster.advertise_url must be http(s)://host:port, without a path")
             value = value.rstrip("/")
+            message = "cluster.advertise_url must be http(s)://host:port ([v6-address] in brackets), no path"
+            parts = urlsplit(value)
+            try:
+                port = parts.port
+            except ValueError:  # e.g. an IPv6 address without brackets
+                raise ValueError(message) from None
+            if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
+                raise ValueError(message)
+            if parts.path or parts.query or parts.fragment or parts.username is not None:
+                raise ValueError(message)
         return value
 
     @field_validator("secret", mode="after")

@@ -127,9 +127,17 @@ def test_routing_refuses_settings_that_cannot_work() -> None:
         check_cluster_settings(Settings(cluster=on, jobs=redis_jobs), auth_on=True)  # type: ignore[arg-type]
     check_cluster_settings(Settings(cluster={**on, "secret": "x" * 32}, jobs=redis_jobs), auth_on=True)  # type: ignore[arg-type]
     check_cluster_settings(Settings(), auth_on=True)  # off: nothing to check
+    assert (
+        Settings(cluster={"advertise_url": "https://[fd00::5]:8443/"}).cluster.advertise_url
+        == "https://[fd00::5]:8443"
+    )  # type: ignore[arg-type]
     for bad in (
         {"advertise_url": "10.0.0.1:8000"},
         {"advertise_url": "http://10.0.0.1:8000/api"},
+        {"advertise_url": "http://fe80::1:8000"},  # IPv6 without brackets
+        {"advertise_url": "http://10.0.0.1"},  # no port
+        {"advertise_url": "ftp://10.0.0.1:21"},
+        {"advertise_url": "http://user@10.0.0.1:8000"},
         {"secret": "short"},
         {"heartbeat_seconds": 2, "ttl_seconds": 3},
         {"replica_id": "a b"},
