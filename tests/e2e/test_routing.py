@@ -95,7 +95,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, pg_url: str) -> Iterator[d
         "other": f"other-{suffix}",
         "slow": f"slow-{suffix}",
     }
-    cli(installer, "install", str(make_fake_model(tmp / "emb", ndarray=True)), "--name", names["emb"])
+    cli(installer, "install", str(make_fake_model(tmp / "emb")), "--name", names["emb"])
     cli(installer, "install", str(make_fake_model(tmp / "gen", task_type="txt2txt")), "--name", names["gen"])
     cli(installer, "install", str(make_fake_model(tmp / "other", ndarray=True)), "--name", names["other"])
     slow = make_fake_model(tmp / "slow", ndarray=True, delay_ms=150)

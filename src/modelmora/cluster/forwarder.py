@@ -3,7 +3,9 @@
 The request goes to the holder's REST door (`POST /api/v1/infer/{name}`) whatever door it
 came in by (REST, gRPC, the OpenAI routes, a job), so the holder answers it exactly as it
 would a direct one; its answer comes back as the same response dict, or the same events for
-a stream. Embeddings travel as base64 float32 (exact, and no float text to parse).
+a stream. Embeddings travel as JSON numbers, exactly what a direct REST caller gets (base64
+would have been cheaper to parse, but it is float32 by definition, and an adapter may answer
+in float64).
 
 `PeerUnavailable` means "serve it here": the holder could not be reached, broke off before
 answering a unary request, or was full or draining. An inference has no side effect, so a
@@ -20,7 +22,6 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
-import numpy as np
 import orjson
 
 from modelmora.auth.keys import current_principal
@@ -73,16 +74,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
     return value
-
-
-def _decoded(response: dict[str, Any]) -> dict[str, Any]:
-    """Base64 embeddings back into the float32 array a local call returns."""
-    result = response.get("result")
-    if isinstance(result, dict) and isinstance(result.get("embeddings"), str) and "shape" in result:
-        raw = base64.b64decode(result.pop("embeddings"))
-        shape = tuple(int(n) for n in result.pop("shape"))
-        result["embeddings"] = np.frombuffer(raw, dtype="<f4").reshape(shape)
-    return response
 
 
 def _error(status: int, body: bytes, headers: dict[bytes, bytes]) -> ModelMoraError:
@@ -139,7 +130,6 @@ class Forwarder:
         if stream:
             headers.append((b"accept", b"text/event-stream"))
         body = {**body, "input_data": _jsonable(body["input_data"]), "stream": stream}
-        body["parameters"] = {**(body.get("parameters") or {}), "encoding": "base64"}
         return headers, orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
 
     async def infer(
@@ -179,7 +169,7 @@ class Forwarder:
             raise self._refused(peer, name, status, data, rheaders)
         self.membership.mark_up(peer.id)
         self.metrics.forwarded.labels(name, "forwarded").inc()
-        response = _decoded(orjson.loads(data))
+        response: dict[str, Any] = orjson.loads(data)
         timing = response.get("timing")
         if isinstance(timing, dict) and "total_time_ms" in timing:  # the caller's whole wait
             elapsed_ms = (time.monotonic() - started) * 1000
@@ -270,8 +260,6 @@ def _sse_event(block: bytes) -> dict[str, Any] | None:
             data = orjson.loads(line[6:])
     if kind is None or data is None:
         return None
-    if kind == "done":
-        data = _decoded(data)
     return {"event": kind, "data": data}
 
 
