@@ -10,7 +10,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,11 +105,18 @@ def _listening(port: int) -> bool:
 
 
 def start_server(
-    data_dir: Path, log: Path, command: list[str] = CLI, *, port: int | None = None, **env_extra: str
+    data_dir: Path,
+    log: Path,
+    command: list[str] = CLI,
+    *,
+    port: int | None = None,
+    grpc_port: int | None = None,
+    **env_extra: str,
 ) -> Server:
-    """`command`: how `modelmora` is run (another entry point wrapping the CLI's main); `port`:
-    the REST port, when the caller must know it first (a replica advertising its URL)."""
-    port, grpc_port = port or free_port(), free_port()  # gRPC on by default: never the shared 50051
+    """`command`: how `modelmora` is run (another entry point wrapping the CLI's main); `port`,
+    `grpc_port`: when the caller must know them first (a replica advertising its URLs)."""
+    # gRPC is on by default: never the shared 50051
+    port, grpc_port = port or free_port(), grpc_port or free_port()
     env = clean_env(data_dir, **env_extra)
     started = time.monotonic()
     with log.open("wb") as out:
@@ -166,3 +175,50 @@ def server(module_tmp: Path, minilm_dir: Path) -> Iterator[Server]:
     )
     yield srv
     srv.stop()
+
+
+@contextmanager
+def fresh_database(postgres_url: str, tag: str) -> Iterator[str]:
+    """An empty database of its own on the machine's PostgreSQL (the registry some replicas
+    share, nobody else's models), dropped afterwards."""
+    from tests.conftest import POSTGRES_ADMIN_URL, service_client
+
+    psycopg = service_client("psycopg")
+    name = f"modelmora_{tag}_{uuid.uuid4().hex[:10]}"
+    admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True)
+    admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{postgres_url.rsplit('/', 1)[0]}/{name}"
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@contextmanager
+def redis_namespace(tag: str) -> Iterator[str]:
+    """A key prefix of its own on the machine's Redis (skipped without Redis, failed in CI);
+    its keys are deleted afterwards."""
+    from tests.integration.test_job_store import REDIS_URL, redis_or_skip
+
+    redis_or_skip()
+    prefix = f"{tag}-{uuid.uuid4().hex[:8]}:"
+    try:
+        yield prefix
+    finally:
+        import redis
+
+        client = redis.Redis.from_url(REDIS_URL)
+        for key in client.scan_iter(match=f"{prefix}*"):
+            client.delete(key)
+
+
+@pytest.fixture
+def pg_url(postgres_url: str) -> Iterator[str]:
+    with fresh_database(postgres_url, "rep") as url:
+        yield url
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    with redis_namespace("mmrep") as prefix:
+        yield prefix

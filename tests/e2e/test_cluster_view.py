@@ -9,10 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
-import subprocess
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +20,7 @@ import pytest
 from modelmora import __version__
 from modelmora.client import AsyncClient, AsyncGrpcClient, AuthError, Client, GrpcClient
 from tests.conftest import make_fake_model
-from tests.e2e.conftest import CLI, Server, clean_env, cli, free_port, start_server
+from tests.e2e.conftest import Server, clean_env, cli, free_port, start_server
 
 REPLICA_KEYS = {
     "id", "advertise_url", "grpc_url", "heartbeat_at", "version", "started_at", "ready", "draining",
@@ -183,57 +180,19 @@ def test_openapi_documents_the_shape_and_metrics_label_the_route(
 # -- routing on: two replicas sharing Redis ----------------------------------------------------------
 
 
-@pytest.fixture
-def redis_prefix() -> Iterator[str]:
-    from tests.integration.test_job_store import REDIS_URL, redis_or_skip
-
-    redis_or_skip()
-    prefix = f"mmview-{uuid.uuid4().hex[:8]}:"
-    yield prefix
-    import redis
-
-    r = redis.Redis.from_url(REDIS_URL)
-    for key in r.scan_iter(match=f"{prefix}*"):
-        r.delete(key)
-
-
 def start_advertised(data: Path, log: Path, replica_id: str, **env_extra: str) -> Server:
     """`start_server`, on ports chosen first so that the replica can advertise them."""
     port, grpc_port = free_port(), free_port()
-    env = clean_env(
+    return start_server(
         data,
+        log,
+        port=port,
+        grpc_port=grpc_port,
         MODELMORA_CLUSTER__ADVERTISE_URL=f"http://127.0.0.1:{port}",
         MODELMORA_CLUSTER__GRPC_ADVERTISE_URL=f"127.0.0.1:{grpc_port}",
         MODELMORA_CLUSTER__REPLICA_ID=replica_id,
         **env_extra,
     )
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [*CLI, "serve", "--port", str(port), "--grpc-port", str(grpc_port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    server = Server(proc, f"http://127.0.0.1:{port}", env, log, grpc_port)
-    try:
-        _wait(lambda: _ready(server), "the replica ready")
-    except BaseException:
-        server.stop()
-        raise
-    return server
-
-
-def _ready(server: Server) -> bool:
-    """REST answers ready and the gRPC port takes connections (it is bound right after)."""
-    if server.proc.poll() is not None:
-        raise AssertionError(f"server exited early:\n{server.log.read_text()}")
-    try:
-        if server.client.get("/health/ready", timeout=1).status_code != 200:
-            return False
-    except httpx.HTTPError:
-        return False
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", server.grpc_port)) == 0
 
 
 def _wait(predicate: Callable[[], bool], what: str, timeout: float = 60) -> None:

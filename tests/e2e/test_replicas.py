@@ -7,48 +7,18 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
-from tests.conftest import POSTGRES_ADMIN_URL, make_fake_model, new_bucket, service_client
+from tests.conftest import make_fake_model, new_bucket
 from tests.e2e.conftest import Server, clean_env, cli, free_port, start_server
 from tests.e2e.test_jobs import submit, wait_job
 
 MINILM = "all-MiniLM-L6-v2"
-
-
-@pytest.fixture
-def pg_url(postgres_url: str) -> Iterator[str]:
-    """An empty database of its own on the machine's PostgreSQL (the replicas' registry)."""
-    psycopg = service_client("psycopg")
-    name = f"modelmora_rep_{uuid.uuid4().hex[:10]}"
-    admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True)
-    admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"{postgres_url.rsplit('/', 1)[0]}/{name}"
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
-
-
-@pytest.fixture
-def redis_prefix() -> Iterator[str]:
-    from tests.integration.test_job_store import REDIS_URL, redis_or_skip
-
-    redis_or_skip()
-    prefix = f"mmrep-{uuid.uuid4().hex[:8]}:"
-    yield prefix
-    import redis
-
-    r = redis.Redis.from_url(REDIS_URL)
-    for key in r.scan_iter(match=f"{prefix}*"):
-        r.delete(key)
 
 
 def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 60) -> None:

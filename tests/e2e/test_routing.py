@@ -22,8 +22,8 @@ import pytest
 from modelmora.auth.keys import Principal, Scope
 from modelmora.client import GrpcClient
 from modelmora.cluster.hop import CLUSTER_KEY, HOP, PRINCIPAL, encode_principal
-from tests.conftest import POSTGRES_ADMIN_URL, make_fake_model, service_client
-from tests.e2e.conftest import Server, clean_env, cli, start_server
+from tests.conftest import make_fake_model
+from tests.e2e.conftest import Server, clean_env, cli, fresh_database, redis_namespace, start_server
 
 KEY = "bootstrap-" + "k" * 40
 SECRET = "cluster-" + "s" * 40
@@ -53,26 +53,15 @@ def sees(server: Server, holder: str, model: str, state: str = "ready") -> bool:
 
 
 @pytest.fixture(scope="module")
-def pg_url(postgres_url: str) -> Iterator[str]:
-    """A database of the replicas' own (the catalog they share, nobody else's models)."""
-    psycopg = service_client("psycopg")
-    name = f"modelmora_route_{uuid.uuid4().hex[:10]}"
-    admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True)
-    admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"{postgres_url.rsplit('/', 1)[0]}/{name}"
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+def cluster(tmp_path_factory: pytest.TempPathFactory, postgres_url: str) -> Iterator[dict[str, Any]]:
+    with fresh_database(postgres_url, "route") as pg_url, redis_namespace("mmroute") as prefix:
+        yield from _cluster(tmp_path_factory, pg_url, prefix)
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, pg_url: str) -> Iterator[dict[str, Any]]:
-    from tests.integration.test_job_store import REDIS_URL, redis_or_skip
+def _cluster(tmp_path_factory: pytest.TempPathFactory, pg_url: str, prefix: str) -> Iterator[dict[str, Any]]:
+    from tests.integration.test_job_store import REDIS_URL
 
-    redis_or_skip()
     tmp = tmp_path_factory.mktemp("routing")
-    prefix = f"mmroute-{uuid.uuid4().hex[:8]}:"
     shared = {
         "MODELMORA_REGISTRY__DATABASE_URL": pg_url,
         "MODELMORA_REGISTRY__MODEL_STORE": str(tmp / "store"),
@@ -84,7 +73,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, pg_url: str) -> Iterator[d
         "MODELMORA_AUTH__ENABLED": "true",
         "MODELMORA_AUTH__BOOTSTRAP_KEY": KEY,
         "MODELMORA_CLUSTER__SECRET": SECRET,
-        "MODELMORA_CLUSTER__TTL_SECONDS": "3",
+        "MODELMORA_CLUSTER__TTL_SECONDS": "6",  # the SIGKILL test acts before the record expires
         "MODELMORA_CLUSTER__SATURATION_QUEUE_DEPTH": "2",
     }
     installer = clean_env(tmp / "installer", **shared)
@@ -282,5 +271,5 @@ def test_an_unreachable_holder_is_worked_around(cluster: dict[str, Any]) -> None
             not any(r["id"] == "c" for r in b.client.get("/api/v1/cluster", headers=AUTH).json()["replicas"])
         ),
         "c gone from the view",
-        timeout=10,
+        timeout=20,
     )

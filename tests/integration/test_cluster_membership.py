@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -56,66 +56,88 @@ async def prefix() -> AsyncIterator[str]:
     await client.aclose()
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> float:
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll observable state; `timeout` is a failure bound, not a measurement."""
     started = time.monotonic()
     while not predicate():
         assert time.monotonic() - started < timeout, "not reached in time"
         await asyncio.sleep(0.01)
-    return time.monotonic() - started
 
 
-async def test_replicas_see_each_other_and_each_others_models(prefix: str) -> None:
-    a, b = Node("a"), Node("b")
-    ma, mb = Membership(settings(prefix), "a", a.snapshot), Membership(settings(prefix), "b", b.snapshot)
-    await ma.start()
-    await mb.start()
-    try:
+Pair = tuple[Node, Membership, Node, Membership]
+
+
+@pytest.fixture
+async def pair(prefix: str) -> AsyncIterator[Callable[..., Awaitable[Pair]]]:
+    """Starts replicas a and b (`cluster` settings as keywords) and waits until they see each
+    other; stops them afterwards."""
+    started: list[Membership] = []
+
+    async def start(**cluster: Any) -> Pair:
+        a, b = Node("a"), Node("b")
+        ma = Membership(settings(prefix, **cluster), "a", a.snapshot)
+        mb = Membership(settings(prefix, **cluster), "b", b.snapshot)
+        for membership in (ma, mb):
+            await membership.start()
+            started.append(membership)
         await until(lambda: [p.id for p in ma.peers()] == ["b"] and [p.id for p in mb.peers()] == ["a"])
-        # a model that starts loading on a is in b's view well before the next heartbeat
-        a.models = (ModelPresence("m", "loading"),)
-        await until(lambda: (p := mb.peers()[0].model("m")) is not None and p.state == "loading")
-        view = await mb.view()
-        assert view["enabled"] and view["self"] == "b"
-        assert [(r["id"], r["self"]) for r in view["replicas"]] == [("a", False), ("b", True)]
-        assert view["replicas"][0]["models"][0]["name"] == "m"
-    finally:
-        await mb.stop()
-    # a replica that stops says so: gone from the other's view without waiting for its TTL
-    await until(lambda: ma.peers() == [], timeout=0.5)
-    await ma.stop()
+        return a, ma, b, mb
+
+    yield start
+    for membership in started:
+        await membership.stop()
 
 
-async def test_a_silent_replica_disappears_within_its_ttl(prefix: str) -> None:
-    a, b = Node("a"), Node("b")
-    ma, mb = Membership(settings(prefix), "a", a.snapshot), Membership(settings(prefix), "b", b.snapshot)
-    await ma.start()
-    await mb.start()
+# A heartbeat far longer than any wait below: only the publish on change (or a leave) can
+# explain what the other replica sees.
+SLOW_HEARTBEAT = {"heartbeat_seconds": 30, "ttl_seconds": 60}
+
+
+async def record_exists(prefix: str, rid: str) -> bool:
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(REDIS_URL)
     try:
-        await until(lambda: len(ma.peers()) == 1)
-        assert mb._task is not None
-        mb._task.cancel()  # b stops heartbeating without leaving: as if SIGKILLed
-        waited = await until(lambda: ma.peers() == [], timeout=5)
-        assert waited <= 0.6 + 0.5  # its key's TTL, plus a read interval (not a timing claim: a bound)
+        return bool(await client.exists(f"{prefix}cluster:replica:{rid}"))
     finally:
-        await ma.stop()
-        mb._task = None
-        await mb.stop()
+        await client.aclose()
 
 
-async def test_a_peer_marked_down_is_skipped_until_its_record_could_expire(prefix: str) -> None:
-    a, b = Node("a"), Node("b")
-    ma, mb = Membership(settings(prefix), "a", a.snapshot), Membership(settings(prefix), "b", b.snapshot)
-    await ma.start()
-    await mb.start()
-    try:
-        await until(lambda: len(ma.peers()) == 1)
-        ma.mark_down("b")
-        assert ma.peers() == []
-        ma.mark_up("b")
-        assert [p.id for p in ma.peers()] == ["b"]
-    finally:
-        await ma.stop()
-        await mb.stop()
+async def test_a_model_changing_state_is_published_at_once(pair: Callable[..., Awaitable[Pair]]) -> None:
+    a, _, _, mb = await pair(**SLOW_HEARTBEAT)
+    a.models = (ModelPresence("m", "loading"),)
+    await until(lambda: (p := mb.peers()[0].model("m")) is not None and p.state == "loading")
+    view = await mb.view()
+    assert view["enabled"] and view["self"] == "b"
+    assert [(r["id"], r["self"]) for r in view["replicas"]] == [("a", False), ("b", True)]
+    assert view["replicas"][0]["models"][0]["name"] == "m"
+
+
+async def test_a_replica_that_stops_leaves_at_once(pair: Callable[..., Awaitable[Pair]], prefix: str) -> None:
+    _, ma, _, mb = await pair(**SLOW_HEARTBEAT)
+    await mb.stop()
+    assert not await record_exists(prefix, "b")  # deleted, not left to expire (TTL 60 s)
+    assert [r["id"] for r in (await ma.view())["replicas"]] == ["a"]
+
+
+async def test_a_silent_replica_disappears_when_its_record_expires(
+    pair: Callable[..., Awaitable[Pair]], prefix: str
+) -> None:
+    _, ma, _, mb = await pair()
+    assert mb._task is not None
+    mb._task.cancel()  # b stops heartbeating without leaving: as if SIGKILLed
+    assert await record_exists(prefix, "b")  # still there: it goes by its TTL (0.6 s here)
+    await until(lambda: ma.peers() == [])
+    assert not await record_exists(prefix, "b")
+    mb._task = None
+
+
+async def test_a_peer_marked_down_is_skipped_until_marked_up(pair: Callable[..., Awaitable[Pair]]) -> None:
+    _, ma, _, _ = await pair()
+    ma.mark_down("b")
+    assert ma.peers() == []
+    ma.mark_up("b")
+    assert [p.id for p in ma.peers()] == ["b"]
 
 
 def test_routing_refuses_settings_that_cannot_work() -> None:
