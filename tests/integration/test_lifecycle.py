@@ -232,7 +232,15 @@ async def test_a_spare_given_up_for_memory_comes_back(
     settings: Settings, store: RegistryStore, tmp_path: Path, make_manager
 ) -> None:  # type: ignore[no-untyped-def]
     _install(settings, store, tmp_path, "big", memory_mb=300)
-    settings.resources.max_memory_mb = 600  # the spare (~410 MB) or the model, not both
+    # The spare or the model, not both: a budget sized from this machine's spare (~410 MB with
+    # torch's CPU build, ~800 MB with its CUDA build), 600 MB for the CPU one.
+    probe = SparePool(enabled=True)
+    probe.fill()
+    await probe.wait_filled()
+    spare_mb = probe.rss_bytes() >> 20
+    await probe.close()
+    assert spare_mb > 300  # so the two cannot fit together
+    settings.resources.max_memory_mb = spare_mb + 190
     spares = SparePool(enabled=True)
     manager, svc = await make_manager(spares)
     await spares.wait_filled()
